@@ -1,0 +1,1 @@
+"""Explanation metrics: faithfulness, orthogonality, locality, concept recovery."""
