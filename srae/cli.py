@@ -13,7 +13,10 @@ from srae import __version__
 from srae.errors import SraeError
 
 # Modules that add subcommands, in the order they appear in --help.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "srae.run_cli",
+    "srae.datasets.commands",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,389 @@
+"""The experiment configuration: pydantic models for every stage, YAML load/dump.
+
+One :class:`ExperimentConfig` describes a whole run (dataset -> backbone -> features ->
+explainers -> heatmaps -> scoring -> masking -> report). The defaults of every model
+*are* the demo experiment (synthetic birds + the small demo CNN), so
+``ExperimentConfig()`` equals ``configs/demo.yaml``. Bad input is reported as one line
+naming the field and the reason (:class:`srae.errors.SraeError`).
+
+Category numbering: ``categories`` counts classes from 1 in the dataset's class order
+(the ids of CUB's ``classes.txt``); internally (labels, the ``category`` column of the
+metrics table) classes are 0-based.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from srae.errors import SraeError
+
+METHODS: tuple[str, ...] = ("SRAE", "NN", "SAE", "CAE", "Lasso")
+DatasetKind = Literal["synthbirds", "synthrooms", "cub", "places"]
+
+
+def _check_device(v: str) -> str:
+    if v in ("auto", "cpu", "mps") or re.match(r"^cuda(:\d+)?$", v):
+        return v
+    raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
+
+
+Device = Annotated[str, AfterValidator(_check_device)]
+MethodName = Literal["SRAE", "NN", "SAE", "CAE", "Lasso"]
+
+
+class _Model(BaseModel):
+    """Strict base: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetConfig(_Model):
+    """Which dataset, where it lives, and (synthetic only) how to generate it."""
+
+    kind: DatasetKind = "synthbirds"
+    root: Path = Path("data/datasets/synthbirds")
+    download: bool = Field(True, description="fetch/generate the data when root is missing")
+    url: str | None = Field(None, description="archive URL for cub/places (None: the reader's default)")
+    classes: int = Field(4, ge=2, description="synthetic only: number of classes")
+    per_class: int = Field(48, ge=4, description="synthetic only: images per class")
+    size: int = Field(64, ge=16, description="synthetic only: image side in pixels")
+    seed: int = 0
+    class_names: list[str] | None = Field(None, description="places only: which scene classes, in order")
+    places_root: Path | None = Field(None, description="places only: Places365 lists/images added for training")
+    places_per_class: int | None = Field(None, ge=1, description="places only: Places365 images per class and split")
+
+
+class FitConfig(_Model):
+    """Training the backbone on the dataset (srae.fit): from scratch (demo CNN) or fine-tuning VGG.
+
+    ``epochs: 0`` uses the checkpoint (or the ImageNet weights) as it is."""
+
+    epochs: int = Field(6, ge=0)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    augment: bool = True
+    seed: int = 0
+    device: Device = "auto"
+
+
+class BackboneConfig(_Model):
+    """The CNN to explain."""
+
+    name: Literal["demo_cnn", "vgg16", "vgg19"] = "demo_cnn"
+    checkpoint: Path | None = Field(None, description="weights file to start from (None: scratch / ImageNet)")
+    pretrained: bool = Field(True, description="VGG without checkpoint: start from ImageNet weights")
+    input_size: int | None = Field(None, ge=16, description="demo_cnn only: input side (None: 64)")
+    fit: FitConfig = FitConfig()
+
+    @model_validator(mode="after")
+    def _usable(self) -> BackboneConfig:
+        if self.fit.epochs == 0 and self.name == "demo_cnn" and self.checkpoint is None:
+            raise ValueError("demo_cnn with fit.epochs 0 needs a checkpoint")
+        return self
+
+
+class FeaturesConfig(_Model):
+    """Extraction of the Z layer into the Zarr feature store."""
+
+    layer: str = "fc6"
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(0, ge=0)
+    device: Device = "auto"
+
+
+class HParamGrid(_Model):
+    """Cross-validated grid of the neural explainers (paper eq. 5). Each list is one axis."""
+
+    beta: list[float] = [0.1, 1.0]
+    eta: list[float] = [0.1]
+    q: list[float] = [10.0]
+    lr: list[float] = [1e-2]
+    weight_decay: list[float] = [1e-4]
+
+    @field_validator("beta", "eta", "q", "lr", "weight_decay")
+    @classmethod
+    def _non_empty(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("must list at least one value")
+        if any(x < 0 for x in v):
+            raise ValueError("values must be >= 0")
+        return v
+
+
+class ExplainerConfig(_Model):
+    """Per-category explanation modules: methods, sizes, sample counts, CV grid."""
+
+    methods: list[MethodName] = list(METHODS)
+    n: int = Field(5, ge=1, description="number of x-features")
+    hidden: list[int] = Field([64, 32], description="encoder hidden sizes (paper: 800, 100)")
+    n_pos: int = Field(40, ge=1, description="positives for training; the rest test (paper CUB: 50)")
+    n_neg: int = Field(96, ge=1, description="negatives for training (paper CUB: 8000)")
+    n_test_neg: int = Field(48, ge=1, description="negatives for testing (paper CUB: 2000)")
+    use_dataset_split: bool = Field(False, description="draw train/test from the dataset's own split")
+    positive_factor: float = Field(1.0, gt=0, description="positives' total weight relative to negatives'")
+    folds: int = Field(2, ge=1, description="CV folds on the training set (1: no CV, first grid point)")
+    grid: HParamGrid = HParamGrid()
+    max_epochs: int = Field(150, ge=1)
+    patience: int = Field(15, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lasso_alpha: float | None = Field(
+        None, gt=0, description="alpha of the Lasso column in Table 1 (paper CUB: 2.5); None: chosen per "
+                                "category by CV among lasso_alphas, selecting at most n dims")
+    lasso_alphas: list[float] = Field([1.0, 0.5, 0.2, 0.1, 0.05, 0.01], description="Table 2a / 5 sweep")
+    group_size: int = Field(4, ge=1, description="categories per mapped task")
+    device: Device = "auto"
+    seed: int = 0
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must name at least one method")
+        if len(set(v)) != len(v):
+            raise ValueError("lists a method twice")
+        return v
+
+    @field_validator("hidden")
+    @classmethod
+    def _hidden(cls, v: list[int]) -> list[int]:
+        if any(h < 1 for h in v):
+            raise ValueError("hidden sizes must be >= 1")
+        return v
+
+    @field_validator("lasso_alphas")
+    @classmethod
+    def _alphas(cls, v: list[float]) -> list[float]:
+        if any(a <= 0 for a in v):
+            raise ValueError("alphas must be > 0")
+        return v
+
+
+class HeatmapsConfig(_Model):
+    """c-MWP heatmaps of x-features, of y-hat (ExcitationBP) and of sampled Z dims."""
+
+    readout: str | None = Field(None, description="trunk layer read out (None: backbone default)")
+    splits: list[Literal["train", "test"]] = ["test"]
+    max_images: int | None = Field(16, ge=1, description="positive images per category and split")
+    z_dims: int = Field(16, ge=0, description="Z dims sampled for the Z locality column (0: none)")
+    batch_size: int = Field(16, ge=1)
+    device: Device = "auto"
+
+
+class ScoringConfig(_Model):
+    """Dask-parallel locality/orthogonality scoring."""
+
+    dask_address: str | None = Field(None, description="tcp://host:8786 of an existing cluster")
+    n_workers: int = Field(1, ge=1, description="local cluster size when no address is given")
+    threads_per_worker: int = Field(1, ge=1)
+    processes: bool = Field(False, description="local cluster with worker processes (else threads)")
+
+    @field_validator("dask_address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^(tcp|tls|inproc|ucx|ws|wss)://\S+$", v):
+            raise ValueError("must look like tcp://host:port")
+        return v
+
+
+class MaskingConfig(_Model):
+    """Mask + inpaint + reclassify (Table 2b / 4)."""
+
+    enabled: bool = True
+    gammas: list[float] = [0.01, 0.05, 0.1, 0.3]
+    max_images: int | None = Field(16, ge=1)
+
+    @field_validator("gammas")
+    @classmethod
+    def _gammas(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 <= g < 1.0 for g in v):
+            raise ValueError("gammas must be in [0, 1)")
+        return v
+
+
+class ReportConfig(_Model):
+    """Where the report goes and what it contains."""
+
+    out_dir: Path = Path("reports/demo")
+    figures: bool = True
+    title: str | None = None
+    max_figure_categories: int = Field(4, ge=1)
+
+
+class ExperimentConfig(_Model):
+    """A whole experiment. Defaults = the demo (configs/demo.yaml)."""
+
+    name: str = "demo"
+    cache_dir: Path = Path("data/cache")
+    categories: list[int] | None = Field(None, description="1-based class ids; None: all")
+    device: Device | None = Field(None, description="overrides every stage's device when set")
+    seed: int = 0
+    dataset: DatasetConfig = DatasetConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    explainer: ExplainerConfig = ExplainerConfig()
+    heatmaps: HeatmapsConfig = HeatmapsConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    masking: MaskingConfig = MaskingConfig()
+    report: ReportConfig = ReportConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", v):
+            raise ValueError("use letters, digits, '_', '-', '.'")
+        return v
+
+    @field_validator("categories")
+    @classmethod
+    def _cats(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("empty list (use null for all categories)")
+        if any(c < 1 for c in v):
+            raise ValueError("class ids count from 1")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _synthetic_sizes(self) -> ExperimentConfig:
+        if self.categories is not None and self.dataset.kind.startswith("synth"):
+            if max(self.categories) > self.dataset.classes:
+                raise ValueError(
+                    f"categories: class id {max(self.categories)} exceeds dataset.classes={self.dataset.classes}"
+                )
+        return self
+
+    # ------------------------------------------------------------------ helpers
+    def label_ids(self, num_classes: int) -> list[int]:
+        """0-based labels selected by ``categories`` for a dataset with ``num_classes`` classes."""
+        if self.categories is None:
+            return list(range(num_classes))
+        bad = [c for c in self.categories if c > num_classes]
+        if bad:
+            raise SraeError(f"categories: class id {bad[0]} exceeds the dataset's {num_classes} classes")
+        return [c - 1 for c in self.categories]
+
+    def stage_device(self, stage_device: str) -> str:
+        """The device a stage runs on: the global override if set, else the stage's own."""
+        return self.device or stage_device
+
+    def section_hash(self, *sections: str) -> str:
+        """Short stable hash of the named sections (dotted paths allowed): a cache-key part."""
+        dump = self.model_dump(mode="json")
+        picked = {s: _dotted(dump, s) for s in sections}
+        return stable_hash(picked)
+
+
+def _dotted(d: dict[str, Any], path: str) -> Any:
+    cur: Any = d
+    for part in path.split("."):
+        cur = cur[part]
+    return cur
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """sha256 of the canonical JSON of ``obj`` (sorted keys), truncated: stable across runs."""
+    payload = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
+    return hashlib.sha256(payload).hexdigest()[:length]
+
+
+# ---------------------------------------------------------------------- errors, YAML
+def format_validation_error(exc: ValidationError, source: str | None = None) -> str:
+    """One line: ``source: field.path: reason`` (+ how many more problems there are)."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = ".".join(str(p) for p in first.get("loc", ())) or "config"
+    msg = str(first.get("msg", "invalid"))
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    msg = re.sub(r"^Value error, ", "", msg)
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    prefix = f"{source}: " if source else ""
+    where = "" if loc == "config" and re.match(r"^[\w.]+: ", msg) else f"{loc}: "
+    return f"{prefix}{where}{msg}{more}".replace("\n", " ")
+
+
+def config_from_dict(data: dict[str, Any] | None, source: str | None = None) -> ExperimentConfig:
+    """Validate a plain dict; errors become one-line :class:`SraeError`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SraeError(f"{source or 'config'}: top level must be a mapping, got {type(data).__name__}")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise SraeError(format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a YAML experiment file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SraeError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SraeError(f"{where}: YAML syntax error: {reason}") from None
+    return config_from_dict(data, str(p))
+
+
+def dump_config(config: ExperimentConfig, path: str | Path | None = None) -> str:
+    """YAML text of ``config`` (written to ``path`` when given)."""
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, default_flow_style=None)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+def default_config() -> ExperimentConfig:
+    """The embedded demo experiment (identical to configs/demo.yaml)."""
+    return ExperimentConfig()
+
+
+def parse_categories(spec: str) -> list[int]:
+    """Parse ``"1-20,35"`` into sorted unique 1-based ids; bad syntax -> one-line error."""
+    out: set[int] = set()
+    for raw in spec.split(","):
+        part = raw.strip()
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not m:
+            raise SraeError(f"--categories: cannot read {part!r} (expected e.g. 1-20,35)")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) else lo
+        if lo < 1 or hi < lo:
+            raise SraeError(f"--categories: bad range {part!r} (ids count from 1, low-high)")
+        out.update(range(lo, hi + 1))
+    if not out:
+        raise SraeError("--categories: no category given")
+    return sorted(out)
+
+
+def apply_overrides(
+    config: ExperimentConfig,
+    *,
+    categories: list[int] | None = None,
+    dask_address: str | None = None,
+    device: str | None = None,
+) -> ExperimentConfig:
+    """A copy of ``config`` with the CLI / deployment overrides applied and re-validated."""
+    data = config.model_dump(mode="json")
+    if categories is not None:
+        data["categories"] = categories
+    if dask_address is not None:
+        data["scoring"]["dask_address"] = dask_address
+    if device is not None:
+        data["device"] = device
+    return config_from_dict(data, "overrides")

@@ -1,0 +1,232 @@
+"""Per-category explainers: sample design, k-fold CV over a hyperparameter grid, refit.
+
+One call trains every category of a method together: the CV members (categories x configs x
+folds) form one stacked fit, the refits (one per category, best config) another.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from srae.errors import InputError
+from srae.explainers import Explainer
+from srae.metrics.faithfulness import f_cls, f_reg
+from srae.model import Architecture, method_spec
+from srae.sampling import SampleDesign, design_samples, stratified_folds
+from srae.train import FitResult, Member, TrainSettings, check_finite, fit_stack
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRID: dict[str, list[float]] = {
+    "beta": [1.0],
+    "eta": [0.1],
+    "q": [1.0],
+    "lr": [1e-3],
+    "weight_decay": [1e-5],
+}
+
+
+@dataclass
+class ExplainerSettings:
+    """What to train per category (paper Sec. 4 defaults for CUB)."""
+
+    n: int = 5
+    hidden: tuple[int, ...] = (800, 100)
+    n_pos: int = 50
+    n_neg: int = 8000
+    n_test_neg: int = 2000
+    use_dataset_split: bool = False
+    folds: int = 3
+    grid: dict[str, list[float]] = field(default_factory=lambda: dict(DEFAULT_GRID))
+    seed: int = 0
+    max_members: int = 512  # members per stacked fit (bounds memory)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+
+@dataclass
+class TrainOutcome:
+    explainers: dict[int, Explainer]
+    failed: dict[int, str]
+    designs: dict[int, SampleDesign]
+
+
+def _seed(*parts: int) -> int:
+    """A deterministic 31-bit seed from integers (independent of PYTHONHASHSEED)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
+def method_configs(method: str, grid: dict[str, list[float]]) -> list[dict[str, float]]:
+    """The distinct hyperparameter configs that matter for ``method`` (grid product)."""
+    keys = [k for k in method_spec(method).hparams if k in grid]
+    values = [sorted(set(float(v) for v in grid[k])) for k in keys]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def _fit_chunked(z, y, members: list[Member], method: str, arch: Architecture, s: ExplainerSettings) -> list[tuple[FitResult, int]]:
+    """Fit members in stacks of at most ``max_members``; return (result, index in stack) per member."""
+    out: list[tuple[FitResult, int]] = []
+    for start in range(0, len(members), s.max_members):
+        chunk = members[start : start + s.max_members]
+        res = fit_stack(z, y, chunk, method, arch, s.train)
+        out += [(res, i) for i in range(len(chunk))]
+    return out
+
+
+def _unstack(res: FitResult, b: int, method: str, category: int, meta: dict) -> Explainer:
+    m = res.model
+    zs, ys = float(res.z_scale[b]), float(res.y_scale[b])
+    weights = [w[b].detach().double().cpu().clone() for w in m.enc_w]
+    biases = [bb[b].detach().double().cpu().clone() for bb in m.enc_b]
+    weights[0] = weights[0] / zs  # fold Z normalisation into the first layer
+    v = m.v[b].detach().double().cpu() * ys
+    bias = float(m.v_bias[b]) * ys
+    return Explainer(method, category, weights, biases, v, bias, meta)
+
+
+def _least_squares_v(expl: Explainer, z: np.ndarray, y: np.ndarray, is_pos: np.ndarray, factor: float) -> Explainer:
+    """CAE: fit ``v`` afterwards by (balanced) weighted least squares so faithfulness can be scored."""
+    e = expl.features(z)
+    n_pos, n_neg = is_pos.sum(), (~is_pos).sum()
+    w = np.where(is_pos, factor * n_neg / max(n_pos, 1) if n_pos and n_neg else 1.0, 1.0)
+    sw = np.sqrt(w)[:, None]
+    v, *_ = np.linalg.lstsq(e * sw, y * sw[:, 0], rcond=None)
+    expl.v = torch.as_tensor(v, dtype=torch.float64)
+    return expl
+
+
+def faithfulness_summary(expl: Explainer, z: np.ndarray, logits: np.ndarray, design: SampleDesign) -> dict[str, float]:
+    """F_reg and F_cls on the train and test rows of ``design``."""
+    out = {}
+    for split, idx in (("train", design.train_idx), ("test", design.test_idx)):
+        y_bar = expl.predict(z[idx])
+        out[f"F_reg_{split}"] = f_reg(y_bar, logits[idx, design.category])
+        out[f"F_cls_{split}"] = f_cls(y_bar, logits[idx], design.category)
+    return out
+
+
+def train_explainers(
+    z: np.ndarray,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    categories: list[int],
+    method: str,
+    settings: ExplainerSettings | None = None,
+    *,
+    image_ids: np.ndarray | None = None,
+    splits: np.ndarray | None = None,
+    class_names: list[str] | None = None,
+    errors: str = "raise",
+) -> TrainOutcome:
+    """Train ``method`` (SRAE, NN, SAE or CAE) for every category in ``categories``.
+
+    ``errors="collect"`` records a category that cannot be trained (e.g. no positives) in
+    ``failed`` instead of raising, so the other categories still get explainers.
+    """
+    s = settings or ExplainerSettings()
+    spec = method_spec(method)
+    z = np.asarray(z, dtype=np.float32)
+    logits = np.asarray(logits, dtype=np.float32)
+    labels = np.asarray(labels)
+    if z.ndim != 2 or logits.ndim != 2 or len(z) != len(logits) or len(z) != len(labels):
+        raise InputError(f"Z {z.shape}, logits {logits.shape} and labels {labels.shape} must share the first dim")
+    check_finite("Z", z)
+    check_finite("logits", logits)
+    if s.n > z.shape[1]:
+        raise InputError(f"n = {s.n} x-features is larger than the Z dimension D = {z.shape[1]}")
+    ids = np.asarray(image_ids) if image_ids is not None else np.arange(len(z))
+    name_of = (lambda c: class_names[c]) if class_names else (lambda c: f"category {c}")
+
+    designs: dict[int, SampleDesign] = {}
+    failed: dict[int, str] = {}
+    for c in categories:
+        try:
+            if not 0 <= c < logits.shape[1]:
+                raise InputError(f"{name_of(c) if class_names and 0 <= c < len(class_names) else f'category {c}'}: "
+                                 f"outside 0..{logits.shape[1] - 1}")
+            designs[c] = design_samples(labels, c, n_pos=s.n_pos, n_neg=s.n_neg, n_test_neg=s.n_test_neg,
+                                        seed=s.seed, splits=splits if s.use_dataset_split else None,
+                                        category_name=name_of(c))
+        except InputError as exc:
+            if errors == "raise":
+                raise
+            failed[c] = str(exc)
+    if not designs:
+        return TrainOutcome({}, failed, designs)
+
+    dev = s.train.device
+    zt = torch.as_tensor(z, device=dev)
+    yt = torch.as_tensor(logits, device=dev)
+    arch = Architecture(z.shape[1], s.n, tuple(s.hidden), spec.decoder)
+    configs = method_configs(method, s.grid)
+    cats = list(designs)
+
+    # 1. k-fold CV on each category's training set over the grid.
+    cv_rows: dict[int, list[dict]] = {c: [] for c in cats}
+    chosen: dict[int, tuple[dict, int]] = {}
+    if s.folds >= 2:
+        members, keys = [], []
+        for c in cats:
+            d = designs[c]
+            folds = stratified_folds(d.train_pos, s.folds, seed=s.seed * 1000 + c)
+            for ci, cfg in enumerate(configs):
+                for f, val_pos_idx in enumerate(folds):
+                    tr = np.setdiff1d(np.arange(len(d.train_idx)), val_pos_idx)
+                    members.append(Member(c, d.train_idx[tr], d.train_pos[tr], cfg, seed=_seed(s.seed, c, ci, f),
+                                          val_idx=d.train_idx[val_pos_idx], val_pos=d.train_pos[val_pos_idx]))
+                    keys.append((c, ci))
+        log.info("%s: cross-validating %d members (%d categories x %d configs x %d folds)",
+                 method, len(members), len(cats), len(configs), s.folds)
+        fits = _fit_chunked(zt, yt, members, method, arch, s)
+        agg: dict[tuple[int, int], list[tuple[float, int]]] = {}
+        for (c, ci), (res, b) in zip(keys, fits):
+            agg.setdefault((c, ci), []).append((res.best_val[b], res.best_epoch[b]))
+        for c in cats:
+            for ci, cfg in enumerate(configs):
+                vals = agg[(c, ci)]
+                cv_rows[c].append({"hparams": cfg, "val_criterion": float(np.mean([v for v, _ in vals])),
+                                   "epochs": max(1, round(float(np.mean([e for _, e in vals]))))})
+            best = min(cv_rows[c], key=lambda r: r["val_criterion"] if math.isfinite(r["val_criterion"]) else math.inf)
+            chosen[c] = (best["hparams"], best["epochs"])
+    else:
+        chosen = {c: (configs[0], s.train.max_epochs) for c in cats}
+
+    # 2. Refit on the whole training set with the chosen config.
+    refit = [Member(c, designs[c].train_idx, designs[c].train_pos, chosen[c][0], seed=_seed(s.seed, c, 1_000_003),
+                    epochs=chosen[c][1]) for c in cats]
+    fits = _fit_chunked(zt, yt, refit, method, arch, s)
+    out: dict[int, Explainer] = {}
+    criterion = "val_faithfulness_mse" if spec.faithfulness > 0 else "val_reconstruction_mse"
+    for c, (res, b) in zip(cats, fits):
+        d = designs[c]
+        meta = {
+            "class_name": name_of(c),
+            "hparams": chosen[c][0],
+            "epochs": chosen[c][1],
+            "cv": cv_rows[c],
+            "cv_criterion": criterion,
+            "samples": d.counts(),
+            "train_ids": ids[d.train_idx].tolist(),
+            "test_ids": ids[d.test_idx].tolist(),
+            "curve": res.curves[b]["train"],
+            "settings": {k: v for k, v in asdict(s).items() if k not in ("train", "grid")}
+            | {"batch_size": s.train.batch_size, "positive_factor": s.train.positive_factor},
+        }
+        expl = _unstack(res, b, method, c, meta)
+        if method == "CAE":
+            expl = _least_squares_v(expl, z[d.train_idx], logits[d.train_idx, c], d.train_pos, s.train.positive_factor)
+        params = torch.cat([w.flatten() for w in expl.weights] + [expl.v.flatten()])
+        if not bool(torch.isfinite(params).all()):
+            msg = f"{name_of(c)}: {method} training diverged (non-finite parameters); lower the learning rate"
+            if errors == "raise":
+                raise InputError(msg)
+            failed[c] = msg
+            continue
+        expl.meta.update(faithfulness_summary(expl, z, logits, d))
+        out[c] = expl
+    return TrainOutcome(out, failed, designs)

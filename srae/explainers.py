@@ -1,0 +1,134 @@
+"""A trained explainer: encoder (Z -> x-features), linear predictor, metadata; save/load.
+
+Loading needs only torch + safetensors (no training code path). The encoder operates on raw
+Z (any training-time normalisation is folded into the weights), so ``trunk + encoder()`` is
+the chain whose units are the x-features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from srae.errors import SraeError
+
+WEIGHTS_FILE = "weights.safetensors"
+META_FILE = "meta.json"
+
+
+def _as_tensor(z) -> Tensor:
+    if isinstance(z, Tensor):
+        return z.detach().to(torch.float64)
+    return torch.as_tensor(np.asarray(z), dtype=torch.float64)
+
+
+@dataclass
+class Explainer:
+    """x-features ``E = encoder(Z) >= 0`` and prediction ``y_bar = v . E + bias``."""
+
+    method: str
+    category: int
+    weights: list[Tensor]  # encoder layer weights, raw-Z space, (out, in)
+    biases: list[Tensor]
+    v: Tensor  # (n,)
+    bias: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.v.shape[0])
+
+    def encoder(self) -> nn.Sequential:
+        """Plain ``nn.Sequential`` of Linear/ReLU, ReLU after every layer (float32, eval)."""
+        layers: list[nn.Module] = []
+        for w, b in zip(self.weights, self.biases):
+            lin = nn.Linear(w.shape[1], w.shape[0])
+            with torch.no_grad():
+                lin.weight.copy_(w.to(torch.float32))
+                lin.bias.copy_(b.to(torch.float32))
+            layers += [lin, nn.ReLU()]
+        return nn.Sequential(*layers).eval()
+
+    def features(self, z) -> np.ndarray:
+        """x-features for rows of Z, computed in float64: (M, D) -> (M, n)."""
+        h = _as_tensor(z)
+        for w, b in zip(self.weights, self.biases):
+            h = torch.relu(h @ w.to(torch.float64).T + b.to(torch.float64))
+        return h.numpy()
+
+    def predict(self, z) -> np.ndarray:
+        """The explainer's approximation of the logit: (M, D) -> (M,)."""
+        return self.features(z) @ self.v.to(torch.float64).numpy() + self.bias
+
+    def contributions(self, z) -> np.ndarray:
+        """Per-x-feature contribution ``v_i * E_i``: (M, D) -> (M, n)."""
+        return self.features(z) * self.v.to(torch.float64).numpy()
+
+    def save(self, directory: Path) -> Path:
+        """Write ``weights.safetensors`` + ``meta.json`` (meta last, so its presence means done)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"encoder.{i}.weight": w.detach().float().contiguous().cpu() for i, w in enumerate(self.weights)}
+        tensors |= {f"encoder.{i}.bias": b.detach().float().contiguous().cpu() for i, b in enumerate(self.biases)}
+        tensors["v"] = self.v.detach().float().contiguous().cpu()
+        tensors["bias"] = torch.tensor([float(self.bias)])
+        tmp = directory / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(directory / WEIGHTS_FILE)
+        meta = dict(self.meta, method=self.method, category=int(self.category), n_features=self.n_features,
+                    layers=len(self.weights))
+        tmp = directory / (META_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=1, default=_json_default))
+        tmp.replace(directory / META_FILE)
+        return directory
+
+
+def _json_default(obj):
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def is_complete(directory: Path) -> bool:
+    d = Path(directory)
+    return (d / META_FILE).is_file() and (d / WEIGHTS_FILE).is_file()
+
+
+def load_explainer(directory: Path) -> Explainer:
+    """Load an explainer written by :meth:`Explainer.save`."""
+    d = Path(directory)
+    if not is_complete(d):
+        raise SraeError(f"no complete explainer at {d} (expected {WEIGHTS_FILE} and {META_FILE})")
+    meta = json.loads((d / META_FILE).read_text())
+    t = load_file(str(d / WEIGHTS_FILE))
+    layers = int(meta["layers"])
+    return Explainer(
+        method=meta["method"],
+        category=int(meta["category"]),
+        weights=[t[f"encoder.{i}.weight"] for i in range(layers)],
+        biases=[t[f"encoder.{i}.bias"] for i in range(layers)],
+        v=t["v"],
+        bias=float(t["bias"][0]),
+        meta=meta,
+    )
+
+
+def hparams_key(hparams: dict) -> str:
+    """Short stable hash of a hyperparameter dict (for directory names and cache keys)."""
+    return hashlib.sha256(json.dumps(hparams, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def explainer_dir(root: Path, feature_fingerprint: str, method: str, hparams: dict, category: int) -> Path:
+    """DESIGN §2: one directory per (feature fingerprint, method, hyperparameters, category)."""
+    return Path(root) / feature_fingerprint[:16] / method / hparams_key(hparams) / f"cat{int(category):04d}"

@@ -1,0 +1,128 @@
+"""The paper's Fig. 4 grid, per category: each row is one image, then ExcitationBP on the
+prediction, then the n x-feature heatmaps sorted by contribution ``v_i * E_i`` with that
+number above each panel. Heatmaps are overlaid on the image with one colour scale per row,
+so the panels of a row can be compared directly (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from srae.errors import InputError
+from srae.excitation import resize_maps
+
+__all__ = ["order_features", "row_scales", "excitation_grid", "save_excitation_grid"]
+
+SORTS = ("row", "mean", "none")
+
+
+def order_features(contributions: np.ndarray, sort: str = "row") -> np.ndarray:
+    """(R, n) contributions -> (R, n) x-feature order, largest contribution first: per row
+    ("row"), by the mean over rows so columns keep one x-feature each ("mean"), or as is."""
+    c = np.asarray(contributions, dtype=np.float64)
+    if sort not in SORTS:
+        raise InputError(f"sort {sort!r}: expected one of {', '.join(SORTS)}")
+    if sort == "row":
+        return np.argsort(-c, axis=1, kind="stable")
+    base = np.argsort(-c.mean(axis=0), kind="stable") if sort == "mean" else np.arange(c.shape[1])
+    return np.broadcast_to(base, c.shape).copy()
+
+
+def row_scales(ebp: np.ndarray, xmaps: np.ndarray) -> np.ndarray:
+    """One colour scale per row: the largest value among that row's heatmaps (1 if all 0)."""
+    peak = np.maximum(ebp.reshape(len(ebp), -1).max(axis=1), xmaps.reshape(len(xmaps), -1).max(axis=1))
+    return np.where(peak > 0, peak, 1.0)
+
+
+def _as_maps(maps: np.ndarray | torch.Tensor, size: tuple[int, int], what: str) -> np.ndarray:
+    m = maps.detach().cpu().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps)
+    if m.ndim == 3:
+        m = m[:, None]
+    if m.ndim != 4:
+        raise InputError(f"{what}: expected (R, n, H, W) heatmaps, got shape {m.shape}")
+    if not np.isfinite(m).all():
+        raise InputError(f"{what}: contains NaN or inf")
+    if m.shape[2:] != size:
+        m = resize_maps(torch.from_numpy(m.astype(np.float32)), size).numpy()
+    return np.clip(m, 0, None)
+
+
+def _overlay(image: np.ndarray, heat: np.ndarray, vmax: float, cmap) -> np.ndarray:
+    """Dimmed greyscale image under a colour heatmap whose opacity grows with the value."""
+    grey = image.astype(np.float64).mean(axis=2, keepdims=True) / 255.0
+    base = np.repeat(0.25 + 0.5 * grey, 3, axis=2)
+    v = np.clip(heat / vmax, 0, 1)
+    colour = cmap(v)[..., :3]
+    alpha = (0.15 + 0.75 * v)[..., None]
+    return base * (1 - alpha) + colour * alpha
+
+
+def excitation_grid(images: np.ndarray, ebp_maps: np.ndarray | torch.Tensor,
+                    xfeature_maps: np.ndarray | torch.Tensor, contributions: np.ndarray, *,
+                    predictions: Sequence[float] | np.ndarray | None = None, title: str | None = None,
+                    sort: str = "row", row_labels: Sequence[str] | None = None):
+    """Build the Fig. 4 grid as a matplotlib Figure (not shown, Agg canvas).
+
+    ``images`` uint8 (R, H, W, 3); ``ebp_maps`` (R, H, W) or (R, 1, H, W): ExcitationBP on
+    the logit; ``xfeature_maps`` (R, n, H, W); ``contributions`` (R, n) = ``v_i * E_i``;
+    ``predictions`` (R,) the logit y-hat printed above the ExcitationBP panel.
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
+        raise InputError(f"images: expected uint8 (R, H, W, 3) with R >= 1, got {images.dtype} {images.shape}")
+    r_n, size = len(images), images.shape[1:3]
+    ebp = _as_maps(ebp_maps, size, "ebp_maps")[:, 0]
+    xm = _as_maps(xfeature_maps, size, "xfeature_maps")
+    contrib = np.asarray(contributions, dtype=np.float64)
+    if ebp.shape[0] != r_n or xm.shape[0] != r_n or contrib.shape != xm.shape[:2]:
+        raise InputError(f"figure inputs disagree: {r_n} images, ebp {ebp.shape}, x-features {xm.shape}, "
+                         f"contributions {contrib.shape}")
+    n = xm.shape[1]
+    order = order_features(contrib, sort)
+    scale = row_scales(ebp, xm)
+    cmap = colormaps["jet"]
+    cell = 1.9
+    fig = Figure(figsize=(cell * (n + 2) + 0.8, cell * r_n + (0.5 if title else 0.2)), dpi=100,
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(r_n, n + 2, squeeze=False)
+    for r in range(r_n):
+        axes[r, 0].imshow(images[r])
+        axes[r, 0].set_title(row_labels[r] if row_labels is not None else "image", fontsize=9)
+        axes[r, 1].imshow(_overlay(images[r], ebp[r], scale[r], cmap))
+        pred = f" ŷ={float(predictions[r]):.2f}" if predictions is not None else ""
+        axes[r, 1].set_title(f"ExcitationBP{pred}", fontsize=9)
+        for j, i in enumerate(order[r]):
+            ax = axes[r, j + 2]
+            ax.imshow(_overlay(images[r], xm[r, i], scale[r], cmap))
+            ax.set_title(f"x{i + 1}: {contrib[r, i]:.2f}", fontsize=10, fontweight="bold")
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        sm = ScalarMappable(norm=Normalize(0.0, float(scale[r])), cmap=cmap)
+        fig.colorbar(sm, ax=list(axes[r, 1:]), shrink=0.85, pad=0.01, aspect=12).ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=12)
+    return fig
+
+
+def save_excitation_grid(path: str | Path, images: np.ndarray, ebp_maps: np.ndarray | torch.Tensor,
+                         xfeature_maps: np.ndarray | torch.Tensor, contributions: np.ndarray,
+                         **kwargs) -> Path:
+    """:func:`excitation_grid` written as a PNG at ``path`` (parents created); returns it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = excitation_grid(images, ebp_maps, xfeature_maps, contributions, **kwargs)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, format="png")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,240 @@
+"""The heatmap store (DESIGN §2): one Zarr v3 group per (explainer, split).
+
+Arrays: ``maps`` (M, n, H, W) float32, the c-MWP maps ``max(0, channel sum)`` before any
+normalisation; ``image_id`` (M,) int64, the planned images in order; ``done`` (M,) bool, which
+rows are written. Root attributes: everything the maps depend on (``method``, ``heatmap``
+kind, ``readout``, ``units``, ``image_ids_sha256``, the caller's attributes such as the explainer's
+fingerprint) and ``complete``. A store whose attributes differ from the request is rebuilt; an
+incomplete one is resumed: only rows not yet ``done`` are computed.
+
+Several explainers of one category share the backbone trunk and their test images, so
+:func:`compute_heatmaps` takes many jobs at once and computes all their units from one trunk
+forward and one batched Excitation Backprop pass per image batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from srae.errors import InputError, SraeError
+from srae.excitation import excitation_maps_multi
+from srae.gradcam import gradcam_maps
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HEATMAP_KINDS", "HeatmapJob", "HeatmapSet", "compute_heatmaps", "is_complete",
+           "open_heatmaps", "pending_image_ids"]
+
+HEATMAP_KINDS: tuple[str, ...] = ("c-MWP", "MWP", "Grad-CAM")
+STORE_VERSION = 1
+
+
+@dataclass
+class HeatmapJob:
+    """One store to fill: maps of ``units`` of the chain ``trunk + head``.
+
+    ``head`` maps Z to the units' layer: an explainer's ``encoder()`` (units = its x-features)
+    or the backbone head (units = ``[category]`` for ExcitationBP on the logit). ``attrs`` go
+    into the store's attributes and its identity (e.g. ``method``, ``category``, ``split``,
+    the explainer's fingerprint).
+    """
+
+    store: Path
+    head: nn.Module
+    units: Sequence[int]
+    attrs: dict = field(default_factory=dict)
+
+
+@dataclass
+class HeatmapSet:
+    """An opened store: ``maps`` is the lazy Zarr array (index it to read numpy)."""
+
+    maps: Any
+    image_id: np.ndarray
+    attrs: dict
+
+    def __len__(self) -> int:
+        return len(self.image_id)
+
+
+def _ids_sha(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _root_attrs(path: Path) -> dict | None:
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        return None
+    return json.loads(meta.read_text()).get("attributes", {})
+
+
+def is_complete(store: str | Path) -> bool:
+    """True iff ``store`` is a heatmap group whose computation finished."""
+    attrs = _root_attrs(Path(store))
+    return bool(attrs and attrs.get("complete") is True)
+
+
+def open_heatmaps(store: str | Path) -> HeatmapSet:
+    """Open a complete store for reading."""
+    import zarr
+
+    if not is_complete(store):
+        raise SraeError(f"heatmaps {store}: no complete heatmap store there")
+    root = zarr.open_group(str(store), mode="r")
+    return HeatmapSet(maps=root["maps"], image_id=np.asarray(root["image_id"][:]), attrs=dict(root.attrs))
+
+
+def pending_image_ids(store: str | Path, image_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """The ids of ``image_ids`` still to compute in ``store`` (all of them if the store is
+    missing or was planned for other images), e.g. to build a DataLoader of only those."""
+    import zarr
+
+    ids = np.asarray(image_ids, dtype=np.int64)
+    attrs = _root_attrs(Path(store))
+    if attrs is None or "done_rows" not in attrs or attrs.get("image_ids_sha256") != _ids_sha(ids):
+        return ids
+    done = np.asarray(zarr.open_group(str(store), mode="r")["done"][:])
+    return ids[~done]
+
+
+def _spec(job: HeatmapJob, kind: str, readout: int, ids: np.ndarray, shape: tuple[int, ...]) -> dict:
+    """The store's identity, as it reads back from JSON (tuples become lists)."""
+    spec = {"version": STORE_VERSION, "method": kind, **job.attrs, "heatmap": kind,
+            "readout": int(readout), "units": [int(u) for u in job.units], "shape": list(shape),
+            "image_ids_sha256": _ids_sha(ids)}
+    try:
+        return json.loads(json.dumps(spec))
+    except TypeError as exc:
+        raise InputError(f"heatmap job {job.store}: attrs must be JSON values ({exc})") from exc
+
+
+def _open_store(job: HeatmapJob, spec: dict, ids: np.ndarray, chunk_rows: int):
+    """Open the store for writing: resume when its spec matches, else (re)create it."""
+    import zarr
+
+    old = _root_attrs(job.store)
+    same = old is not None and "done_rows" in old and all(old.get(k) == v for k, v in spec.items())
+    if same:
+        root = zarr.open_group(str(job.store), mode="r+")
+        if not old.get("complete"):
+            log.info("heatmaps: resuming %s (%d/%d images done)", job.store, old["done_rows"], len(ids))
+        return root
+    if old is not None:
+        log.info("heatmaps: %s was made for other inputs; rebuilding it", job.store)
+    if job.store.exists():
+        shutil.rmtree(job.store)
+    m, n, h, w = spec["shape"]
+    root = zarr.open_group(str(job.store), mode="w", zarr_format=3, attributes={**spec, "complete": False})
+    root.create_array("maps", shape=(m, n, h, w), chunks=(min(chunk_rows, max(m, 1)), n, h, w),
+                      dtype="float32", fill_value=0.0)
+    root.create_array("image_id", shape=(m,), chunks=(max(m, 1),), dtype="int64", fill_value=0)
+    root.create_array("done", shape=(m,), chunks=(max(m, 1),), dtype="bool", fill_value=False)
+    root["image_id"][:] = ids
+    root.attrs.update({"done_rows": 0})  # written last: a store without it is rebuilt
+    return root
+
+
+def _unpack(batch: Any) -> tuple[Tensor, np.ndarray]:
+    """(images, image ids) from a DataLoader batch: a tuple/list ``(x, ..., image_id)`` or a
+    dict with ``image`` and ``image_id``."""
+    if isinstance(batch, dict):
+        x, ids = batch.get("image"), batch.get("image_id")
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        x, ids = batch[0], batch[-1]
+    else:
+        raise InputError("heatmap batches: expected (images, ..., image_id) tuples or dicts")
+    if not isinstance(x, Tensor) or x.ndim != 4:
+        raise InputError("heatmap batches: images must be a (B, 3, H, W) tensor")
+    ids = np.asarray(ids.cpu() if isinstance(ids, Tensor) else ids, dtype=np.int64).reshape(-1)
+    if ids.shape[0] != x.shape[0]:
+        raise InputError(f"heatmap batches: {x.shape[0]} images but {ids.shape[0]} image ids")
+    return x, ids
+
+
+def _maps_for(trunk: nn.Sequential, jobs: Sequence[HeatmapJob], x: Tensor, kind: str, readout: int,
+              output_size: tuple[int, int]) -> list[Tensor]:
+    if kind == "Grad-CAM":
+        return [gradcam_maps(nn.Sequential(*trunk, *j.head), x, list(j.units), readout=readout,
+                             output_size=output_size) for j in jobs]
+    return excitation_maps_multi(trunk, [(j.head, list(j.units)) for j in jobs], x, readout=readout,
+                                 contrastive=kind == "c-MWP", output_size=output_size)
+
+
+def compute_heatmaps(trunk: nn.Sequential, jobs: Sequence[HeatmapJob], batches: Iterable[Any],
+                     image_ids: Sequence[int] | np.ndarray, *, readout: int,
+                     output_size: int | tuple[int, int], kind: str = "c-MWP",
+                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                     chunk_rows: int = 1) -> list[Path]:
+    """Fill (or resume) one heatmap store per job over the images ``image_ids``.
+
+    ``batches`` yields ``(x, ..., image_id)`` (e.g. a DataLoader over
+    :class:`srae.images.ImageDataset`); ``x`` is the normalised input, or uint8 images when
+    ``mean``/``std`` are given. Images already done in every store are skipped without any
+    compute; when every store is complete ``batches`` is not consumed at all. The models
+    run on the device of ``trunk``'s parameters. ``kind``: "c-MWP" (default), "MWP" or
+    "Grad-CAM". Returns the store paths.
+    """
+    if kind not in HEATMAP_KINDS:
+        raise InputError(f"heatmap kind {kind!r}: expected one of {', '.join(HEATMAP_KINDS)}")
+    if not jobs:
+        return []
+    ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+    if len(np.unique(ids)) != len(ids):
+        raise InputError("image_ids: contains duplicates")
+    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    jobs = [HeatmapJob(Path(j.store), j.head, list(j.units), dict(j.attrs)) for j in jobs]
+    roots = [_open_store(j, _spec(j, kind, readout, ids, (len(ids), len(j.units), *size)), ids, chunk_rows)
+             for j in jobs]
+    done = [np.asarray(r["done"][:]) for r in roots]
+    if all(d.all() for d in done):
+        for r in roots:
+            r.attrs.update({"complete": True})
+        return [j.store for j in jobs]
+    row_of = {int(i): k for k, i in enumerate(ids)}
+    device = next(trunk.parameters()).device
+    for batch in batches:
+        x, bids = _unpack(batch)
+        unknown = [int(i) for i in bids if int(i) not in row_of]
+        if unknown:
+            raise InputError(f"heatmap batches: image ids {unknown[:5]} are not in image_ids")
+        rows = np.array([row_of[int(i)] for i in bids], dtype=np.int64)
+        todo = [k for k, d in enumerate(done) if not d[rows].all()]
+        keep = np.zeros(len(rows), bool)
+        for k in todo:
+            keep |= ~done[k][rows]
+        if not keep.any():
+            continue
+        x = x[torch.from_numpy(keep)].to(device)
+        if x.dtype == torch.uint8:
+            if mean is None or std is None:
+                raise InputError("heatmap batches: uint8 images need mean and std to normalise them")
+            from srae.images import normalize
+
+            x = normalize(x, mean, std)
+        maps = _maps_for(trunk, [jobs[k] for k in todo], x, kind, readout, size)
+        for k, m in zip(todo, maps):
+            m = m.float().cpu().numpy()
+            for i, row in enumerate(rows[keep]):
+                roots[k]["maps"][int(row)] = m[i]
+            done[k][rows[keep]] = True
+            roots[k]["done"][:] = done[k]
+            roots[k].attrs.update({"done_rows": int(done[k].sum())})
+    missing = [(j.store, int((~d).sum())) for j, d in zip(jobs, done) if not d.all()]
+    if missing:
+        store, n = missing[0]
+        raise SraeError(f"heatmaps {store}: {n} planned images never came in the batches; "
+                        "rerun with the missing images to finish it")
+    for r in roots:
+        r.attrs.update({"complete": True})
+    return [j.store for j in jobs]

@@ -1,0 +1,35 @@
+"""Faithfulness of an explanation's prediction to the network's logit (paper Sec. 3)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _np(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def f_reg(y_bar, y_hat) -> float:
+    """Mean absolute difference between the explainer's prediction and the logit."""
+    y_bar, y_hat = _np(y_bar), _np(y_hat)
+    if y_bar.shape != y_hat.shape:
+        raise ValueError(f"f_reg: shapes differ {y_bar.shape} vs {y_hat.shape}")
+    if y_bar.size == 0:
+        return float("nan")
+    return float(np.mean(np.abs(y_bar - y_hat)))
+
+
+def f_cls(y_bar, logits, target: int) -> float:
+    """Fraction of rows whose argmax is unchanged when ``logits[:, target]`` is replaced by ``y_bar``."""
+    y_bar, logits = _np(y_bar), _np(logits)
+    if logits.ndim != 2 or y_bar.shape != (logits.shape[0],):
+        raise ValueError(f"f_cls: expected y_bar (M,) and logits (M, C), got {y_bar.shape} and {logits.shape}")
+    if not 0 <= target < logits.shape[1]:
+        raise ValueError(f"f_cls: target {target} outside 0..{logits.shape[1] - 1}")
+    if logits.shape[0] == 0:
+        return float("nan")
+    replaced = logits.copy()
+    replaced[:, target] = y_bar
+    return float(np.mean(np.argmax(replaced, axis=1) == np.argmax(logits, axis=1)))

@@ -1,0 +1,158 @@
+"""The SRAE model family (paper Fig. 2b), stored as B independent members at once.
+
+Every member has an encoder ``in -> 800 -> 100 -> n`` with a ReLU after every layer (so the
+x-features ``E >= 0``), an optional decoder ``n -> 100 -> 800 -> in`` (ReLU hidden, linear
+output) and a linear predictor ``y_bar = v^T E`` (bias off by default). Parameters are
+stacked on a leading member dim so one ``bmm`` runs all members; ``B = 1`` is a single model.
+
+The baselines are the same family with other loss terms (DESIGN §3):
+SRAE (sparse log reconstruction + pull-away), NN (no decoder), SAE (plain reconstruction),
+CAE (reconstruction only; ``v`` fitted afterwards by least squares).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How a method of the family is trained."""
+
+    name: str
+    decoder: bool
+    reconstruction: str  # "sparse" | "mean" | "none"
+    faithfulness: float  # weight of the faithfulness term (0 for CAE)
+    pull_away: bool
+    hparams: tuple[str, ...]  # which grid keys matter for this method
+
+
+METHODS: dict[str, MethodSpec] = {
+    "SRAE": MethodSpec("SRAE", True, "sparse", 1.0, True, ("beta", "eta", "q", "lr", "weight_decay")),
+    "NN": MethodSpec("NN", False, "none", 1.0, False, ("lr", "weight_decay")),
+    "SAE": MethodSpec("SAE", True, "mean", 1.0, False, ("beta", "lr", "weight_decay")),
+    "CAE": MethodSpec("CAE", True, "mean", 0.0, False, ("lr", "weight_decay")),
+}
+
+
+def method_spec(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}") from None
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Layer sizes of one member (paper: 800-100-n, n = 5)."""
+
+    in_dim: int
+    n: int = 5
+    hidden: tuple[int, ...] = (800, 100)
+    decoder: bool = True
+    predictor_bias: bool = False
+
+    @property
+    def encoder_sizes(self) -> list[int]:
+        return [self.in_dim, *self.hidden, self.n]
+
+    @property
+    def decoder_sizes(self) -> list[int]:
+        return [self.n, *reversed(self.hidden), self.in_dim]
+
+
+def _uniform(gen: torch.Generator, shape: tuple[int, ...], bound: float, dtype: torch.dtype) -> Tensor:
+    return (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1).mul_(bound).to(dtype)
+
+
+class StackedSRAE(nn.Module):
+    """B independent members of the SRAE family with parameters stacked on dim 0.
+
+    Member ``b`` is initialised from ``seeds[b]`` alone (PyTorch's default Linear init:
+    uniform in ``±1/sqrt(fan_in)``), so a member is identical whether trained in a stack or
+    on its own.
+    """
+
+    def __init__(self, arch: Architecture, seeds: list[int], dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.arch = arch
+        self.enc_w = nn.ParameterList()
+        self.enc_b = nn.ParameterList()
+        self.dec_w = nn.ParameterList()
+        self.dec_b = nn.ParameterList()
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+        def stacked(shape: tuple[int, ...], bound: float) -> nn.Parameter:
+            return nn.Parameter(torch.stack([_uniform(g, shape, bound, dtype) for g in gens]))
+
+        for fan_in, fan_out in zip(arch.encoder_sizes[:-1], arch.encoder_sizes[1:]):
+            bound = 1.0 / math.sqrt(fan_in)
+            self.enc_w.append(stacked((fan_out, fan_in), bound))
+            self.enc_b.append(stacked((fan_out,), bound))
+        if arch.decoder:
+            for fan_in, fan_out in zip(arch.decoder_sizes[:-1], arch.decoder_sizes[1:]):
+                bound = 1.0 / math.sqrt(fan_in)
+                self.dec_w.append(stacked((fan_out, fan_in), bound))
+                self.dec_b.append(stacked((fan_out,), bound))
+        self.v = stacked((arch.n,), 1.0 / math.sqrt(arch.n))
+        self.v_bias = nn.Parameter(torch.zeros(len(seeds), dtype=dtype), requires_grad=arch.predictor_bias)
+
+    @property
+    def members(self) -> int:
+        return self.v.shape[0]
+
+    @staticmethod
+    def _affine(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        # x (B, m, in), w (B, out, in), b (B, out) -> (B, m, out)
+        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+
+    def encode(self, z: Tensor) -> Tensor:
+        """``z`` (B, m, D) -> x-features E (B, m, n), non-negative."""
+        h = z
+        for w, b in zip(self.enc_w, self.enc_b):
+            h = torch.relu(self._affine(h, w, b))
+        return h
+
+    def decode(self, e: Tensor) -> Tensor:
+        """E (B, m, n) -> reconstruction (B, m, D)."""
+        h = e
+        last = len(self.dec_w) - 1
+        for i, (w, b) in enumerate(zip(self.dec_w, self.dec_b)):
+            h = self._affine(h, w, b)
+            if i < last:
+                h = torch.relu(h)
+        return h
+
+    def predict(self, e: Tensor) -> Tensor:
+        """E (B, m, n) -> y_bar (B, m)."""
+        return (e * self.v.unsqueeze(1)).sum(-1) + self.v_bias.unsqueeze(1)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        e = self.encode(z)
+        z_hat = self.decode(e) if self.arch.decoder else None
+        return e, z_hat, self.predict(e)
+
+    def encoder_weights(self) -> list[Tensor]:
+        return list(self.enc_w)
+
+    def decoder_weights(self) -> list[Tensor]:
+        return list(self.dec_w)
+
+
+def export_encoder(weights: list[Tensor], biases: list[Tensor]) -> nn.Sequential:
+    """A plain ``nn.Sequential`` of Linear/ReLU (ReLU after every layer) from unstacked weights.
+
+    This is what heatmaps run through: backbone trunk + this encoder gives the x-features.
+    """
+    layers: list[nn.Module] = []
+    for w, b in zip(weights, biases):
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=True)
+        with torch.no_grad():
+            lin.weight.copy_(w.detach().to(torch.float32).cpu())
+            lin.bias.copy_(b.detach().to(torch.float32).cpu())
+        layers += [lin, nn.ReLU()]
+    return nn.Sequential(*layers).eval()

@@ -1,0 +1,319 @@
+"""Reports: the long metrics table and the paper-style tables derived from it.
+
+Everything here starts from one long frame (DESIGN §2) with the columns
+``experiment, category, method, metric, split, value, n_features, hparams``. The wide
+tables are *derived* from it, never computed separately:
+
+- :func:`table_main` - Table 1 / 3: rows = metric x split, columns = methods
+  (SRAE, NN, SAE, Lasso, CAE, Z, ExcitationBP); values averaged per category, then over
+  categories.
+- :func:`table_lasso_sweep` - Table 2a / 5: Num_x and F_reg per Lasso alpha.
+- :func:`table_masking` - Table 2b / 4: accuracy per gamma on original / masked images.
+- :func:`table_concepts` - concept recovery on synthetic data (category x method).
+- :func:`qualitative_findings` - whether the paper's qualitative claims hold.
+
+The HTML page lives in :mod:`srae.report_html`, the figures in :mod:`srae.report_figures`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from srae.errors import InputError
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS: tuple[str, ...] = (
+    "experiment", "category", "method", "metric", "split", "value", "n_features", "hparams",
+)
+TABLE_METHODS: tuple[str, ...] = ("SRAE", "NN", "SAE", "Lasso", "CAE", "Z", "ExcitationBP")
+MAIN_ROWS: tuple[tuple[str, str], ...] = (
+    ("F_reg", "train"), ("F_reg", "test"), ("F_cls", "train"), ("F_cls", "test"),
+)
+HEATMAP_METRICS: tuple[str, ...] = ("O1", "O2", "locality")
+ORIGINAL_METRICS: tuple[str, ...] = ("mask_acc@original", "acc_original")  # accuracy on unmasked images
+METRICS_SCHEMA = pa.schema([
+    ("experiment", pa.string()), ("category", pa.int64()), ("method", pa.string()),
+    ("metric", pa.string()), ("split", pa.string()), ("value", pa.float64()),
+    ("n_features", pa.int64()), ("hparams", pa.string()),
+])
+
+
+# ---------------------------------------------------------------------- the long table
+def metric_row(
+    experiment: str, category: int, method: str, metric: str, split: str, value: float,
+    n_features: int | None = None, hparams: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One row of the long table (hparams serialised as canonical JSON)."""
+    return {
+        "experiment": experiment, "category": int(category), "method": method, "metric": metric,
+        "split": split, "value": float(value),
+        "n_features": None if n_features is None else int(n_features),
+        "hparams": json.dumps(hparams or {}, sort_keys=True, default=str),
+    }
+
+
+def validate_metrics(df: pd.DataFrame) -> pd.DataFrame:
+    """Check the long table's columns and types; returns a normalised copy."""
+    missing = [c for c in METRIC_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(f"metrics table: missing columns {missing}")
+    out = df.loc[:, list(METRIC_COLUMNS)].copy()
+    for col in ("experiment", "method", "metric", "split", "hparams"):
+        if out[col].isna().any():
+            raise InputError(f"metrics table: column {col!r} has empty values")
+        out[col] = out[col].astype(str)
+    try:
+        out["category"] = out["category"].astype("int64")
+        out["value"] = out["value"].astype("float64")
+        out["n_features"] = out["n_features"].astype("Int64")
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"metrics table: bad numeric column ({exc})") from None
+    bad_split = sorted(set(out["split"]) - {"train", "test"})
+    if bad_split:
+        raise InputError(f"metrics table: split must be train/test, got {bad_split}")
+    return out.reset_index(drop=True)
+
+
+def write_metrics(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write the long table as Parquet with the fixed schema of DESIGN §2."""
+    df = validate_metrics(df)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(df, schema=METRICS_SCHEMA, preserve_index=False)
+    pq.write_table(table, path)
+    return path
+
+
+def read_metrics(path: str | Path) -> pd.DataFrame:
+    """Read ``metrics.parquet`` back into the normalised long frame."""
+    return validate_metrics(pq.read_table(Path(path)).to_pandas())
+
+
+def _hp(s: str) -> dict[str, Any]:
+    try:
+        v = json.loads(s)
+    except json.JSONDecodeError:
+        return {}
+    return v if isinstance(v, dict) else {}
+
+
+def _is_sweep(df: pd.DataFrame) -> pd.Series:
+    return df["hparams"].map(lambda s: bool(_hp(s).get("sweep", False))).astype(bool)
+
+
+def _headline(df: pd.DataFrame, lasso_alpha: float | None) -> pd.DataFrame:
+    """Rows that make the headline tables: no sweep rows; Lasso at the headline alpha."""
+    df = df[~_is_sweep(df)]
+    if lasso_alpha is not None:
+        alpha = df["hparams"].map(lambda s: _hp(s).get("alpha"))
+        is_lasso = df["method"] == "Lasso"
+        keep = ~is_lasso | alpha.isna() | alpha.map(
+            lambda a: a is not None and not _isnan(a) and math.isclose(float(a), lasso_alpha, rel_tol=1e-9))
+        df = df[keep.astype(bool)]
+    return df
+
+
+def _isnan(a: Any) -> bool:
+    try:
+        return math.isnan(float(a))
+    except (TypeError, ValueError):
+        return True
+
+
+def _category_mean(df: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """Mean per category first (duplicates averaged), then over categories."""
+    per_cat = df.groupby(keys + ["category"], sort=False)["value"].mean()
+    return per_cat.groupby(level=list(range(len(keys))), sort=False).mean()
+
+
+# ---------------------------------------------------------------------- wide tables
+def table_main(df: pd.DataFrame, lasso_alpha: float | None = None) -> pd.DataFrame:
+    """Table 1 / 3. Index ``(metric, split)``, columns :data:`TABLE_METHODS` (NaN = not scored)."""
+    df = _headline(validate_metrics(df), lasso_alpha)
+    splits = [s for s in ("test", "train") if ((df["metric"].isin(HEATMAP_METRICS)) & (df["split"] == s)).any()]
+    rows = list(MAIN_ROWS) + [(m, s) for m in HEATMAP_METRICS for s in (splits or ["test"])]
+    means = _category_mean(df, ["metric", "split", "method"])
+    index = pd.MultiIndex.from_tuples(rows, names=["metric", "split"])
+    out = pd.DataFrame(np.nan, index=index, columns=list(TABLE_METHODS), dtype="float64")
+    for (metric, split, method), value in means.items():
+        if (metric, split) in index and method in out.columns:
+            out.loc[(metric, split), method] = value
+    return out
+
+
+def table_lasso_sweep(df: pd.DataFrame) -> pd.DataFrame:
+    """Table 2a / 5: columns = alpha (descending); rows Num_x, F_reg/F_cls train/test.
+
+    Uses the Lasso rows marked ``"sweep": true`` in hparams (all Lasso rows with an
+    ``alpha`` when there are none)."""
+    df = validate_metrics(df)
+    df = df[df["method"] == "Lasso"].copy()
+    df["alpha"] = df["hparams"].map(lambda s: _hp(s).get("alpha"))
+    df = df[df["alpha"].map(lambda a: a is not None and not _isnan(a)).astype(bool)]
+    sweep = _is_sweep(df)
+    if sweep.any():
+        df = df[sweep]
+    if df.empty:
+        return pd.DataFrame(index=pd.Index([], name="row"), dtype="float64")
+    df["alpha"] = df["alpha"].astype(float)
+    alphas = sorted(df["alpha"].unique(), reverse=True)
+    rows: dict[str, dict[float, float]] = {"Num_x": {}}
+    nfeat = df.dropna(subset=["n_features"])
+    if not nfeat.empty:
+        per_cat = nfeat.groupby(["alpha", "category"])["n_features"].mean()
+        rows["Num_x"] = per_cat.groupby(level=0).mean().to_dict()
+    for metric in ("F_reg", "F_cls"):
+        for split in ("train", "test"):
+            sub = df[(df["metric"] == metric) & (df["split"] == split)]
+            if not sub.empty:
+                rows[f"{metric} {split}"] = _category_mean(sub, ["alpha"]).to_dict()
+    out = pd.DataFrame({a: {r: v.get(a, np.nan) for r, v in rows.items()} for a in alphas})
+    out.index.name = "row"
+    out.columns = pd.Index(alphas, name="alpha")
+    return out.astype("float64")
+
+
+def gamma_metric(gamma: float) -> str:
+    """Metric name of masking accuracy at threshold ``gamma`` (e.g. ``mask_acc@0.05``)."""
+    return f"mask_acc@{gamma:g}"
+
+
+def table_masking(df: pd.DataFrame) -> pd.DataFrame:
+    """Table 2b / 4: index gamma; columns "Original Image" then "Mask by <method>".
+
+    Source rows: metric ``mask_acc@<gamma>`` per method, and ``mask_acc@original`` (any method)."""
+    df = validate_metrics(df)
+    is_orig = df["metric"].isin(ORIGINAL_METRICS)
+    masked = df[df["metric"].str.startswith("mask_acc@") & ~is_orig].copy()
+    if masked.empty:
+        return pd.DataFrame(index=pd.Index([], name="gamma"), dtype="float64")
+    masked["gamma"] = masked["metric"].str.slice(len("mask_acc@")).astype(float)
+    order = [m for m in TABLE_METHODS if m in set(masked["method"])]
+    order += sorted(set(masked["method"]) - set(order))
+    gammas = sorted(masked["gamma"].unique())
+    out = pd.DataFrame(index=pd.Index(gammas, name="gamma"), dtype="float64")
+    orig = df[is_orig]
+    out["Original Image"] = orig.groupby("category")["value"].mean().mean() if not orig.empty else np.nan
+    means = _category_mean(masked, ["gamma", "method"])
+    for method in order:
+        label = "Mask by x-features" if method == "SRAE" else f"Mask by {method}"
+        out[label] = [means.get((g, method), np.nan) for g in gammas]
+    return out
+
+
+def table_concepts(df: pd.DataFrame, class_names: list[str] | None = None) -> pd.DataFrame:
+    """Concept recovery on synthetic data: rows = category (+ "mean"), columns = methods."""
+    df = validate_metrics(df)
+    sub = df[(df["metric"] == "concept_recovery") & ~_is_sweep(df)]
+    if sub.empty:
+        return pd.DataFrame(dtype="float64")
+    wide = sub.groupby(["category", "method"])["value"].mean().unstack("method")
+    cols = [m for m in TABLE_METHODS if m in wide.columns] + sorted(set(wide.columns) - set(TABLE_METHODS))
+    wide = wide[cols]
+    wide.loc["mean"] = wide.mean(axis=0)
+    if class_names:
+        wide.index = [class_names[i] if isinstance(i, (int, np.integer)) and 0 <= i < len(class_names)
+                      else str(i) for i in wide.index]
+    wide.index.name = "category"
+    wide.columns.name = None
+    return wide
+
+
+def table_per_category(df: pd.DataFrame, metric: str = "F_cls", split: str = "test",
+                       lasso_alpha: float | None = None) -> pd.DataFrame:
+    """One metric per category (rows) and method (columns): for spotting bad categories."""
+    df = _headline(validate_metrics(df), lasso_alpha)
+    sub = df[(df["metric"] == metric) & (df["split"] == split)]
+    if sub.empty:
+        return pd.DataFrame(dtype="float64")
+    wide = sub.groupby(["category", "method"])["value"].mean().unstack("method")
+    cols = [m for m in TABLE_METHODS if m in wide.columns]
+    return wide[cols]
+
+
+# ---------------------------------------------------------------------- findings
+@dataclass(frozen=True)
+class Finding:
+    """One qualitative claim of the paper and whether it holds here (None: not evaluable)."""
+
+    claim: str
+    holds: bool | None
+    evidence: str
+
+    @property
+    def verdict(self) -> str:
+        return {True: "holds", False: "does NOT hold", None: "not evaluated"}[self.holds]
+
+
+def _get(t: pd.DataFrame, metric: str, split: str, method: str) -> float:
+    try:
+        v = float(t.loc[(metric, split), method])
+    except KeyError:
+        return float("nan")
+    return v
+
+
+def _heat_split(t: pd.DataFrame) -> str:
+    splits = [s for (m, s) in t.index if m == "locality"]
+    return "test" if "test" in splits or not splits else splits[0]
+
+
+def qualitative_findings(t: pd.DataFrame, faithful_cls: float = 0.95, margin: float = 0.02,
+                         unfaithful_ratio: float = 2.0) -> list[Finding]:
+    """Evaluate the paper's four qualitative claims on a :func:`table_main` frame.
+
+    Rules (fixed here, not tuned to the data): (1) SRAE test F_cls >= ``faithful_cls`` and
+    within ``margin`` of the lower of NN/SAE; (2) SRAE locality < ExcitationBP locality;
+    (3) SRAE O1 and O2 below both NN and SAE; (4) CAE and Lasso test F_reg at least
+    ``unfaithful_ratio`` times SRAE's."""
+    g = lambda *a: _get(t, *a)  # noqa: E731
+    hs = _heat_split(t)
+    out: list[Finding] = []
+
+    s, nn, sae = g("F_cls", "test", "SRAE"), g("F_cls", "test", "NN"), g("F_cls", "test", "SAE")
+    ref = np.nanmin([nn, sae]) if not (math.isnan(nn) and math.isnan(sae)) else float("nan")
+    holds = None if math.isnan(s) or math.isnan(ref) else bool(s >= faithful_cls and s >= ref - margin)
+    out.append(Finding("SRAE is as faithful as NN and SAE", holds,
+                       f"test F_cls: SRAE {_f(s)}, NN {_f(nn)}, SAE {_f(sae)}; test F_reg: SRAE "
+                       f"{_f(g('F_reg', 'test', 'SRAE'))}, NN {_f(g('F_reg', 'test', 'NN'))}, "
+                       f"SAE {_f(g('F_reg', 'test', 'SAE'))}"))
+
+    ls, le = g("locality", hs, "SRAE"), g("locality", hs, "ExcitationBP")
+    holds = None if math.isnan(ls) or math.isnan(le) else bool(ls < le)
+    out.append(Finding("x-features are more local than ExcitationBP on y-hat", holds,
+                       f"locality (entropy, lower = more local): SRAE {_f(ls)}, ExcitationBP {_f(le)}, "
+                       f"Z {_f(g('locality', hs, 'Z'))}"))
+
+    vals = {(o, m): g(o, hs, m) for o in ("O1", "O2") for m in ("SRAE", "NN", "SAE")}
+    if any(math.isnan(v) for v in vals.values()):
+        holds = None
+    else:
+        holds = all(vals[(o, "SRAE")] < min(vals[(o, "NN")], vals[(o, "SAE")]) for o in ("O1", "O2"))
+    out.append(Finding("x-features are more orthogonal than NN and SAE", holds,
+                       "; ".join(f"{o}: SRAE {_f(vals[(o, 'SRAE')])}, NN {_f(vals[(o, 'NN')])}, "
+                                 f"SAE {_f(vals[(o, 'SAE')])}" for o in ("O1", "O2"))))
+
+    fs, fc, fl = g("F_reg", "test", "SRAE"), g("F_reg", "test", "CAE"), g("F_reg", "test", "Lasso")
+    if any(math.isnan(v) for v in (fs, fc, fl)):
+        holds = None
+    else:
+        holds = bool(fc >= unfaithful_ratio * fs and fl >= unfaithful_ratio * fs)
+    out.append(Finding("CAE and Lasso are unfaithful", holds,
+                       f"test F_reg: SRAE {_f(fs)}, CAE {_f(fc)}, Lasso {_f(fl)}; test F_cls: CAE "
+                       f"{_f(g('F_cls', 'test', 'CAE'))}, Lasso {_f(g('F_cls', 'test', 'Lasso'))}"))
+    return out
+
+
+def _f(v: float) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"

@@ -1,0 +1,232 @@
+"""Write a report: metrics.parquet, the derived tables (Parquet + Markdown), one HTML page.
+
+:func:`build_report` is the single entry point. The HTML page is self-contained (inline
+CSS, figures as base64 PNG) and shows the qualitative findings, Tables 1/3, 2a/5, 2b/4,
+concept recovery (synthetic data), figures, failed categories, bad inputs, and a footer
+with the wall time of each pipeline stage.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from srae import __version__
+from srae import report as R
+from srae import report_figures as F
+
+log = logging.getLogger(__name__)
+
+PERCENT_METRICS = ("F_cls",)
+
+
+@dataclass
+class ReportInputs:
+    """Everything a report shows. ``failed``: dicts with category, stage, method, error."""
+
+    experiment: str
+    metrics: pd.DataFrame
+    out_dir: Path
+    class_names: list[str] = field(default_factory=list)
+    lasso_alpha: float | None = None
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    bad_inputs: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    figures: list[tuple[str, bytes]] = field(default_factory=list)
+    config_yaml: str | None = None
+    notes: list[str] = field(default_factory=list)
+    title: str | None = None
+
+
+# ---------------------------------------------------------------------- formatting
+def _fmt(v: Any, percent: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+        return "—"
+    if isinstance(v, float):
+        return f"{100 * v:.2f}%" if percent else f"{v:.4f}"
+    return str(v)
+
+
+def _cells(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Header and string cells of a wide table (index flattened into leading columns)."""
+    names = [n or "" for n in (df.index.names if df.index.nlevels > 1 else [df.index.name])]
+    header = [str(n) for n in names] + [str(c) for c in df.columns]
+    rows = []
+    for idx, row in df.iterrows():
+        keys = list(idx) if isinstance(idx, tuple) else [idx]
+        percent = any(str(k) in PERCENT_METRICS or str(k).startswith("F_cls") for k in keys)
+        rows.append([str(k) for k in keys] + [_fmt(v, percent) for v in row.tolist()])
+    return header, rows
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A pipe table (no external dependency)."""
+    if df.empty:
+        return "_(no data)_\n"
+    header, rows = _cells(df)
+    nkeys = len(header) - len(df.columns)
+    lines = ["| " + " | ".join(header) + " |",
+             "| " + " | ".join(["---"] * nkeys + ["---:"] * len(df.columns)) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_html_table(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "<p><em>(no data)</em></p>"
+    header, rows = _cells(df)
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _records_table(records: list[dict[str, Any]], empty: str) -> str:
+    if not records:
+        return f"<p>{html.escape(empty)}</p>"
+    cols: list[str] = []
+    for r in records:
+        cols += [k for k in r if k not in cols]
+    th = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>"
+                   for r in records)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _flat_for_parquet(df: pd.DataFrame) -> pd.DataFrame:
+    out = df.reset_index() if not df.empty else df.copy()
+    out.columns = [str(c) for c in out.columns]
+    return out
+
+
+# ---------------------------------------------------------------------- the page
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px;
+text-align:right;font-size:13px}th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
+.ok{color:#176c2b}.bad{color:#a31515}.na{color:#777}img{max-width:100%}footer{margin-top:3em;
+font-size:12px;color:#555;border-top:1px solid #ccc}code{background:#f5f5f5}"""
+
+
+def _findings_html(findings: list[R.Finding]) -> str:
+    cls = {True: "ok", False: "bad", None: "na"}
+    items = "".join(
+        f'<li><b>{html.escape(f.claim)}</b>: <span class="{cls[f.holds]}">{f.verdict}</span>'
+        f"<br><small>{html.escape(f.evidence)}</small></li>" for f in findings)
+    return f"<ul>{items}</ul>"
+
+
+def summary_line(findings: list[R.Finding]) -> str:
+    held = [f.claim for f in findings if f.holds is True]
+    failed = [f.claim for f in findings if f.holds is False]
+    na = [f.claim for f in findings if f.holds is None]
+    parts = [f"{len(held)} of {len(findings)} of the paper's qualitative findings hold on this data"]
+    if failed:
+        parts.append("not holding: " + "; ".join(failed))
+    if na:
+        parts.append("not evaluated: " + "; ".join(na))
+    return ". ".join(parts) + "."
+
+
+def render_html(inp: ReportInputs, tables: dict[str, pd.DataFrame], findings: list[R.Finding],
+                figures: list[tuple[str, bytes]]) -> str:
+    title = inp.title or f"SRAE report: {inp.experiment}"
+    cats = sorted(set(int(c) for c in inp.metrics["category"])) if not inp.metrics.empty else []
+    s = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+         f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+         f"<p>{len(cats)} categories scored, {len(inp.failed)} failed, {len(inp.bad_inputs)} bad inputs.</p>",
+         "<h2>Do the paper's qualitative findings hold here?</h2>",
+         f"<p><b>{html.escape(summary_line(findings))}</b></p>", _findings_html(findings),
+         "<h2>Table 1/3: faithfulness, orthogonality, locality</h2>",
+         "<p>Mean over categories. F_cls as a percentage; O1, O2 and locality on positive images "
+         "(lower is better). Z: ExcitationBP on sampled dimensions of Z; ExcitationBP: on y-hat.</p>",
+         to_html_table(tables["main"]),
+         "<h2>Table 2a/5: Lasso alpha sweep</h2>", to_html_table(tables["lasso"]),
+         "<h2>Table 2b/4: classification of masked + inpainted images</h2>", to_html_table(tables["masking"])]
+    if not tables["concepts"].empty:
+        s += ["<h2>Concept recovery (synthetic ground truth)</h2>", to_html_table(tables["concepts"])]
+    s += ["<h2>Per category: test F_cls</h2>", to_html_table(tables["per_category"])]
+    for caption, png in figures:
+        b64 = base64.b64encode(png).decode()
+        s.append(f"<h3>{html.escape(caption)}</h3><img alt='{html.escape(caption)}' src='data:image/png;base64,{b64}'>")
+    s += ["<h2>Failed categories</h2>", _records_table(inp.failed, "None: every category completed."),
+          "<h2>Bad inputs</h2>", _records_table(inp.bad_inputs, "None: every input was readable.")]
+    if inp.notes:
+        s.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in inp.notes) + "</ul>")
+    if inp.config_yaml:
+        s.append(f"<h2>Configuration</h2><pre><code>{html.escape(inp.config_yaml)}</code></pre>")
+    s.append(_footer(inp))
+    s.append("</body></html>")
+    return "\n".join(s)
+
+
+def _footer(inp: ReportInputs) -> str:
+    total = sum(inp.timings.values())
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td></tr>" for k, v in inp.timings.items())
+    timing = (f"<table><thead><tr><th>stage</th><th>wall time</th></tr></thead><tbody>{rows}"
+              f"<tr><td><b>total</b></td><td><b>{total:.1f} s</b></td></tr></tbody></table>") if inp.timings else ""
+    return (f"<footer><p>srae {__version__}, written {time.strftime('%Y-%m-%d %H:%M:%S')}. "
+            f"Wall time per stage of this run (0 s where the stage was already done):</p>{timing}</footer>")
+
+
+def render_markdown(inp: ReportInputs, tables: dict[str, pd.DataFrame], findings: list[R.Finding]) -> str:
+    lines = [f"# {inp.title or 'SRAE report: ' + inp.experiment}", "", summary_line(findings), ""]
+    lines += [f"- {f.claim}: **{f.verdict}** ({f.evidence})" for f in findings] + [""]
+    for key, caption in (("main", "Table 1/3"), ("lasso", "Table 2a/5 (Lasso sweep)"),
+                         ("masking", "Table 2b/4 (masking)"), ("concepts", "Concept recovery")):
+        lines += [f"## {caption}", "", to_markdown(tables[key])]
+    if inp.failed:
+        lines += ["## Failed categories", ""] + [f"- {f}" for f in inp.failed] + [""]
+    if inp.timings:
+        lines += ["## Stage wall time", ""] + [f"- {k}: {v:.1f} s" for k, v in inp.timings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def derive_tables(inp: ReportInputs) -> dict[str, pd.DataFrame]:
+    """All wide tables of the report, derived from the long frame."""
+    m = inp.metrics
+    return {
+        "main": R.table_main(m, inp.lasso_alpha),
+        "lasso": R.table_lasso_sweep(m),
+        "masking": R.table_masking(m),
+        "concepts": R.table_concepts(m, inp.class_names or None),
+        "per_category": R.table_per_category(m, lasso_alpha=inp.lasso_alpha),
+    }
+
+
+def build_report(inp: ReportInputs) -> Path:
+    """Write metrics.parquet, tables (Parquet + Markdown), report.md and report.html.
+
+    Returns the path of ``report.html``."""
+    out = Path(inp.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = inp.metrics if len(inp.metrics.columns) else pd.DataFrame(columns=list(R.METRIC_COLUMNS))
+    inp.metrics = R.validate_metrics(metrics)
+    R.write_metrics(inp.metrics, out / "metrics.parquet")
+    tables = derive_tables(inp)
+    names = {"main": "table_main", "lasso": "table_lasso_sweep", "masking": "table_masking",
+             "concepts": "table_concepts", "per_category": "table_per_category"}
+    for key, df in tables.items():
+        _flat_for_parquet(df).to_parquet(out / f"{names[key]}.parquet", index=False)
+        (out / f"{names[key]}.md").write_text(to_markdown(df))
+    findings = R.qualitative_findings(tables["main"])
+    figures = list(inp.figures)
+    try:
+        if tables["main"].notna().any().any():
+            figures.insert(0, ("Metrics per method", F.metric_charts(tables["main"])))
+        if not tables["lasso"].empty:
+            figures.insert(1, ("Lasso alpha sweep", F.lasso_chart(tables["lasso"])))
+    except Exception as exc:  # a figure must never sink the report
+        log.warning("report figures failed: %s", exc)
+        inp.notes.append(f"metric figures failed: {exc}")
+    (out / "report.md").write_text(render_markdown(inp, tables, findings))
+    path = out / "report.html"
+    path.write_text(render_html(inp, tables, findings, figures))
+    log.info("report written to %s", path)
+    return path

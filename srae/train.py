@@ -1,0 +1,289 @@
+"""Batched trainer: many independent SRAE-family models (categories x configs x folds) at once.
+
+All members share one feature matrix ``Z`` (never copied per member); each draws its own
+minibatches from its own rows with its own seed, and the parameters of all members are
+stacked so every layer is one ``bmm``. Adam with per-member learning rates, early stopping on
+each member's validation criterion, best parameters restored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from srae.errors import InputError
+from srae.losses import balanced_weights, srae_objective
+from srae.model import Architecture, StackedSRAE, method_spec
+from srae.optim import StackedAdam
+from srae.sampling import minibatch_stream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings shared by all members of one fit."""
+
+    batch_size: int = 256
+    max_epochs: int = 100
+    patience: int = 10
+    positive_factor: float = 1.0  # positives' total weight relative to negatives'
+    normalize: bool = True  # train on Z / rms(Z) and y / rms(y); folded back on export
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    max_steps: int | None = None  # fixed number of steps (overrides epochs; tests, benchmarks)
+    val_chunk: int = 1024
+    max_restarts: int = 3  # re-initialise a member whose x-features all died (ReLU), at most this often
+
+
+@dataclass
+class Member:
+    """One model to fit: a category's rows, its hyperparameters, its seed."""
+
+    category: int
+    train_idx: np.ndarray
+    train_pos: np.ndarray
+    hparams: dict[str, float]
+    seed: int
+    val_idx: np.ndarray | None = None
+    val_pos: np.ndarray | None = None
+    epochs: int | None = None  # fixed epochs (refit without validation)
+
+
+@dataclass
+class FitResult:
+    model: StackedSRAE
+    z_scale: Tensor  # (B,)
+    y_scale: Tensor  # (B,)
+    best_epoch: list[int]
+    best_val: list[float]
+    curves: list[dict[str, list[float]]] = field(default_factory=list)
+    steps: int = 0
+    restarts: list[int] = field(default_factory=list)
+
+
+def check_finite(name: str, x: Tensor | np.ndarray) -> None:
+    """Raise InputError naming ``name`` and the first bad row when ``x`` has NaN or inf."""
+    arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise InputError(f"{name} has {int(bad.sum())} NaN/inf values (first in row {row})")
+
+
+def _hp(members: list[Member], key: str, default: float, device: str) -> Tensor:
+    return torch.tensor([float(m.hparams.get(key, default)) for m in members], dtype=torch.float64, device=device)
+
+
+def fit_stack(
+    z: Tensor,
+    y_all: Tensor,
+    members: list[Member],
+    method: str,
+    arch: Architecture,
+    settings: TrainSettings,
+    *,
+    batch_log: list[np.ndarray] | None = None,
+) -> FitResult:
+    """Fit all ``members`` of ``method`` together. ``z`` (N, D) and ``y_all`` (N, C) live on
+    ``settings.device``; member ``b`` regresses ``y_all[:, members[b].category]``."""
+    spec = method_spec(method)
+    dev, dt = settings.device, settings.dtype
+    B = len(members)
+    if B == 0:
+        raise ValueError("fit_stack needs at least one member")
+    arch = Architecture(arch.in_dim, arch.n, arch.hidden, spec.decoder, arch.predictor_bias)
+    sizes = [len(m.train_idx) for m in members]
+    mb = min(settings.batch_size, min(sizes))
+    cats = torch.tensor([m.category for m in members], device=dev)
+    rows_of = [torch.as_tensor(m.train_idx, device=dev) for m in members]
+    # Rows and weights padded into (B, max n) tables so one gather serves all members.
+    row_table = torch.zeros(B, max(sizes), dtype=torch.long, device=dev)
+    for b, r in enumerate(rows_of):
+        row_table[b, : len(r)] = r
+
+    if settings.normalize:
+        z_scale = torch.stack([z[r].double().pow(2).mean().sqrt() for r in rows_of]).clamp_min(1e-6)
+        y_scale = torch.stack([y_all[r, c].double().pow(2).mean().sqrt() for r, c in zip(rows_of, cats)]).clamp_min(1e-6)
+    else:
+        z_scale = torch.ones(B, dtype=torch.float64, device=dev)
+        y_scale = torch.ones(B, dtype=torch.float64, device=dev)
+    zs, ys = z_scale.to(dt).view(B, 1, 1), y_scale.to(dt).view(B, 1)
+
+    model = StackedSRAE(arch, [m.seed for m in members], dtype=dt).to(dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = StackedAdam(params, _hp(members, "lr", 1e-3, dev))
+    beta = _hp(members, "beta", 1.0, dev).to(dt)
+    eta = (_hp(members, "eta", 0.0, dev) if spec.pull_away else torch.zeros(B, dtype=torch.float64, device=dev)).to(dt)
+    q = _hp(members, "q", 1.0, dev).to(dt)
+    wd = _hp(members, "weight_decay", 0.0, dev).to(dt)
+    weight_table = torch.zeros(B, max(sizes), dtype=dt, device=dev)
+    for b, m in enumerate(members):
+        weight_table[b, : sizes[b]] = balanced_weights(torch.as_tensor(m.train_pos, device=dev), settings.positive_factor)
+    streams = [minibatch_stream(m.seed, n, mb) for m, n in zip(members, sizes)]
+
+    spe = [math.ceil(n / mb) for n in sizes]  # each member's steps per epoch
+    has_val = [m.val_idx is not None and len(m.val_idx) > 0 for m in members]
+    if settings.max_steps is not None:
+        budget = [settings.max_steps] * B
+    else:
+        budget = [(m.epochs or settings.max_epochs) * s for m, s in zip(members, spe)]
+    total = max(budget)
+    eval_every = max(spe)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    best_val = [math.inf] * B
+    best_epoch = [0] * B
+    since_best = [0] * B
+    snapshot = [p.detach().clone() for p in params] if any(has_val) else None
+    curves = [{"train": [], "val": []} for _ in range(B)]
+    running = torch.zeros(B, dtype=torch.float64, device=dev)
+    budget_t = torch.tensor(budget, device=dev)
+    dead_steps = torch.zeros(B, dtype=torch.long, device=dev)
+    restarts = [0] * B
+    spe_t = torch.tensor(spe, device=dev)
+
+    step = 0
+    while step < total:
+        step += 1
+        local = np.stack([next(s) for s in streams])  # (B, mb)
+        if batch_log is not None:
+            batch_log.append(local)
+        local_t = torch.as_tensor(local, device=dev)
+        rows = row_table.gather(1, local_t)  # (B, mb)
+        zb = z[rows].to(dt) / zs
+        yb = y_all[rows, cats[:, None]].to(dt) / ys
+        wb = weight_table.gather(1, local_t)
+        e, z_hat, y_bar = model(zb)
+        loss = srae_objective(
+            y_bar=y_bar, y_hat=yb, weight=wb, e=e, z=zb, z_hat=z_hat, beta=beta, eta=eta, q=q,
+            reconstruction=spec.reconstruction, faithfulness=spec.faithfulness,
+            encoder_weights=model.encoder_weights(), decoder_weights=model.decoder_weights(), v=model.v,
+            lambda1=wd, lambda2=wd, lambda3=wd,
+        )
+        opt.zero_grad()
+        loss.sum().backward()
+        active &= budget_t >= step
+        opt.step(active)
+        running += loss.detach().double()
+        # A member whose x-features are all zero gets no gradient through them: dead for a
+        # whole epoch of its own -> re-initialise it with a fresh seed.
+        alive = e.detach().flatten(1).amax(dim=1) > 0
+        dead_steps = torch.where(alive, torch.zeros_like(dead_steps), dead_steps + 1)
+        dead = torch.nonzero((dead_steps >= spe_t) & active).flatten().tolist() if step % eval_every == 0 else []
+        for b in dead:
+            if restarts[b] >= settings.max_restarts:
+                continue
+            restarts[b] += 1
+            _reinit_member(model, opt, b, _reseed(members[b].seed, restarts[b]))
+            budget_t[b] = step + budget[b]
+            budget[b] = step + budget[b]
+            dead_steps[b] = 0
+            best_val[b], since_best[b], best_epoch[b] = math.inf, 0, 0
+            log.info("member %d (category %d): x-features died; re-initialised (restart %d)",
+                     b, members[b].category, restarts[b])
+        total = max(budget)
+        if step % eval_every == 0 or step == total:
+            span = eval_every if step % eval_every == 0 else step % eval_every
+            tr = (running / span).tolist()
+            running.zero_()
+            vals = evaluate_criterion(model, z, y_all, members, method, z_scale, y_scale, settings) if any(has_val) else None
+            epoch = math.ceil(step / eval_every)
+            for b in range(B):
+                curves[b]["train"].append(tr[b])
+                if vals is None or not has_val[b]:
+                    continue
+                curves[b]["val"].append(vals[b])
+                if not active[b]:
+                    continue
+                if vals[b] < best_val[b]:
+                    best_val[b], best_epoch[b], since_best[b] = vals[b], epoch, 0
+                    with torch.no_grad():
+                        for snap, p in zip(snapshot, params):
+                            snap[b].copy_(p[b])
+                else:
+                    since_best[b] += 1
+                    if since_best[b] >= settings.patience:
+                        active[b] = False
+            if not bool(active.any()):
+                break
+    if snapshot is not None:
+        with torch.no_grad():
+            for snap, p in zip(snapshot, params):
+                for b in range(B):
+                    if has_val[b] and best_epoch[b] > 0:
+                        p[b].copy_(snap[b])
+    for b in range(B):
+        if not has_val[b]:
+            best_epoch[b] = math.ceil(min(step, budget[b]) / spe[b])
+    return FitResult(model, z_scale, y_scale, best_epoch, best_val, curves, step, restarts)
+
+
+def _reseed(seed: int, attempt: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(attempt)]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
+@torch.no_grad()
+def _reinit_member(model: StackedSRAE, opt: StackedAdam, b: int, seed: int) -> None:
+    """Replace member ``b``'s parameters by a fresh init from ``seed`` and clear its Adam state."""
+    fresh = StackedSRAE(model.arch, [seed], dtype=model.v.dtype)
+    for p, f in zip(model.parameters(), fresh.parameters()):
+        p[b].copy_(f[0].to(p.device))
+    for m, v in zip(opt.m, opt.v):
+        m[b].zero_()
+        v[b].zero_()
+    opt.t[b] = 0
+
+
+@torch.no_grad()
+def evaluate_criterion(
+    model: StackedSRAE,
+    z: Tensor,
+    y_all: Tensor,
+    members: list[Member],
+    method: str,
+    z_scale: Tensor,
+    y_scale: Tensor,
+    settings: TrainSettings,
+) -> list[float]:
+    """Validation criterion per member in raw units: balanced mean squared faithfulness error,
+    or (CAE, which is not trained for faithfulness) the mean squared reconstruction error."""
+    spec = method_spec(method)
+    dev, dt = settings.device, settings.dtype
+    B = len(members)
+    out = []
+    # Members are evaluated in groups of equal padded length to bound memory.
+    lengths = [len(m.val_idx) if m.val_idx is not None else 0 for m in members]
+    vmax = max(lengths)
+    num = torch.zeros(B, dtype=torch.float64, device=dev)
+    den = torch.zeros(B, dtype=torch.float64, device=dev)
+    cats = torch.tensor([m.category for m in members], device=dev)
+    idx = torch.zeros(B, vmax, dtype=torch.long, device=dev)
+    wts = torch.zeros(B, vmax, dtype=torch.float64, device=dev)
+    for b, m in enumerate(members):
+        if lengths[b]:
+            idx[b, : lengths[b]] = torch.as_tensor(m.val_idx, device=dev)
+            wts[b, : lengths[b]] = balanced_weights(torch.as_tensor(m.val_pos, device=dev), settings.positive_factor)
+    zs = z_scale.to(dt).view(B, 1, 1)
+    for start in range(0, vmax, settings.val_chunk):
+        sl = slice(start, min(vmax, start + settings.val_chunk))
+        zb = z[idx[:, sl]].to(dt) / zs
+        e, z_hat, y_bar = model(zb)
+        w = wts[:, sl]
+        if spec.faithfulness > 0:
+            y = y_all[idx[:, sl], cats[:, None]].double()
+            err = (y_bar.double() * y_scale[:, None] - y) ** 2
+            num += (w * err).sum(1)
+            den += w.sum(1)
+        else:
+            err = ((z_hat - zb).double() ** 2).mean(-1) * z_scale[:, None] ** 2
+            mask = (w > 0).double()
+            num += (mask * err).sum(1)
+            den += mask.sum(1)
+    for b in range(B):
+        out.append(float(num[b] / den[b]) if den[b] > 0 else math.inf)
+    return out

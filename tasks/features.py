@@ -1,0 +1,83 @@
+"""Stage 3: extract the Z layer (and logits) of every image into the Zarr feature store.
+
+:func:`srae.features.extract_features` names the store by its fingerprint, resumes an
+incomplete one and returns a complete one untouched. This task records, per set of inputs,
+which store answered (``<cache>/features/by_inputs/<key>.json``), so the cache policy can
+check that store's ``complete`` marker before trusting a cached result.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from srae.config import stable_hash
+from tasks.backbone import load_fitted_backbone
+from tasks.common import TASK_DEFAULTS, atomic_write_text, record_work, resolve_device, run_logger, stage_cache, timed
+from tasks.download import load_index
+
+
+def store_complete(path: str | Path) -> bool:
+    """Whether a feature store finished (its ``complete`` attribute)."""
+    from srae.features import is_complete
+
+    return is_complete(path)
+
+
+def _key(dataset: dict[str, Any], backbone: dict[str, Any], features: dict[str, Any]) -> str:
+    return stable_hash({"dataset": dataset["fingerprint"], "backbone": backbone["sha256"],
+                        "layer": features["layer"]})
+
+
+def _pointer(cache_dir: str, key: str) -> Path:
+    return Path(cache_dir) / "features" / "by_inputs" / f"{key}.json"
+
+
+def _outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
+    ptr = _pointer(inputs["cache_dir"], _key(inputs["dataset"], inputs["backbone"], inputs["features"]))
+    if not ptr.is_file():
+        return [(str(ptr), False)]
+    path = json.loads(ptr.read_text())["path"]
+    return [(path, store_complete(path))]
+
+
+@task(name="features", retries=1, retry_delay_seconds=10, cache_policy=stage_cache(_outputs), **TASK_DEFAULTS)
+def extract_features_task(dataset: dict[str, Any], backbone: dict[str, Any], features: dict[str, Any],
+                          cache_dir: str, device: str = "auto") -> dict[str, Any]:
+    """Fill (or reuse) the feature store; return its path, fingerprint and shape."""
+    from srae.features import extract_features, open_features
+
+    logger = run_logger()
+    key = _key(dataset, backbone, features)
+    ptr = _pointer(cache_dir, key)
+    if ptr.is_file():
+        known = json.loads(ptr.read_text())
+        if store_complete(known["path"]):
+            logger.info("features: reusing %s", known["path"])
+            return known
+    from srae.features import feature_fingerprint, is_complete
+
+    index = load_index(dataset)
+    dev = resolve_device(features.get("device", "auto") if device == "auto" else device)
+    bb = load_fitted_backbone(backbone, dataset["num_classes"], "cpu")
+    store_root = Path(cache_dir) / "features"
+    fp = feature_fingerprint(index.manifest_fingerprint(), backbone["sha256"], features["layer"],
+                             {**bb.preprocessing(), "precision": "fp32"})
+    existed = is_complete(store_root / f"{fp}.zarr")
+    with timed() as t:
+        path = extract_features(index, bb, store_root, checkpoint_sha256=backbone["sha256"], layer=features["layer"],
+                                device=dev, batch_size=int(features["batch_size"]),
+                                num_workers=int(features["num_workers"]), progress=False)
+        seconds = t()
+    fs = open_features(path)
+    out = {"path": str(path), "fingerprint": str(fs.attrs["fingerprint"]), "n": int(len(fs.labels)),
+           "d": int(fs.z.shape[1]), "layer": features["layer"],
+           "bad_inputs": [{k: str(v) for k, v in b.items()} for b in fs.attrs.get("bad_inputs", [])]}
+    if not existed:
+        record_work(cache_dir, "features", out["fingerprint"], seconds)
+    atomic_write_text(ptr, json.dumps(out))
+    logger.info("features: %d x %d in %s (%.1fs)", out["n"], out["d"], path, seconds)
+    return out

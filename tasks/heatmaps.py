@@ -1,0 +1,221 @@
+"""Stage 5: c-MWP heatmaps per category group: x-features of each headline explainer,
+ExcitationBP on y-hat (the category's logit) and sampled dimensions of Z.
+
+One Zarr group per (explainer or category, heatmap settings, split) holds ``maps``
+(M, n, H, W) float32 and ``image_id`` (M,), with ``complete: true`` written last. Images are
+the positive images of the split in the category's shared sample design (the paper's
+"Positive" rows), at most ``heatmaps.max_images`` of them. All heads of one category share
+one trunk pass (:func:`srae.heatmaps.compute_heatmaps`); only groups without their
+completion marker are computed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import task
+
+from srae.config import ExperimentConfig, stable_hash
+from tasks.common import TASK_DEFAULTS, record_work, resolve_device, run_logger, short_error, stage_cache, timed
+
+LOCALITY_ONLY = ("locality", "concept_recovery")
+ALL_METRICS = ("locality", "O1", "O2", "concept_recovery")
+
+
+def group_complete(path: str | Path) -> bool:
+    """A heatmap group is done when its root attributes say ``complete: true``."""
+    from srae.heatmaps import is_complete
+
+    return is_complete(path)
+
+
+def _heat_key(cfg: ExperimentConfig, backbone: dict[str, Any]) -> str:
+    h = cfg.heatmaps
+    return stable_hash({"readout": h.readout, "max_images": h.max_images, "backbone": backbone["sha256"],
+                        "samples": {k: getattr(cfg.explainer, k) for k in ("n_pos", "n_neg", "n_test_neg",
+                                                                           "use_dataset_split", "seed")}}, 12)
+
+
+def heatmap_jobs(expl_results: list[dict[str, Any]], groups: list[list[int]], features: dict[str, Any],
+                 backbone: dict[str, Any], cfg: ExperimentConfig, heat_root: str) -> list[tuple[list[int], list[dict]]]:
+    """Plan the heatmap groups of every category group (headline explainers only)."""
+    from srae.explainers import META_FILE
+    from tasks.explainers import row_hparams
+
+    key = _heat_key(cfg, backbone)
+    root = Path(heat_root)
+    per_cat: dict[int, list[dict[str, Any]]] = {}
+    for res in expl_results:
+        if res["settings"].get("sweep"):
+            continue
+        for cat, d in res["explainers"].items():
+            meta = json.loads((Path(d) / META_FILE).read_text())
+            if int(meta.get("n_features", 0)) < 1:
+                continue
+            hp = row_hparams(res["method"], res["settings"], meta)
+            rel = Path(d).relative_to(Path(d).parents[3])
+            for split in cfg.heatmaps.splits:
+                per_cat.setdefault(int(cat), []).append({
+                    "method": res["method"], "category": int(cat), "split": split, "explainer": d, "hparams": hp,
+                    "heatmaps": str(root / rel / key / f"{split}.zarr"),
+                    "metrics": list(ALL_METRICS if int(meta.get("n_features", 0)) > 1 else LOCALITY_ONLY)})
+    fp = features["fingerprint"][:16]
+    out = []
+    for g in groups:
+        jobs = []
+        for c in g:
+            jobs += per_cat.get(c, [])
+            for split in cfg.heatmaps.splits:
+                base = root / fp / "baselines" / key / f"cat{c:04d}"
+                jobs.append({"method": "ExcitationBP", "category": c, "split": split, "explainer": None, "hparams": {},
+                             "heatmaps": str(base / f"ExcitationBP-{split}.zarr"), "metrics": list(LOCALITY_ONLY)})
+                if cfg.heatmaps.z_dims > 0:
+                    jobs.append({"method": "Z", "category": c, "split": split, "explainer": None,
+                                 "hparams": {"z_dims": cfg.heatmaps.z_dims},
+                                 "heatmaps": str(base / f"Z{cfg.heatmaps.z_dims}-{split}.zarr"),
+                                 "metrics": ["locality"]})
+        out.append((g, jobs))
+    return out
+
+
+def job_done(job: dict[str, Any]) -> bool:
+    """A job's heatmap group is complete and was drawn from its explainer as it is now."""
+    if not group_complete(job["heatmaps"]):
+        return False
+    if not job.get("explainer"):
+        return True
+    from srae.heatmaps import open_heatmaps
+
+    try:
+        return open_heatmaps(job["heatmaps"]).attrs.get("explainer_sha256") == _explainer_sha(job["explainer"])
+    except OSError:
+        return False
+
+
+def _outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
+    return [(j["heatmaps"], job_done(j)) for j in inputs["jobs"]]
+
+
+def _images(dataset, features, category: int, split: str, settings: dict[str, Any], max_images: int | None):
+    """Image ids: the annotated positives of ``split`` in the category's shared sample design
+    (annotated = with parts or an object mask, so locality can be scored)."""
+    from tasks.download import load_index
+    from tasks.explainers import category_design, feature_splits, load_feature_arrays
+
+    z, _, labels, ids = load_feature_arrays(features["path"])
+    splits = feature_splits(features["path"]) if settings.get("use_dataset_split") else None
+    d = category_design(labels, category, settings, splits)
+    rows = np.sort(d.test_idx[d.test_pos] if split == "test" else d.train_idx[d.train_pos])
+    frame = load_index(dataset).images
+    annotated = set(frame.loc[frame["parts"].notna() | frame["mask_path"].notna(), "image_id"].astype(int))
+    rows = np.array([r for r in rows if int(ids[r]) in annotated], dtype=np.int64)[: max_images or None]
+    return ids[rows], z[rows]
+
+
+def _batches(index, path_of, ids: np.ndarray, size: int, batch_size: int):
+    """(uint8 images (B, 3, S, S), ids) batches, loaded lazily."""
+    import torch
+
+    from srae.images import load_image, resize_uint8
+
+    for s in range(0, len(ids), batch_size):
+        chunk = ids[s:s + batch_size]
+        x = torch.stack([resize_uint8(load_image(index.abspath(path_of[int(i)])), size) for i in chunk])
+        yield x, chunk
+
+
+def _split_trunk(bb):
+    """(trunk below fc6, [fc6, ReLU]): every head then starts at Z's own affine layer, so the
+    Z dims, the logit and the x-features share one trunk pass."""
+    from torch import nn
+
+    mods = list(bb.trunk)
+    k = max(i for i, m in enumerate(mods) if isinstance(m, nn.Linear))
+    return nn.Sequential(*mods[:k]), mods[k:]
+
+
+@task(name="heatmaps", cache_policy=stage_cache(_outputs), **TASK_DEFAULTS)
+def heatmap_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone: dict[str, Any],
+                  features: dict[str, Any], heatmaps: dict[str, Any], cache_dir: str,
+                  sample_settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Draw the missing heatmap groups among ``jobs``; return the done jobs and failures."""
+    from torch import nn
+
+    from srae.explainers import load_explainer
+    from srae.heatmaps import HeatmapJob, compute_heatmaps
+    from tasks.backbone import load_fitted_backbone
+    from tasks.download import load_index
+
+    logger = run_logger()
+    todo = [j for j in jobs if not job_done(j)]
+    failed: list[dict[str, Any]] = []
+    if todo:
+        dev = resolve_device(heatmaps.get("device", "auto"))
+        bb = load_fitted_backbone(backbone, dataset["num_classes"], dev)
+        ro_name = heatmaps.get("readout") or bb.default_readout
+        if ro_name not in bb.readouts:
+            raise ValueError(f"heatmaps.readout: {ro_name!r} is not one of {sorted(bb.readouts)}")
+        ro = bb.readouts[ro_name]
+        base, tail = _split_trunk(bb)
+        index = load_index(dataset)
+        path_of = dict(zip(index.images["image_id"].astype(int), index.images["path"].astype(str)))
+        by_cat: dict[tuple[int, str], list[dict]] = {}
+        for j in todo:
+            by_cat.setdefault((j["category"], j["split"]), []).append(j)
+        for (c, split), cj in by_cat.items():
+            try:
+                with timed() as t:
+                    ids, z = _images(dataset, features, c, split, sample_settings or {}, heatmaps.get("max_images"))
+                    if len(ids) == 0:
+                        raise ValueError(f"no positive {split} images")
+                    hjobs = []
+                    for j in cj:
+                        attrs = {"method": j["method"], "category": int(c), "split": split, "readout_name": ro_name}
+                        if j["method"] == "ExcitationBP":
+                            head, units = nn.Sequential(*tail, *bb.head), [int(c)]
+                        elif j["method"] == "Z":
+                            units = _z_dims(z, int(j["hparams"]["z_dims"]), c)
+                            head = nn.Sequential(*tail)
+                        else:
+                            e = load_explainer(j["explainer"])
+                            head, units = nn.Sequential(*tail, *e.encoder().to(dev)), list(range(e.n_features))
+                            attrs["explainer"] = str(j["explainer"])
+                            attrs["explainer_sha256"] = _explainer_sha(j["explainer"])
+                        hjobs.append(HeatmapJob(Path(j["heatmaps"]), head, units, attrs))
+                        _drop_derived(j["heatmaps"])
+                    compute_heatmaps(base, hjobs, _batches(index, path_of, ids, bb.input_size,
+                                                           int(heatmaps.get("batch_size", 16))),
+                                     ids, readout=ro, output_size=bb.input_size, mean=bb.mean, std=bb.std)
+                record_work(cache_dir, "heatmaps", f"{c}/{split}", t(), category=int(c),
+                            methods=[j["method"] for j in cj])
+            except Exception as exc:  # one category's failure must not stop the others
+                logger.warning("heatmaps for category %d (%s) failed: %s", c, split, exc)
+                failed += [{"category": c, "stage": "heatmaps", "method": j["method"], "error": short_error(exc)}
+                           for j in cj]
+    return {"done": [j for j in jobs if job_done(j)], "failed": failed}
+def _explainer_sha(explainer_dir: str) -> str:
+    """sha256 of an explainer's meta.json (written once per training, with its curve and
+    faithfulness): a retrained explainer makes its heatmaps stale."""
+    import hashlib
+
+    from srae.explainers import META_FILE
+
+    return hashlib.sha256((Path(explainer_dir) / META_FILE).read_bytes()).hexdigest()
+
+
+def _drop_derived(heatmap_group: str) -> None:
+    """Remove scores / masking results derived from a heatmap group that is being (re)drawn."""
+    p = Path(heatmap_group)
+    for f in p.parent.glob(p.name + ".*.parquet"):
+        f.unlink(missing_ok=True)
+
+
+def _z_dims(z: np.ndarray, k: int, category: int) -> list[int]:
+    """``k`` dims of Z active on these images, drawn reproducibly per category."""
+    active = np.flatnonzero(np.asarray(z).mean(axis=0) > 0)
+    pool = active if len(active) >= k else np.arange(np.asarray(z).shape[1])
+    rng = np.random.default_rng([int(category), 7919])
+    return sorted(int(d) for d in rng.choice(pool, size=min(k, len(pool)), replace=False))

@@ -1,0 +1,90 @@
+"""Stage 7: the masking test (paper Table 2b / 4) per category group.
+
+For every category with SRAE and ExcitationBP heatmaps of the test split: keep only the
+pixels at or above ``gamma`` times each heatmap's peak, inpaint the rest, reclassify with the
+backbone and record the accuracy (:mod:`srae.masking`). Rows (``mask_acc@<gamma>`` per method
+and ``mask_acc@original``) go to ``<heatmap group>.masking.parquet``, the stage's marker.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+
+from srae import report as R
+from tasks.common import (TASK_DEFAULTS, atomic_write_parquet, record_work, resolve_device, run_logger, short_error,
+                          stage_cache, timed)
+from tasks.heatmaps import group_complete
+
+MASK_METHODS = ("SRAE", "ExcitationBP")
+
+
+def masking_path(heatmap_group: str, gammas: list[float]) -> Path:
+    p = Path(heatmap_group)
+    tag = "-".join(f"{g:g}" for g in gammas)
+    return p.with_name(p.name + f".masking-{tag}.parquet")
+
+
+def _mask_jobs(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [j for j in jobs if j["method"] in MASK_METHODS and j["split"] == "test"]
+
+
+def _outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
+    g = inputs["masking"]["gammas"]
+    return [(str(masking_path(j["heatmaps"], g)), masking_path(j["heatmaps"], g).is_file())
+            for j in _mask_jobs(inputs["jobs"])]
+
+
+def _accuracy_rows(j, bb, index, gammas, max_images, experiment, dev) -> pd.DataFrame:
+    import zarr
+
+    from srae.images import load_image, resize_uint8
+    from srae.masking import backbone_classifier, masking_accuracy
+
+    g = zarr.open_group(j["heatmaps"], mode="r")
+    maps = np.asarray(g["maps"][: max_images or None])
+    ids = np.asarray(g["image_id"][: len(maps)])
+    frame = index.images.set_index("image_id")
+    images = np.stack([resize_uint8(load_image(index.abspath(frame.loc[int(i), "path"])), bb.input_size)
+                       .permute(1, 2, 0).numpy() for i in ids])
+    labels = np.array([int(frame.loc[int(i), "label"]) for i in ids])
+    classify = backbone_classifier(bb.model, bb.mean, bb.std, device=dev)
+    res = masking_accuracy(classify, images, labels, maps, gammas)
+    rows = [R.metric_row(experiment, j["category"], j["method"], metric, "test", value, maps.shape[1],
+                         j.get("hparams")) for metric, value in res.items()]
+    return pd.DataFrame(rows)
+
+
+@task(name="masking", cache_policy=stage_cache(_outputs), **TASK_DEFAULTS)
+def masking_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone: dict[str, Any],
+                  masking: dict[str, Any], cache_dir: str, experiment: str = "") -> dict[str, Any]:
+    """Run the masking test for the not-yet-done heatmap groups among ``jobs``."""
+    from tasks.backbone import load_fitted_backbone
+    from tasks.download import load_index
+
+    logger = run_logger()
+    gammas = [float(g) for g in masking["gammas"]]
+    mine = [j for j in _mask_jobs(jobs) if group_complete(j["heatmaps"])]
+    todo = [j for j in mine if not masking_path(j["heatmaps"], gammas).is_file()]
+    failed: list[dict[str, Any]] = []
+    if todo:
+        dev = resolve_device(masking.get("device", "auto"))
+        bb = load_fitted_backbone(backbone, dataset["num_classes"], dev)
+        index = load_index(dataset)
+        for j in todo:
+            try:
+                with timed() as t:
+                    rows = _accuracy_rows(j, bb, index, gammas, masking.get("max_images"), experiment, dev)
+                    atomic_write_parquet(rows, masking_path(j["heatmaps"], gammas))
+                record_work(cache_dir, "masking", f"{j['method']}/{j['category']}", t(),
+                            method=j["method"], category=int(j["category"]))
+            except Exception as exc:  # one category's failure must not stop the others
+                logger.warning("masking %s/%d failed: %s", j["method"], j["category"], exc)
+                failed.append({"category": j["category"], "stage": "masking", "method": j["method"],
+                               "error": short_error(exc)})
+    files = [str(masking_path(j["heatmaps"], gammas)) for j in mine if masking_path(j["heatmaps"], gammas).is_file()]
+    return {"files": files, "failed": failed}

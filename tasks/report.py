@@ -1,0 +1,149 @@
+"""Stage 8: the report (metrics.parquet, tables, HTML) and the Prefect artifacts.
+
+The long table is assembled from the stores: faithfulness from each explainer's
+``meta.json``, locality / orthogonality / concept recovery from the ``*.scores.parquet``
+files, masking accuracy from the masking parquet files. The report is always rebuilt (it is
+cheap and its footer shows this run's stage times), so it is not cached.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from srae import report as R
+from srae.report_html import ReportInputs, build_report
+from tasks.common import artifact_key, run_logger
+from tasks.explainers import row_hparams
+
+log = logging.getLogger(__name__)
+
+
+def faithfulness_rows(experiment: str, explainer_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """F_reg / F_cls train+test rows from every explainer's meta.json."""
+    from srae.explainers import META_FILE
+
+    rows = []
+    for res in explainer_results:
+        settings = res.get("settings", {})
+        for cat, d in res.get("explainers", {}).items():
+            meta = json.loads((Path(d) / META_FILE).read_text())
+            hp = row_hparams(res["method"], settings, meta)
+            for metric in ("F_reg", "F_cls"):
+                for split in ("train", "test"):
+                    v = meta.get(f"{metric}_{split}")
+                    if v is not None:
+                        rows.append(R.metric_row(experiment, int(cat), res["method"], metric, split, float(v),
+                                                 int(meta.get("n_features", 0)), hp))
+    return rows
+
+
+def _read_parquets(paths: list[str]) -> pd.DataFrame:
+    frames = [pd.read_parquet(p) for p in paths if Path(p).is_file()]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(R.METRIC_COLUMNS))
+
+
+def assemble_metrics(experiment: str, explainer_results: list[dict[str, Any]], score_files: list[str],
+                     masking_files: list[str]) -> pd.DataFrame:
+    """The long metrics table of this run."""
+    parts = [pd.DataFrame(faithfulness_rows(experiment, explainer_results), columns=list(R.METRIC_COLUMNS)),
+             _read_parquets(score_files), _read_parquets(masking_files)]
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return pd.DataFrame(columns=list(R.METRIC_COLUMNS))
+    df = pd.concat(parts, ignore_index=True)
+    df["experiment"] = experiment
+    df["n_features"] = df["n_features"].astype("Int64")
+    return R.validate_metrics(df)
+
+
+def _figures(fig_specs: list[dict[str, Any]], logger) -> list[tuple[str, bytes]]:
+    """Fig. 1/4 grids: image, ExcitationBP on y-hat, the x-features sorted by v_i E_i."""
+    out: list[tuple[str, bytes]] = []
+    for spec in fig_specs:
+        try:
+            out.append((spec["title"], _figure(spec)))
+        except Exception as exc:  # a figure must never sink the report
+            logger.warning("figure %s skipped: %s", spec.get("title"), exc)
+    return out
+
+
+def _figure(spec: dict[str, Any]) -> bytes:
+    from srae.explainers import load_explainer
+    from srae.figures import excitation_grid
+    from srae.heatmaps import open_heatmaps
+    from srae.report_figures import figure_png
+    from tasks.explainers import load_feature_arrays
+
+    xs = open_heatmaps(spec["heatmaps"])
+    eb = open_heatmaps(spec["ebp"])
+    rows = min(spec.get("rows", 4), len(xs))
+    ids = xs.image_id[:rows]
+    e_row = {int(i): k for k, i in enumerate(eb.image_id)}
+    xmaps = np.asarray(xs.maps[:rows])
+    ebp = np.stack([np.asarray(eb.maps[e_row[int(i)]]) for i in ids])
+    images = np.stack([_load_image(spec["dataset"], int(i), xmaps.shape[-1]) for i in ids])
+    z, logits, _, all_ids = load_feature_arrays(spec["features"])
+    pos = {int(i): k for k, i in enumerate(all_ids)}
+    sel = [pos[int(i)] for i in ids]
+    contrib = load_explainer(spec["explainer"]).contributions(z[sel])
+    fig = excitation_grid(images, ebp, xmaps, contrib, predictions=logits[sel, spec["category"]],
+                          title=spec["title"])
+    return figure_png(fig)
+
+
+def _load_image(dataset: dict[str, Any], image_id: int, size: int) -> np.ndarray:
+    from srae.images import load_image, resize_uint8
+    from tasks.download import load_index
+
+    index = load_index(dataset)
+    row = index.images.set_index("image_id").loc[image_id]
+    return resize_uint8(load_image(index.abspath(row["path"])), size).permute(1, 2, 0).numpy()
+
+
+def _artifacts(experiment: str, main: pd.DataFrame, path: Path, summary: str, logger) -> None:
+    try:
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+        table = []
+        for (metric, split), row in main.iterrows():
+            rec = {"metric": metric, "split": split}
+            rec |= {m: (None if pd.isna(v) else round(float(v), 4)) for m, v in row.items()}
+            table.append(rec)
+        key = artifact_key(f"srae-{experiment}")
+        create_table_artifact(table=table, key=f"{key}-metrics", description=f"{experiment}: Table 1/3 (mean over categories)")
+        create_markdown_artifact(
+            markdown=f"# SRAE report: {experiment}\n\n{summary}\n\nReport: [{path}](file://{path.resolve()})\n\n"
+                     f"Tables and metrics.parquet: `{path.parent.resolve()}`\n",
+            key=f"{key}-report", description="link to the HTML report")
+    except Exception as exc:
+        logger.warning("artifacts not created: %s", exc)
+
+
+@task(name="report", cache_policy=NO_CACHE, persist_result=False)
+def build_report_task(experiment: str, out_dir: str, explainer_results: list[dict[str, Any]],
+                      score_files: list[str], masking_files: list[str], *, class_names: list[str],
+                      lasso_alpha: float | None, failed: list[dict[str, Any]], bad_inputs: list[dict[str, Any]],
+                      timings: dict[str, float], config_yaml: str, figures: list[dict[str, Any]],
+                      notes: list[str], title: str | None = None) -> str:
+    """Write the report; return the path of report.html."""
+    logger = run_logger()
+    metrics = assemble_metrics(experiment, explainer_results, score_files, masking_files)
+    inp = ReportInputs(experiment=experiment, metrics=metrics, out_dir=Path(out_dir), class_names=class_names,
+                       lasso_alpha=lasso_alpha, failed=failed, bad_inputs=bad_inputs, timings=timings,
+                       figures=_figures(figures, logger), config_yaml=config_yaml, notes=list(notes), title=title)
+    path = build_report(inp)
+    from srae.report_html import summary_line
+
+    main = R.table_main(inp.metrics, lasso_alpha)
+    _artifacts(experiment, main, path, summary_line(R.qualitative_findings(main)), logger)
+    logger.info("report: %s", path)
+    return str(path)

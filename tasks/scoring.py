@@ -1,0 +1,87 @@
+"""Stage 6: Dask-parallel locality / orthogonality / concept-recovery scoring of heatmap groups.
+
+One task scores every heatmap group that has no scores yet: the chunks run on a
+``dask.distributed`` client (an existing cluster at ``scoring.dask_address``, else a local
+one) via :func:`srae.scoring.score`. Each group's rows go to ``<group>.scores.parquet``
+(written atomically), the completion marker of its scores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import task
+
+from tasks.common import TASK_DEFAULTS, atomic_write_parquet, record_work, run_logger, stage_cache, timed
+from tasks.download import load_index
+
+
+def scores_path(heatmap_group: str) -> Path:
+    p = Path(heatmap_group)
+    return p.with_name(p.name + ".scores.parquet")
+
+
+def _outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
+    return [(str(scores_path(j["heatmaps"])), scores_path(j["heatmaps"]).is_file()) for j in inputs["jobs"]]
+
+
+@task(name="scoring", cache_policy=stage_cache(_outputs), **TASK_DEFAULTS)
+def score_heatmaps(jobs: list[dict[str, Any]], dataset: dict[str, Any], scoring: dict[str, Any],
+                   experiment: str, cache_dir: str) -> dict[str, Any]:
+    """Score the not-yet-scored ``jobs`` (dicts of :class:`srae.scoring.ScoreJob` fields).
+
+    Returns ``{"scores": [parquet paths], "failed": [{category, method, error}]}``."""
+    from srae.scoring import ScoreJob
+
+    logger = run_logger()
+    todo = [j for j in jobs if not scores_path(j["heatmaps"]).is_file()]
+    failed: list[dict[str, Any]] = []
+    if todo:
+        index = load_index(dataset)
+        specs = [ScoreJob(heatmaps=j["heatmaps"], category=int(j["category"]), method=j["method"],
+                          split=j.get("split", "test"), class_index=int(j["category"]), experiment=experiment,
+                          hparams=j.get("hparams", {}), metrics=tuple(j["metrics"])) for j in todo]
+        with timed() as t:
+            results = _score_each(specs, index, scoring, failed, logger)
+            seconds = t()
+        for j, rows in zip(todo, results):
+            if rows is None:
+                continue
+            atomic_write_parquet(rows, scores_path(j["heatmaps"]))
+            record_work(cache_dir, "scoring", f"{j['method']}/{j['category']}", seconds / max(1, len(todo)),
+                        method=j["method"], category=int(j["category"]))
+        logger.info("scoring: %d groups scored, %d failed, %d reused", len(todo) - len(failed), len(failed),
+                    len(jobs) - len(todo))
+    return {"scores": [str(scores_path(j["heatmaps"])) for j in jobs if scores_path(j["heatmaps"]).is_file()],
+            "failed": failed}
+
+
+def _score_each(specs, index, scoring, failed, logger) -> list[pd.DataFrame | None]:
+    """Score all jobs on Dask at once; if that fails, job by job so one bad group is isolated."""
+    from srae.scoring import dask_client, score
+
+    with dask_client(scoring.get("dask_address"), scoring.get("n_workers"), bool(scoring.get("processes")),
+                     int(scoring.get("threads_per_worker", 1))) as client:
+        try:
+            res = score(specs, index, client=client)
+            return [_rows_of(res.metrics, s) for s in specs]
+        except Exception as exc:
+            logger.warning("scoring all groups together failed (%s); scoring one by one", exc)
+        out: list[pd.DataFrame | None] = []
+        for s in specs:
+            try:
+                out.append(score([s], index, client=client).metrics)
+            except Exception as exc:
+                failed.append({"category": s.category, "stage": "scoring", "method": s.method,
+                               "error": f"{type(exc).__name__}: {exc}"})
+                out.append(None)
+        return out
+
+
+def _rows_of(metrics: pd.DataFrame, spec) -> pd.DataFrame:
+    """The rows of one job (jobs differ in method, category or split)."""
+    sel = (metrics["method"] == spec.method) & (metrics["category"] == spec.category) & \
+          (metrics["split"] == spec.split)
+    return metrics[sel.astype(bool)].reset_index(drop=True)

@@ -1,0 +1,131 @@
+"""srae.config: defaults = configs/demo.yaml, YAML round trip, one-line errors naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from srae.config import (
+    ExperimentConfig,
+    apply_overrides,
+    config_from_dict,
+    default_config,
+    dump_config,
+    load_config,
+    parse_categories,
+    stable_hash,
+)
+from srae.errors import SraeError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_yaml_is_the_embedded_default():
+    assert load_config(ROOT / "configs" / "demo.yaml") == default_config() == ExperimentConfig()
+
+
+@pytest.mark.parametrize("name", ["cub", "places"])
+def test_paper_configs_load_with_paper_settings(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.explainer.n == 5
+    assert cfg.explainer.hidden == [800, 100]
+    assert cfg.explainer.methods == ["SRAE", "NN", "SAE", "CAE", "Lasso"]
+    if name == "cub":
+        assert (cfg.dataset.kind, cfg.backbone.name) == ("cub", "vgg19")
+        assert (cfg.explainer.n_pos, cfg.explainer.n_neg, cfg.explainer.n_test_neg) == (50, 8000, 2000)
+        assert cfg.explainer.lasso_alphas == [2.5, 1.5, 0.5, 0.1]
+    else:
+        assert (cfg.dataset.kind, cfg.backbone.name) == ("places", "vgg16")
+        assert len(cfg.dataset.class_names) == 10 and "kitchen" in cfg.dataset.class_names
+        assert (cfg.explainer.n_pos, cfg.explainer.n_neg) == (4000, 20000)
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = config_from_dict({"name": "x", "categories": [3, 1, 3], "explainer": {"n": 3, "grid": {"eta": [0.5]}}})
+    assert cfg.categories == [1, 3]  # sorted, unique
+    path = tmp_path / "c.yaml"
+    dump_config(cfg, path)
+    assert load_config(path) == cfg
+    assert yaml.safe_load(path.read_text())["explainer"]["grid"]["eta"] == [0.5]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"explainer": {"n": 0}}, "bad.yaml: explainer.n: Input should be greater than or equal to 1"),
+        ({"explainer": {"nn": 3}}, "bad.yaml: explainer.nn: unknown field"),
+        ({"dataset": {"kind": "mnist"}}, "bad.yaml: dataset.kind: Input should be"),
+        ({"masking": {"gammas": [0.5, 1.5]}}, "bad.yaml: masking.gammas: gammas must be in [0, 1)"),
+        ({"scoring": {"dask_address": "localhost"}}, "bad.yaml: scoring.dask_address: must look like tcp://host:port"),
+        ({"explainer": {"grid": {"beta": []}}}, "bad.yaml: explainer.grid.beta: must list at least one value"),
+        ({"categories": [0]}, "bad.yaml: categories: class ids count from 1"),
+        ({"categories": [7]}, "bad.yaml: categories: class id 7 exceeds dataset.classes=4"),
+        ({"device": "gpu"}, "bad.yaml: device: must be auto, cpu, mps, cuda or cuda:N"),
+        ({"backbone": {"fit": {"epochs": 0}}}, "bad.yaml: backbone: demo_cnn with fit.epochs 0 needs a checkpoint"),
+    ],
+)
+def test_errors_are_one_line_naming_the_field(data, expected):
+    with pytest.raises(SraeError) as info:
+        config_from_dict(data, "bad.yaml")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(expected), msg
+
+
+def test_several_problems_are_counted_on_the_same_line():
+    with pytest.raises(SraeError, match=r"^c: explainer\.n: .*\(\+1 more\)$"):
+        config_from_dict({"explainer": {"n": 0, "folds": 0}}, "c")
+
+
+def test_load_config_file_errors(tmp_path):
+    with pytest.raises(SraeError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: demo\nexplainer:\n  n: [1\n")
+    with pytest.raises(SraeError, match=r"bad\.yaml:\d+: YAML syntax error"):
+        load_config(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(SraeError, match="top level must be a mapping"):
+        load_config(top)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty) == ExperimentConfig()
+
+
+def test_parse_categories():
+    assert parse_categories("1-3,35") == [1, 2, 3, 35]
+    assert parse_categories(" 5 , 2-2,5") == [2, 5]
+    for bad in ("a", "3-1", "0-2", "1-", ","):
+        with pytest.raises(SraeError, match="--categories"):
+            parse_categories(bad)
+
+
+def test_label_ids_are_zero_based_and_checked():
+    cfg = config_from_dict({"dataset": {"kind": "cub"}, "categories": [1, 20, 35]})
+    assert cfg.label_ids(200) == [0, 19, 34]
+    assert ExperimentConfig().label_ids(4) == [0, 1, 2, 3]
+    with pytest.raises(SraeError, match="class id 35 exceeds the dataset's 30 classes"):
+        cfg.label_ids(30)
+
+
+def test_overrides_are_validated_and_do_not_touch_the_original():
+    cfg = ExperimentConfig()
+    out = apply_overrides(cfg, categories=[2], dask_address="tcp://10.0.0.1:8786", device="cpu")
+    assert (out.categories, out.scoring.dask_address, out.device) == ([2], "tcp://10.0.0.1:8786", "cpu")
+    assert cfg.categories is None and cfg.scoring.dask_address is None
+    assert out.stage_device(out.explainer.device) == "cpu"
+    assert cfg.stage_device(cfg.explainer.device) == "auto"
+    with pytest.raises(SraeError, match="overrides: device"):
+        apply_overrides(cfg, device="tpu")
+
+
+def test_section_hash_depends_only_on_the_named_sections():
+    a = ExperimentConfig()
+    b = config_from_dict({"explainer": {"grid": {"eta": [1.0]}}})
+    assert a.section_hash("features", "backbone") == b.section_hash("features", "backbone")
+    assert a.section_hash("explainer") != b.section_hash("explainer")
+    assert a.section_hash("explainer.grid.beta") == b.section_hash("explainer.grid.beta")
+    assert stable_hash({"x": 1, "y": [1, 2]}) == stable_hash({"y": [1, 2], "x": 1})

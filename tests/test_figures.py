@@ -1,0 +1,52 @@
+"""Fig. 4 grid (srae.figures): sorting, colour scale, panel titles and the PNG."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from srae.errors import InputError
+from srae.figures import excitation_grid, order_features, row_scales, save_excitation_grid
+
+
+def test_order_and_scales() -> None:
+    c = np.array([[1.0, 5.0, -2.0], [3.0, 0.5, 4.0]])
+    np.testing.assert_array_equal(order_features(c, "row"), [[1, 0, 2], [2, 0, 1]])
+    np.testing.assert_array_equal(order_features(c, "mean"), [[1, 0, 2], [1, 0, 2]])  # means 2, 2.75, 1
+    np.testing.assert_array_equal(order_features(c, "none"), [[0, 1, 2], [0, 1, 2]])
+    ebp = np.zeros((3, 2, 2))
+    ebp[0, 0, 0] = 7.0
+    xm = np.zeros((3, 2, 2, 2))
+    xm[0, 1, 1, 1], xm[1, 0, 0, 1] = 2.0, 3.0
+    np.testing.assert_array_equal(row_scales(ebp, xm), [7.0, 3.0, 1.0])
+    with pytest.raises(InputError, match="sort"):
+        order_features(c, "sideways")
+
+
+def _data(r=2, n=3, s=24):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (r, s, s, 3), dtype=np.uint8)
+    ebp = rng.random((r, s // 2, s // 2))  # other resolution: resized to the image
+    xm = rng.random((r, n, s, s))
+    contrib = np.array([[0.5, 12.25, -1.0], [3.0, 2.0, 8.5]])[:r, :n]
+    return images, ebp, xm, contrib
+
+
+def test_panel_titles_sorted_by_contribution() -> None:
+    images, ebp, xm, contrib = _data()
+    fig = excitation_grid(images, ebp, xm, contrib, predictions=[10.0, 4.5], title="cat 3")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["image", "ExcitationBP ŷ=10.00", "x2: 12.25", "x1: 0.50", "x3: -1.00",
+                      "image", "ExcitationBP ŷ=4.50", "x3: 8.50", "x1: 3.00", "x2: 2.00"]
+
+
+def test_png_is_written_and_not_blank(tmp_path) -> None:
+    images, ebp, xm, contrib = _data()
+    out = save_excitation_grid(tmp_path / "fig" / "cat.png", images, ebp, xm, contrib)
+    with Image.open(out) as img:
+        arr = np.asarray(img.convert("RGB"))
+    assert img.format == "PNG" and arr.shape[1] > arr.shape[0] > 200
+    assert arr.reshape(-1, 3).std(axis=0).min() > 10
+    with pytest.raises(InputError, match="disagree"):
+        excitation_grid(images, ebp, xm, contrib[:, :2])

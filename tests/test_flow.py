@@ -1,0 +1,170 @@
+"""The pipeline flow end to end through the real Prefect engine (temporary API), on tiny data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from srae import report as R
+from srae.errors import InputError, SraeError
+from tests.conftest import tiny_pipeline_config
+
+FIVE = {"SRAE", "NN", "SAE", "CAE", "Lasso"}
+
+
+def test_end_to_end_report_schema_methods_and_faithfulness(tiny_run):
+    report = Path(tiny_run["report"])
+    assert report.name == "report.html" and report.is_file()
+    out = report.parent
+    schema = pq.read_schema(out / "metrics.parquet")
+    assert schema.names == list(R.METRIC_COLUMNS)
+    assert [str(schema.field(c).type) for c in ("category", "value", "n_features")] == ["int64", "double", "int64"]
+    df = R.read_metrics(out / "metrics.parquet")
+    assert set(df["category"]) == {0, 1}
+    assert FIVE | {"ExcitationBP", "Z"} <= set(df["method"])
+    for method in FIVE:  # faithfulness of every method on both splits, every category
+        sub = df[(df["method"] == method) & (df["metric"] == "F_cls") & ~R._is_sweep(df)]
+        assert sorted(zip(sub["category"], sub["split"])) == [(0, "test"), (0, "train"), (1, "test"), (1, "train")]
+    main = pd.read_parquet(out / "table_main.parquet").set_index(["metric", "split"])
+    assert list(main.columns) == list(R.TABLE_METHODS)
+    assert main.loc[("F_cls", "test"), "SRAE"] >= 0.95
+    assert np.isfinite(main.loc[("locality", "test"), "ExcitationBP"])
+    assert np.isfinite(main.loc[("locality", "test"), "Z"])
+    assert main.loc[[("F_reg", "test"), ("F_cls", "test")], list(FIVE)].notna().all().all()
+    # the derived table equals the one recomputed from the long table
+    again = R.table_main(df)
+    assert again.loc[("F_cls", "test"), "SRAE"] == pytest.approx(main.loc[("F_cls", "test"), "SRAE"])
+    # F_cls of SRAE equals the mean over categories of the explainers' own test F_cls
+    metas = [json.loads(p.read_text()) for p in
+             sorted((Path(tiny_run["config"]["cache_dir"]) / "explainers").glob("*/SRAE/*/cat*/meta.json"))]
+    assert main.loc[("F_cls", "test"), "SRAE"] == pytest.approx(np.mean([m["F_cls_test"] for m in metas]))
+    masking = pd.read_parquet(out / "table_masking.parquet")
+    assert list(masking["gamma"]) == [0.05, 0.3]
+    assert {"Original Image", "Mask by x-features", "Mask by ExcitationBP"} <= set(masking.columns)
+    sweep = pd.read_parquet(out / "table_lasso_sweep.parquet")
+    assert {"0.5", "0.05"} <= set(sweep.columns)
+    html = report.read_text()
+    assert "qualitative findings hold on this data" in html and "Failed categories" in html
+    assert "None: every category completed." in html
+    assert "ExcitationBP on y-hat and SRAE x-features" in html  # the Fig. 1/4 grid
+    assert html.count("data:image/png;base64,") >= 3  # + metric charts and the Lasso sweep
+    for stage in ("dataset", "backbone", "features", "explainers", "heatmaps", "scoring", "masking"):
+        assert f"<td>{stage}</td>" in html  # per-stage wall time in the footer
+
+
+def test_artifacts_are_published(tiny_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="srae-tiny%")))
+    by_key = {a.key: a for a in arts}
+    assert {"srae-tiny-metrics", "srae-tiny-report", "srae-tiny-progress"} <= set(by_key)
+    assert by_key["srae-tiny-progress"].type == "progress"
+    assert float(by_key["srae-tiny-progress"].data) == pytest.approx(100.0)
+    table = by_key["srae-tiny-metrics"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert {"metric", "split", "SRAE", "ExcitationBP"} <= set(rows[0])
+    assert "report.html" in by_key["srae-tiny-report"].data
+
+
+def test_failed_category_is_reported_and_the_others_complete(tiny_run, monkeypatch):
+    """Category id 3 (label 2) is made to fail: in the library (sample design raises) and as a
+    crashing task (the neural trainer raises); categories 1-2 still get their full report."""
+    import srae.cv
+    import srae.sampling
+    import tasks.explainers
+    from flows.pipeline import pipeline
+
+    real_design = srae.sampling.design_samples
+
+    def design(labels, category, **kw):
+        if int(category) == 2:
+            raise InputError("planted failure: category 2 has no usable samples")
+        return real_design(labels, category, **kw)
+
+    real_neural = tasks.explainers._train_neural
+
+    def neural(method, cats, *args, **kw):
+        if 2 in cats:
+            raise RuntimeError("planted crash in the trainer")
+        return real_neural(method, cats, *args, **kw)
+
+    monkeypatch.setattr(srae.sampling, "design_samples", design)
+    monkeypatch.setattr(srae.cv, "design_samples", design)
+    monkeypatch.setattr(tasks.explainers, "_train_neural", neural)
+    base = tiny_run["base"]
+    cfg = tiny_pipeline_config(base, categories=[1, 2, 3], **{"report.out_dir": str(base / "report-failed")})
+    report = Path(pipeline(cfg))
+    df = R.read_metrics(report.parent / "metrics.parquet")
+    assert set(df["category"]) == {0, 1}
+    assert FIVE <= set(df["method"])
+    html = report.read_text()
+    assert "planted crash in the trainer" in html and "planted failure: category 2" in html
+    assert html.count("<td>2</td>") >= len(FIVE)  # one failed row per method at least
+
+
+def test_bad_config_is_one_line_before_any_run(tmp_path, capsys):
+    from srae import cli
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("explainer:\n  methods: [SRAE, PCA]\n")
+    orig = cli.COMMAND_MODULES
+    cli.COMMAND_MODULES = tuple(dict.fromkeys(orig + ("srae.run_cli",)))
+    try:
+        assert cli.main(["run", str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0
+        assert err.startswith(f"srae run: error: {bad}: explainer.methods.1: Input should be")
+        assert cli.main(["run", str(tmp_path / "nope.yaml")]) == 2
+        assert "config file not found" in capsys.readouterr().err
+        assert cli.main(["run", str(bad), "--categories", "x"]) == 2
+    finally:
+        cli.COMMAND_MODULES = orig
+
+
+def test_resolve_config_and_groups(tmp_path):
+    from flows.pipeline import category_groups, resolve_config
+
+    cfg = resolve_config(tiny_pipeline_config(tmp_path), categories="1-3", dask_address="tcp://h:1", device="cpu")
+    assert cfg.categories == [1, 2, 3] and cfg.scoring.dask_address == "tcp://h:1"
+    assert category_groups([0, 1, 2, 5, 9], 4) == [[0, 1, 2], [5], [9]]
+    assert category_groups([9, 0], 1) == [[0], [9]]
+    with pytest.raises(SraeError, match="categories"):
+        resolve_config(tiny_pipeline_config(tmp_path), categories="0-2")
+
+
+def test_prefect_yaml_deployments_point_at_real_flows_and_valid_parameters():
+    import importlib
+    import inspect
+
+    import yaml
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.schedules import Cron
+
+    from flows.pipeline import resolve_config
+
+    root = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((root / "prefect.yaml").read_text())
+    model = PrefectYamlModel.model_validate(raw)
+    deps = {d.name: d for d in model.deployments}
+    assert set(deps) == {"demo-nightly", "cub-full", "places-full", "add-categories", "benchmark-report"}
+    for name, d in deps.items():
+        path, func = d.entrypoint.split(":")
+        assert (root / path).is_file(), name
+        fl = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), func)
+        inspect.signature(fl.fn).bind(**d.parameters)  # every parameter is one the flow takes
+        assert d.work_pool.name == "srae-process"
+        if "config" in d.parameters:
+            cfg = resolve_config(root / d.parameters["config"], d.parameters.get("categories"),
+                                 device=d.parameters.get("device"))
+            assert cfg.name in name or name == "add-categories"
+    (nightly,) = raw["deployments"][0]["schedules"]
+    Cron(nightly["cron"], timezone=nightly["timezone"])
+    assert deps["demo-nightly"].schedules[0].cron == "0 3 * * *"
+    assert deps["add-categories"].parameters["categories"] == "1-20"

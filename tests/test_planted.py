@@ -1,0 +1,100 @@
+"""Planted problem: logits are a known non-negative combination of k <= n hidden factors of Z.
+
+SRAE, NN and SAE must recover the logit (test F_cls >= 0.99, F_reg < 5% of std(y_hat));
+CAE (no faithfulness term) and a large-alpha Lasso must be measurably less faithful.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from srae.baselines import lasso_sweep, train_lasso
+from srae.cv import ExplainerSettings, train_explainers
+from srae.explainers import load_explainer
+from srae.train import TrainSettings
+
+CATS = [0, 1]
+
+
+@pytest.fixture(scope="module")
+def planted():
+    g = np.random.default_rng(0)
+    N, K, D, C = 2000, 12, 64, 6
+    labels = g.integers(0, C, N)
+    W = np.zeros((K, C))
+    for c in range(C):
+        W[g.choice(K, 3, replace=False), c] = g.uniform(1, 3, 3)  # k = 3 factors per class
+    H = g.exponential(1.0, (N, K)) + 2.0 * (W[:, labels].T > 0)  # hidden non-negative factors
+    A = g.uniform(0, 1, (K, D)) * (g.uniform(size=(K, D)) < 0.3)
+    z = np.maximum(H @ A + 0.05 * g.normal(size=(N, D)), 0).astype(np.float32)
+    logits = (H @ W - 3 + 0.05 * g.normal(size=(N, C))).astype(np.float32)
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    keep = top2[:, 1] - top2[:, 0] >= 1.0  # well-separated classes: no near-ties to flip
+    return z[keep], logits[keep], logits[keep].argmax(1)
+
+
+SETTINGS = ExplainerSettings(
+    n=5, hidden=(128, 32), n_pos=150, n_neg=800, n_test_neg=400, folds=2,
+    grid={"beta": [0.3], "eta": [0.1], "q": [1.0], "lr": [3e-3], "weight_decay": [1e-6]},
+    train=TrainSettings(batch_size=128, max_epochs=200, patience=10),
+)
+
+
+@pytest.fixture(scope="module")
+def trained(planted):
+    z, logits, labels = planted
+    return {m: train_explainers(z, logits, labels, CATS, m, SETTINGS) for m in ("SRAE", "NN", "SAE", "CAE")}
+
+
+@pytest.mark.parametrize("method", ["SRAE", "NN", "SAE"])
+def test_faithful_methods_recover_the_logit(planted, trained, method):
+    z, logits, _ = planted
+    for c in CATS:
+        e = trained[method].explainers[c]
+        d = trained[method].designs[c]
+        std = float(logits[d.test_idx, c].std())
+        assert e.meta["F_cls_test"] >= 0.99, (method, c, e.meta)
+        assert e.meta["F_reg_test"] < 0.05 * std, (method, c, e.meta, std)
+        assert e.meta["samples"] == {"train_pos": 150, "train_neg": 800, "test_pos": d.counts()["test_pos"], "test_neg": 400}
+        E = e.features(z[d.test_idx])
+        assert E.shape[1] == 5 and (E >= 0).all()
+
+
+def test_cae_and_large_alpha_lasso_are_less_faithful(planted, trained):
+    z, logits, _ = planted
+    for c in CATS:
+        srae = trained["SRAE"].explainers[c].meta
+        cae = trained["CAE"].explainers[c].meta
+        assert cae["F_reg_test"] > 3 * srae["F_reg_test"]
+        assert cae["F_cls_test"] < srae["F_cls_test"]
+        d = trained["SRAE"].designs[c]
+        lasso = train_lasso(z, logits, d, alphas=[1.0], folds=2)
+        assert lasso.meta["F_reg_test"] > 3 * srae["F_reg_test"]
+        assert lasso.n_features < 64
+
+
+def test_lasso_sweep_selects_fewer_dims_as_alpha_grows(planted, trained):
+    z, logits, _ = planted
+    rows = lasso_sweep(z, logits, trained["SRAE"].designs[0], [0.01, 0.1, 0.5, 2.0])
+    counts = [r["n_selected"] for r in rows]
+    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
+    assert rows[0]["F_reg_test"] < rows[-1]["F_reg_test"]
+
+
+def test_explainer_roundtrip_and_encoder_export(planted, trained, tmp_path):
+    z, logits, _ = planted
+    e = trained["SRAE"].explainers[0]
+    path = e.save(tmp_path / "srae0")
+    loaded = load_explainer(path)
+    assert loaded.method == "SRAE" and loaded.category == 0 and loaded.n_features == 5
+    assert loaded.meta["train_ids"] == e.meta["train_ids"] and loaded.meta["F_cls_test"] == e.meta["F_cls_test"]
+    rows = z[:50]
+    # weights are stored in float32: predictions agree to float32 precision
+    np.testing.assert_allclose(loaded.predict(rows), e.predict(rows), rtol=1e-4, atol=1e-4)
+    seq = loaded.encoder()
+    assert all(type(m).__name__ in ("Linear", "ReLU") for m in seq)
+    with torch.no_grad():
+        feats = seq(torch.as_tensor(rows)).double().numpy()
+    np.testing.assert_allclose(feats, loaded.features(rows), rtol=1e-4, atol=1e-5)
+    # contributions sum to the prediction (no predictor bias by default)
+    np.testing.assert_allclose(loaded.contributions(rows).sum(1), loaded.predict(rows), rtol=1e-9, atol=1e-9)

@@ -1,0 +1,182 @@
+"""srae.report / report_html / report_figures: wide tables derived from a fabricated long table."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from srae import report as R
+from srae.errors import InputError
+from srae.report_figures import lasso_chart, metric_charts
+from srae.report_html import ReportInputs, build_report, to_markdown
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def row(cat, method, metric, split, value, n=5, **hp):
+    return R.metric_row("exp", cat, method, metric, split, value, n, hp)
+
+
+@pytest.fixture
+def long_table() -> pd.DataFrame:
+    rows = [
+        # SRAE F_reg test: category 0 has two rows (averaged first), category 1 one row.
+        row(0, "SRAE", "F_reg", "test", 0.1), row(0, "SRAE", "F_reg", "test", 0.3), row(1, "SRAE", "F_reg", "test", 0.6),
+        row(0, "SRAE", "F_reg", "train", 0.05), row(1, "SRAE", "F_reg", "train", 0.15),
+        row(0, "SRAE", "F_cls", "test", 1.0), row(1, "SRAE", "F_cls", "test", 0.9),
+        row(0, "NN", "F_cls", "test", 0.98), row(1, "NN", "F_cls", "test", 1.0),
+        row(0, "SRAE", "O1", "test", 0.5), row(1, "SRAE", "O1", "test", 0.7),
+        row(0, "SRAE", "locality", "test", 1.0), row(1, "SRAE", "locality", "test", 2.0),
+        row(0, "ExcitationBP", "locality", "test", 2.5, n=1), row(1, "ExcitationBP", "locality", "test", 2.7, n=1),
+        row(0, "Z", "locality", "test", 1.9, n=16),
+        # Lasso: headline rows (sweep false, CV-chosen alpha differs per category) and a sweep.
+        row(0, "Lasso", "F_reg", "test", 3.0, n=4, alpha=0.5, sweep=False),
+        row(1, "Lasso", "F_reg", "test", 5.0, n=5, alpha=1.0, sweep=False),
+        row(0, "Lasso", "F_reg", "train", 2.0, n=3, alpha=1.0, sweep=True),
+        row(1, "Lasso", "F_reg", "train", 4.0, n=6, alpha=1.0, sweep=True),
+        row(0, "Lasso", "F_reg", "train", 1.0, n=20, alpha=0.1, sweep=True),
+        row(1, "Lasso", "F_reg", "train", 0.5, n=30, alpha=0.1, sweep=True),
+        row(0, "Lasso", "F_reg", "test", 1.5, n=20, alpha=0.1, sweep=True),
+        # masking
+        row(0, "SRAE", "mask_acc@original", "test", 1.0), row(1, "SRAE", "mask_acc@original", "test", 0.5),
+        row(0, "ExcitationBP", "mask_acc@original", "test", 1.0, n=1),
+        row(1, "ExcitationBP", "mask_acc@original", "test", 0.5, n=1),
+        row(0, "SRAE", "mask_acc@0.05", "test", 0.9), row(1, "SRAE", "mask_acc@0.05", "test", 0.5),
+        row(0, "SRAE", "mask_acc@0.3", "test", 0.4), row(1, "SRAE", "mask_acc@0.3", "test", 0.2),
+        row(0, "ExcitationBP", "mask_acc@0.05", "test", 0.6, n=1),
+        # concept recovery
+        row(0, "SRAE", "concept_recovery", "test", 0.8), row(1, "SRAE", "concept_recovery", "test", 0.4),
+        row(1, "NN", "concept_recovery", "test", 0.1),
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_table_main_averages_per_category_then_over_categories(long_table):
+    t = R.table_main(long_table)
+    assert list(t.columns) == ["SRAE", "NN", "SAE", "Lasso", "CAE", "Z", "ExcitationBP"]
+    assert list(t.index) == [("F_reg", "train"), ("F_reg", "test"), ("F_cls", "train"), ("F_cls", "test"),
+                             ("O1", "test"), ("O2", "test"), ("locality", "test")]
+    assert t.loc[("F_reg", "test"), "SRAE"] == pytest.approx(((0.1 + 0.3) / 2 + 0.6) / 2)  # not (0.1+0.3+0.6)/3
+    assert t.loc[("F_reg", "train"), "SRAE"] == pytest.approx(0.1)
+    assert t.loc[("F_cls", "test"), "NN"] == pytest.approx(0.99)
+    assert t.loc[("locality", "test"), "ExcitationBP"] == pytest.approx(2.6)
+    assert t.loc[("locality", "test"), "Z"] == pytest.approx(1.9)
+    # headline Lasso = the non-sweep rows only
+    assert t.loc[("F_reg", "test"), "Lasso"] == pytest.approx(4.0)
+    assert math.isnan(t.loc[("F_reg", "train"), "Lasso"])
+    assert t[["SAE", "CAE"]].isna().all().all()
+    # a fixed headline alpha keeps only that alpha's Lasso rows
+    t1 = R.table_main(long_table, lasso_alpha=1.0)
+    assert t1.loc[("F_reg", "test"), "Lasso"] == pytest.approx(5.0)
+
+
+def test_table_lasso_sweep_uses_sweep_rows(long_table):
+    s = R.table_lasso_sweep(long_table)
+    assert list(s.columns) == [1.0, 0.1]  # descending alpha, as in the paper
+    assert s.loc["Num_x", 1.0] == pytest.approx(4.5)
+    assert s.loc["Num_x", 0.1] == pytest.approx(25.0)
+    assert s.loc["F_reg train", 1.0] == pytest.approx(3.0)
+    assert s.loc["F_reg train", 0.1] == pytest.approx(0.75)
+    assert s.loc["F_reg test", 0.1] == pytest.approx(1.5)
+    assert math.isnan(s.loc["F_reg test", 1.0])
+
+
+def test_table_masking(long_table):
+    m = R.table_masking(long_table)
+    assert list(m.index) == [0.05, 0.3]
+    assert list(m.columns) == ["Original Image", "Mask by x-features", "Mask by ExcitationBP"]
+    assert m["Original Image"].tolist() == pytest.approx([0.75, 0.75])
+    assert m.loc[0.05, "Mask by x-features"] == pytest.approx(0.7)
+    assert m.loc[0.3, "Mask by x-features"] == pytest.approx(0.3)
+    assert m.loc[0.05, "Mask by ExcitationBP"] == pytest.approx(0.6)
+    assert math.isnan(m.loc[0.3, "Mask by ExcitationBP"])
+    assert R.gamma_metric(0.05) == "mask_acc@0.05"
+
+
+def test_table_concepts_and_per_category(long_table):
+    c = R.table_concepts(long_table, ["bird_a", "bird_b"])
+    assert list(c.index) == ["bird_a", "bird_b", "mean"]
+    assert c.loc["mean", "SRAE"] == pytest.approx(0.6)
+    assert c.loc["mean", "NN"] == pytest.approx(0.1)  # NaN for bird_a is skipped
+    p = R.table_per_category(long_table, "F_cls", "test")
+    assert p.loc[1, "SRAE"] == pytest.approx(0.9) and p.loc[0, "NN"] == pytest.approx(0.98)
+
+
+def test_validate_metrics_errors(long_table):
+    with pytest.raises(InputError, match=r"missing columns \['hparams'\]"):
+        R.validate_metrics(long_table.drop(columns=["hparams"]))
+    bad = long_table.copy()
+    bad.loc[0, "split"] = "val"
+    with pytest.raises(InputError, match="split must be train/test"):
+        R.validate_metrics(bad)
+    assert json.loads(R.validate_metrics(long_table)["hparams"].iloc[16]) == {"alpha": 0.5, "sweep": False}
+
+
+def _main(**cols) -> pd.DataFrame:
+    t = R.table_main(pd.DataFrame(columns=list(R.METRIC_COLUMNS)))
+    for (metric, split, method), v in cols.items():
+        t.loc[(metric, split), method] = v
+    return t
+
+
+def test_findings_follow_the_stated_rules():
+    vals = {("F_cls", "test", "SRAE"): 0.99, ("F_cls", "test", "NN"): 1.0, ("F_cls", "test", "SAE"): 0.995,
+            ("locality", "test", "SRAE"): 1.2, ("locality", "test", "ExcitationBP"): 1.5,
+            ("O1", "test", "SRAE"): 0.5, ("O1", "test", "NN"): 0.9, ("O1", "test", "SAE"): 0.7,
+            ("O2", "test", "SRAE"): 2.0, ("O2", "test", "NN"): 4.0, ("O2", "test", "SAE"): 3.0,
+            ("F_reg", "test", "SRAE"): 0.1, ("F_reg", "test", "CAE"): 0.5, ("F_reg", "test", "Lasso"): 0.25}
+    t = _main(**{k: v for k, v in []})
+    for k, v in vals.items():
+        t.loc[(k[0], k[1]), k[2]] = v
+    f = R.qualitative_findings(t)
+    assert [x.holds for x in f] == [True, True, True, True]
+    t.loc[("O2", "test"), "SRAE"] = 3.5  # O1 better, O2 worse than SAE -> not "more orthogonal"
+    t.loc[("F_reg", "test"), "Lasso"] = 0.15  # Lasso within 2x of SRAE -> not unfaithful
+    t.loc[("F_cls", "test"), "SRAE"] = 0.94  # below 0.95
+    t.loc[("locality", "test"), "ExcitationBP"] = np.nan
+    f = R.qualitative_findings(t)
+    assert [x.holds for x in f] == [False, None, False, False]
+    assert f[1].verdict == "not evaluated" and "ExcitationBP n/a" in f[1].evidence
+
+
+def test_build_report_writes_everything(tmp_path, long_table):
+    inp = ReportInputs("exp", long_table, tmp_path / "rep", class_names=["bird_a", "bird_b"],
+                       failed=[{"category": 2, "stage": "explainers", "method": "SRAE", "error": "planted <failure>"}],
+                       bad_inputs=[{"path": "images/x.jpg", "reason": "truncated"}],
+                       timings={"dataset": 1.5, "explainers": 10.25}, config_yaml="name: exp\n")
+    path = build_report(inp)
+    assert path == tmp_path / "rep" / "report.html"
+    html = path.read_text()
+    assert "planted &lt;failure&gt;" in html and "images/x.jpg" in html
+    assert "10.2 s" in html and "11.8 s" in html  # stage time and total in the footer
+    assert "qualitative findings hold on this data" in html and "data:image/png;base64," in html
+    schema = pq.read_schema(tmp_path / "rep" / "metrics.parquet")
+    assert schema.names == list(R.METRIC_COLUMNS)
+    assert str(schema.field("value").type) == "double" and str(schema.field("category").type) == "int64"
+    back = R.read_metrics(tmp_path / "rep" / "metrics.parquet")
+    assert len(back) == len(long_table)
+    main = pd.read_parquet(tmp_path / "rep" / "table_main.parquet")
+    assert list(main.columns)[:3] == ["metric", "split", "SRAE"]
+    md = (tmp_path / "rep" / "table_main.md").read_text()
+    assert "| F_cls | test | 95.00% | 99.00% |" in md
+    assert "| F_reg | test | 0.4000 |" in md
+    for name in ("table_lasso_sweep", "table_masking", "table_concepts", "table_per_category"):
+        assert (tmp_path / "rep" / f"{name}.parquet").is_file() and (tmp_path / "rep" / f"{name}.md").is_file()
+    # an empty run still yields a report that says so
+    empty = build_report(ReportInputs("exp", pd.DataFrame(), tmp_path / "empty"))
+    assert "0 categories scored" in empty.read_text()
+    assert to_markdown(pd.DataFrame()) == "_(no data)_\n"
+
+
+def test_figures_are_png(long_table):
+    assert metric_charts(R.table_main(long_table)).startswith(PNG)
+    assert lasso_chart(R.table_lasso_sweep(long_table)).startswith(PNG)
+    with pytest.raises(InputError, match="no values"):
+        metric_charts(R.table_main(pd.DataFrame(columns=list(R.METRIC_COLUMNS))))
+    with pytest.raises(InputError, match="no Lasso sweep rows"):
+        lasso_chart(pd.DataFrame())

@@ -1,0 +1,164 @@
+"""Dask-parallel scoring: plumbing against direct metric calls, Dask == serial exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from dask.distributed import Client, LocalCluster
+from PIL import Image
+
+from srae.datasets.common import DatasetIndex
+from srae.errors import InputError, SraeError
+from srae.metrics.concepts import concept_recovery, evidence_columns
+from srae.metrics.locality import entropy, object_probabilities, part_probabilities
+from srae.metrics.orthogonality import orthogonality
+from srae.scoring import ScoreJob, score, score_serial
+
+H, W = 12, 16
+PART_NAMES = ["beak", "crown", "wing", "tail"]
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster) as c:
+            yield c
+
+
+def write_group(path: Path, maps: np.ndarray, ids: np.ndarray, chunk: int, **attrs) -> str:
+    """A heatmap group in the srae.heatmaps layout: maps (M, n, H, W) float32, image_id (M,)."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.create_array("maps", data=maps.astype(np.float32), chunks=(chunk, *maps.shape[1:]))
+    group.create_array("image_id", data=ids.astype(np.int64))
+    group.attrs.update({"method": "SRAE", "readout": "pool3", **attrs})
+    return str(path)
+
+
+def cub_like(rng: np.random.Generator, m: int) -> DatasetIndex:
+    rows = []
+    for k in range(m):
+        width, height = float(rng.integers(30, 60)), float(rng.integers(20, 50))
+        parts = np.column_stack([rng.uniform(0, width, 4), rng.uniform(0, height, 4), rng.random(4) < 0.8])
+        bbox = (rng.uniform(0, width / 3), rng.uniform(0, height / 3), width / 2, height / 2)
+        rows.append({"image_id": 100 + k, "path": f"im{k}.jpg", "label": k % 2, "split": "test",
+                     "width": width, "height": height, "bbox": None if k == 3 else bbox,
+                     "parts": parts.astype(float), "mask_path": None})
+    return DatasetIndex("cubish", Path("."), ["a", "b"], pd.DataFrame(rows), part_names=PART_NAMES,
+                        evidence={0: ["beak", "wing"]})
+
+
+def expected_parts(index: DatasetIndex, maps: np.ndarray, ids: np.ndarray, cls: int):
+    """Per-image Algorithm 1 with annotations scaled by hand; positives of ``cls`` only."""
+    frame = index.images.set_index("image_id")
+    hists, pos = [], []
+    for m, iid in enumerate(ids):
+        row = frame.loc[int(iid)]
+        if row["label"] != cls:
+            continue
+        sx, sy = W / row["width"], H / row["height"]
+        parts = row["parts"].copy()
+        parts[:, 0] *= sx
+        parts[:, 1] *= sy
+        bbox = None if row["bbox"] is None else (row["bbox"][0] * sx, row["bbox"][1] * sy,
+                                                   row["bbox"][2] * sx, row["bbox"][3] * sy)
+        hists.append(part_probabilities(maps[m], parts, bbox))
+        pos.append(m)
+    return np.mean(hists, axis=0), maps[pos]
+
+
+def value(frame: pd.DataFrame, method: str, metric: str) -> float:
+    hit = frame[(frame["method"] == method) & (frame["metric"] == metric)]
+    assert len(hit) == 1, (method, metric, frame)
+    return float(hit["value"].iloc[0])
+
+
+def test_parts_scoring_matches_direct_metrics_and_dask_equals_serial(tmp_path, rng, client) -> None:
+    index = cub_like(rng, 10)
+    ids = index.images["image_id"].to_numpy()[::-1].copy()
+    maps_x = (rng.random((10, 3, H, W)) ** 3).astype(np.float32)
+    maps_z = (rng.random((10, 5, H, W)) ** 3).astype(np.float32)
+    maps_z[:, 4] = 0.0  # a dead Z dim: left out of locality, never NaN
+    jobs = [
+        ScoreJob(write_group(tmp_path / "x.zarr", maps_x, ids, 3), "a", "SRAE", class_index=0,
+                 experiment="t", hparams={"beta": 1.0}),
+        ScoreJob(write_group(tmp_path / "z.zarr", maps_z, ids, 2), "a", "Z", class_index=0, experiment="t",
+                 metrics=("locality",)),
+    ]
+    serial = score_serial(jobs, index, chunk_size=4)
+    hist, pos_maps = expected_parts(index, maps_x.astype(np.float64), ids, 0)
+    loc = entropy(hist)
+    rows = serial.metrics
+    assert value(rows, "SRAE", "locality") == pytest.approx(loc.mean(), abs=1e-12)
+    for i in range(3):
+        assert value(rows, "SRAE", f"locality_x{i}") == pytest.approx(loc[i], abs=1e-12)
+    o1, o2 = orthogonality(pos_maps)
+    assert value(rows, "SRAE", "O1") == pytest.approx(o1, abs=1e-9)
+    assert value(rows, "SRAE", "O2") == pytest.approx(o2, abs=1e-9)
+    ev = evidence_columns(PART_NAMES + ["context"], ["beak", "wing"])
+    assert value(rows, "SRAE", "concept_recovery") == pytest.approx(concept_recovery(hist, ev), abs=1e-12)
+    hist_z, _ = expected_parts(index, maps_z.astype(np.float64), ids, 0)
+    assert value(rows, "Z", "locality") == pytest.approx(entropy(hist_z[:4]).mean(), abs=1e-12)
+    assert "locality_x4" not in set(rows[rows["method"] == "Z"]["metric"])
+    assert not rows["value"].isna().any()
+    assert set(rows[rows["method"] == "Z"]["metric"]) == {"locality"} | {f"locality_x{i}" for i in range(4)}
+    srae_row = rows[rows["method"] == "SRAE"].iloc[0]
+    assert (srae_row["n_features"], json.loads(srae_row["hparams"]), srae_row["split"]) == (3, {"beta": 1.0}, "test")
+    assert len(serial.concepts) == 3 and set(serial.concepts["top_part"]) <= set(PART_NAMES + ["context"])
+
+    dask = score(jobs, index, client=client, chunk_size=4)
+    pd.testing.assert_frame_equal(dask.metrics, serial.metrics, check_exact=True)
+    pd.testing.assert_frame_equal(dask.concepts, serial.concepts, check_exact=True)
+    via_address = score(jobs, index, address=client.scheduler.address, chunk_size=4)
+    pd.testing.assert_frame_equal(via_address.metrics, serial.metrics, check_exact=True)
+
+
+def write_seg(path: Path, labels: np.ndarray) -> None:
+    rgb = np.zeros((*labels.shape, 3), dtype=np.uint8)
+    rgb[..., 0] = (labels // 256) * 10
+    rgb[..., 1] = labels % 256
+    Image.fromarray(rgb).save(path)
+
+
+def test_object_scoring_with_masks(tmp_path, rng, client) -> None:
+    rows, fine = [], []
+    for k in range(5):
+        labels = rng.choice([0, 3, 7, 300], size=(2 * H, 2 * W))
+        write_seg(tmp_path / f"m{k}_seg.png", labels)
+        fine.append(labels)
+        rows.append({"image_id": k, "path": f"m{k}.jpg", "label": 0, "split": "train", "width": 64.0,
+                     "height": 48.0, "bbox": None, "parts": None, "mask_path": f"m{k}_seg.png"})
+    index = DatasetIndex("ade", tmp_path, ["kitchen"], pd.DataFrame(rows),
+                         object_names={3: "bed", 7: "lamp", 300: "pillow"}, evidence={0: ["bed", "pillow"]})
+    maps = (rng.random((5, 2, H, W)) ** 2).astype(np.float32)
+    job = ScoreJob(write_group(tmp_path / "o.zarr", maps, np.arange(5), 2), "kitchen", "SRAE", split="train",
+                   class_index=0)
+    serial = score_serial([job], index)
+    hist = np.mean([object_probabilities(maps[k].astype(np.float64), fine[k], 301) for k in range(5)], axis=0)
+    loc = entropy(hist[:, [3, 7, 300]])  # unlabeled (0) is not an object
+    assert value(serial.metrics, "SRAE", "locality") == pytest.approx(loc.mean(), abs=1e-12)
+    rec = concept_recovery(hist[:, [0, 3, 7, 300]], [1, 3])
+    assert value(serial.metrics, "SRAE", "concept_recovery") == pytest.approx(rec, abs=1e-12)
+    assert serial.histograms[0][0] == ["unlabeled", "bed", "lamp", "pillow"]
+    dask = score([job], index, client=client)
+    pd.testing.assert_frame_equal(dask.metrics, serial.metrics, check_exact=True)
+
+
+def test_bad_inputs_name_the_problem(tmp_path, rng) -> None:
+    index = cub_like(rng, 4)
+    maps = rng.random((4, 2, H, W)).astype(np.float32)
+    bad_ids = write_group(tmp_path / "bad.zarr", maps, np.array([100, 101, 102, 999]), 2)
+    with pytest.raises(InputError, match="999"):
+        score_serial([ScoreJob(bad_ids, "a", "SRAE")], index)
+    partial = write_group(tmp_path / "partial.zarr", maps, np.arange(100, 104), 2, complete=False)
+    with pytest.raises(SraeError, match="incomplete"):
+        score_serial([ScoreJob(partial, "a", "SRAE")], index)
+    good = write_group(tmp_path / "good.zarr", maps, np.arange(100, 104), 2)
+    with pytest.raises(InputError, match="no images"):
+        score_serial([ScoreJob(good, "c", "SRAE", class_index=5)], index)
+    with pytest.raises(InputError, match="not a heatmap group"):
+        score_serial([ScoreJob(str(tmp_path / "missing.zarr"), "a", "SRAE")], index)

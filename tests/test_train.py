@@ -1,0 +1,138 @@
+"""Batched trainer: stacked members equal separately trained twins; CV/refit; bad input."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from srae.cv import ExplainerSettings, method_configs, train_explainers
+from srae.errors import InputError
+from srae.losses import balanced_weights, faithfulness_loss, mean_reconstruction_loss, pull_away_loss, sparse_reconstruction_loss
+from srae.model import Architecture, StackedSRAE
+from srae.sampling import design_samples, minibatch_stream, stratified_folds
+from srae.train import Member, TrainSettings, fit_stack
+
+
+def _twin_train(z, y, member, arch, method, steps, mb):
+    """One model on its own: nn.Linear layers + torch.optim.Adam, same init, same minibatches."""
+    init = StackedSRAE(arch, [member.seed], dtype=torch.float64)
+    enc = [nn.Linear(w.shape[2], w.shape[1]).double() for w in init.enc_w]
+    dec = [nn.Linear(w.shape[2], w.shape[1]).double() for w in init.dec_w]
+    with torch.no_grad():
+        for lin, w, b in zip(enc + dec, list(init.enc_w) + list(init.dec_w), list(init.enc_b) + list(init.dec_b)):
+            lin.weight.copy_(w[0])
+            lin.bias.copy_(b[0])
+    v = nn.Parameter(init.v[0].detach().clone())
+    params = [p for lin in enc + dec for p in lin.parameters()] + [v]
+    opt = torch.optim.Adam(params, lr=member.hparams["lr"])
+    hp = member.hparams
+    wts = balanced_weights(torch.as_tensor(member.train_pos)).double()
+    stream = minibatch_stream(member.seed, len(member.train_idx), mb)
+    for _ in range(steps):
+        local = next(stream)
+        rows = member.train_idx[local]
+        zb, yb, wb = z[rows], y[rows, member.category], wts[local]
+        h = zb
+        for lin in enc:
+            h = torch.relu(lin(h))
+        e = h
+        loss = faithfulness_loss(e @ v, yb, wb)
+        if method != "NN":
+            r = e
+            for i, lin in enumerate(dec):
+                r = lin(r)
+                if i < len(dec) - 1:
+                    r = torch.relu(r)
+            loss = loss + hp["beta"] * (sparse_reconstruction_loss(r, zb, hp["q"]) if method == "SRAE"
+                                        else mean_reconstruction_loss(r, zb))
+        if method == "SRAE":
+            loss = loss + hp["eta"] * pull_away_loss(e)
+        wd = hp["weight_decay"]
+        loss = loss + wd * sum((lin.weight ** 2).sum() for lin in enc) + wd * sum((lin.weight ** 2).sum() for lin in dec) \
+            + wd * (v ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return [lin.weight for lin in enc] + [lin.bias for lin in enc] + [lin.weight for lin in dec] + [v]
+
+
+@pytest.mark.parametrize("method", ["SRAE", "SAE", "NN"])
+def test_stacked_members_equal_separately_trained_twins(method):
+    g = np.random.default_rng(3)
+    N, D, C = 120, 10, 3
+    z = torch.as_tensor(g.uniform(0, 2, (N, D)))
+    y = torch.as_tensor(g.normal(0, 3, (N, C)))
+    labels = g.integers(0, C, N)
+    members = []
+    for k, (cat, lr, beta, eta, q, wd) in enumerate([(0, 1e-2, 1.0, 0.1, 1.0, 1e-3), (1, 3e-3, 0.5, 0.5, 10.0, 0.0),
+                                                      (2, 2e-2, 2.0, 0.0, 3.0, 1e-2)]):
+        idx = np.sort(g.choice(N, 50 + 10 * k, replace=False))
+        members.append(Member(cat, idx, labels[idx] == cat, dict(lr=lr, beta=beta, eta=eta, q=q, weight_decay=wd), seed=100 + k))
+    arch = Architecture(D, 4, (8, 6))
+    settings = TrainSettings(batch_size=16, max_steps=20, normalize=False, dtype=torch.float64, max_restarts=0)
+    res = fit_stack(z, y, members, method, arch, settings)
+    assert res.steps == 20
+    for b, m in enumerate(members):
+        twin = _twin_train(z, y, m, Architecture(D, 4, (8, 6), decoder=method != "NN"), method, 20, 16)
+        mine = [w[b] for w in res.model.enc_w] + [bb[b] for bb in res.model.enc_b] + [w[b] for w in res.model.dec_w] + [res.model.v[b]]
+        assert len(mine) == len(twin)
+        for a, t in zip(mine, twin):
+            scale = t.detach().abs().max().item()
+            assert (a.detach() - t.detach()).abs().max().item() <= 1e-8 * scale
+        # and training moved the parameters
+        init = StackedSRAE(arch, [m.seed], dtype=torch.float64)
+        assert (init.enc_w[0][0] - res.model.enc_w[0][b]).abs().max() > 1e-4
+
+
+def test_design_counts_and_disjointness():
+    labels = np.repeat(np.arange(5), 40)
+    d = design_samples(labels, 2, n_pos=30, n_neg=100, n_test_neg=50, seed=0)
+    assert d.counts() == {"train_pos": 30, "train_neg": 100, "test_pos": 10, "test_neg": 50}
+    assert not set(d.train_idx) & set(d.test_idx)
+    assert (labels[d.train_idx] == 2).sum() == 30
+    # scarce positives: about 5/6 train, at least one test
+    d2 = design_samples(labels, 1, n_pos=100, n_neg=10, n_test_neg=10, seed=0)
+    assert d2.counts()["train_pos"] == 33 and d2.counts()["test_pos"] == 7
+    folds = stratified_folds(d.train_pos, 3, seed=1)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(len(d.train_idx)))
+    assert all(abs(d.train_pos[f].sum() - 10) <= 1 for f in folds)
+
+
+def test_method_configs_drop_irrelevant_keys():
+    grid = {"beta": [1, 2], "eta": [0.1, 0.2], "q": [1], "lr": [1e-3], "weight_decay": [0.0]}
+    assert len(method_configs("SRAE", grid)) == 4
+    assert method_configs("NN", grid) == [{"lr": 1e-3, "weight_decay": 0.0}]
+    assert len(method_configs("SAE", grid)) == 2
+
+
+def _toy(n=300, d=12, c=3, seed=0):
+    g = np.random.default_rng(seed)
+    z = g.uniform(0, 1, (n, d)).astype(np.float32)
+    logits = g.normal(size=(n, c)).astype(np.float32)
+    return z, logits, logits.argmax(1)
+
+
+SMALL = ExplainerSettings(n=3, hidden=(8, 6), n_pos=20, n_neg=60, n_test_neg=30, folds=2,
+                          train=TrainSettings(batch_size=32, max_epochs=3, patience=2))
+
+
+def test_bad_input_names_the_array_or_category():
+    z, logits, labels = _toy()
+    bad = z.copy()
+    bad[7, 3] = np.nan
+    with pytest.raises(InputError, match=r"Z has 1 NaN/inf values \(first in row 7\)"):
+        train_explainers(bad, logits, labels, [0], "SRAE", SMALL)
+    badl = logits.copy()
+    badl[2, 0] = np.inf
+    with pytest.raises(InputError, match="logits has 1 NaN/inf"):
+        train_explainers(z, badl, labels, [0], "SRAE", SMALL)
+    labels0 = labels.copy()
+    labels0[labels0 == 1] = 0
+    with pytest.raises(InputError, match="warbler: no positive samples"):
+        train_explainers(z, logits, labels0, [1], "SRAE", SMALL, class_names=["a", "warbler", "c"])
+    big = ExplainerSettings(**{**SMALL.__dict__, "n": 13})
+    with pytest.raises(InputError, match="n = 13 x-features is larger than the Z dimension D = 12"):
+        train_explainers(z, logits, labels, [0], "SRAE", big)
+    # collect mode: the bad category is reported, the others are trained
+    out = train_explainers(z, logits, labels0, [0, 1, 2], "NN", SMALL, errors="collect")
+    assert set(out.explainers) == {0, 2} and "no positive samples" in out.failed[1]
