@@ -64,15 +64,16 @@ def forward_only(bb: Backbone, index: DatasetIndex, dev: torch.device, batch: in
     ds = ImageDataset(index, None, bb.input_size, bb.mean, bb.std, normalize=False)
     n_batches = min(8, max(1, len(ds) // batch))
     loader = DataLoader(ds, batch_size=batch, num_workers=min(8, os.cpu_count() or 1))
-    batches = [x.to(dev) for _, (x, _, _) in zip(range(n_batches), loader)]
+    batches = [x.to(dev) for _, (x, _, _) in zip(range(n_batches), loader, strict=False)]
+    mean, std = torch.tensor(bb.mean, device=dev), torch.tensor(bb.std, device=dev)
     with torch.inference_mode():
         for x in batches[:2]:  # warm-up (cuDNN plans, allocator)
-            bb.forward(normalize(x, bb.mean, bb.std))
+            bb.forward(normalize(x, mean, std))
         _sync(dev)
         done, t0 = 0, time.perf_counter()
         while done < total:
             x = batches[(done // batch) % len(batches)]
-            z, logits = bb.forward(normalize(x, bb.mean, bb.std))
+            z, logits = bb.forward(normalize(x, mean, std))
             done += x.shape[0]
         _sync(dev)
     return done / (time.perf_counter() - t0)
@@ -118,23 +119,25 @@ def run(device: str = "cpu", full: bool = False) -> dict:
         bb = build_backbone(name, index.num_classes, pretrained=False, input_size=size, seed=0).to(dev).eval()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
+        # forward-only before and after the extraction, best of the two: a busy machine
+        # (shared CPU) should not flatter the ratio
         fwd = forward_only(bb, index, dev, batch, rows)
         dec = decode_only(index, size, batch, workers)
         e2e, steady = extraction(bb, index, dev, batch, workers, root / "stores")
+        fwd = max(fwd, forward_only(bb, index, dev, batch, rows))
     rows_out = [
         {"name": f"forward-only {name} {size}px", "value": fwd, "unit": "img/s"},
         {"name": "decode-only (DataLoader workers)", "value": dec, "unit": "img/s"},
         {"name": "extraction, steady state", "value": steady, "unit": "img/s"},
         {"name": "extraction, end to end (incl. worker start, store creation)", "value": e2e, "unit": "img/s"},
-        {"name": "images / batch size / workers", "value": float(rows), "unit": f"imgs, batch {batch}, {workers} workers"},
+        {"name": "images", "value": float(rows), "unit": f"rows (batch {batch}, {workers} workers)"},
     ]
     if dev.type == "cuda":
         rows_out.append({"name": "peak GPU memory", "value": torch.cuda.max_memory_allocated(dev) / 2**30,
                          "unit": "GiB"})
     return {
         "rows": rows_out,
-        "ratios": [{"name": "extraction / forward-only (steady state)", "value": steady / fwd, "target": 0.8},
-                   {"name": "extraction / forward-only (end to end)", "value": e2e / fwd, "target": 0.0}],
+        "ratios": [{"name": "extraction / forward-only (steady state)", "value": steady / fwd, "target": 0.8}],
         "notes": (f"{name} at {size}x{size}, fp32, device {dev}; {rows} rows over {files} distinct "
                   f"{img[0]}x{img[1]} JPEGs. On a shared 2-core CPU the decode worker and the model compete "
                   "for the same cores, so the CPU ratio is bounded by decode cost; the GPU run is the one "

@@ -16,12 +16,16 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from srae.errors import InputError
 from srae.images import IMAGENET_MEAN, IMAGENET_STD, preprocess, preprocessing_dict
+
+if TYPE_CHECKING:
+    from srae.fit import FitResult
 
 log = logging.getLogger(__name__)
 
@@ -309,8 +313,9 @@ def load_backbone(path: str | Path) -> Backbone:
                           input_size=int(meta["input_size"]))
 
 
-def fit(*args, **kwargs):  # noqa: ANN002, ANN003 - thin re-export, see srae.fit.fit
-    """Train or fine-tune a backbone; see :func:`srae.fit.fit`."""
+def fit(*args: Any, **kwargs: Any) -> FitResult:
+    """Train or fine-tune a backbone: :func:`srae.fit.fit` (imported on call, because
+    srae.fit itself imports this module)."""
     from srae.fit import fit as _fit
 
     return _fit(*args, **kwargs)

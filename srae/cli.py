@@ -16,6 +16,7 @@ from srae.errors import SraeError
 COMMAND_MODULES: tuple[str, ...] = (
     "srae.run_cli",
     "srae.datasets.commands",
+    "srae.features_cli",
 )
 
 

@@ -52,7 +52,7 @@ class DatasetConfig(_Model):
     download: bool = Field(True, description="fetch/generate the data when root is missing")
     url: str | None = Field(None, description="archive URL for cub/places (None: the reader's default)")
     classes: int = Field(4, ge=2, description="synthetic only: number of classes")
-    per_class: int = Field(48, ge=4, description="synthetic only: images per class")
+    per_class: int = Field(96, ge=4, description="synthetic only: images per class")
     size: int = Field(64, ge=16, description="synthetic only: image side in pixels")
     seed: int = 0
     class_names: list[str] | None = Field(None, description="places only: which scene classes, in order")
@@ -65,7 +65,7 @@ class FitConfig(_Model):
 
     ``epochs: 0`` uses the checkpoint (or the ImageNet weights) as it is."""
 
-    epochs: int = Field(6, ge=0)
+    epochs: int = Field(8, ge=0)
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(32, ge=1)
     weight_decay: float = Field(1e-4, ge=0)

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from srae import __version__
 from srae.backbones import Backbone, resolve_device
 from srae.datasets.common import DatasetIndex
+from srae import stores
 from srae.errors import InputError, SraeError
 from srae.images import BAD_LABEL, ImageDataset, normalize
 
@@ -94,17 +95,9 @@ def store_path(index: DatasetIndex, backbone: Backbone, store_root: str | Path, 
     return Path(store_root) / f"{feature_fingerprint(**inputs)}.zarr"
 
 
-def _root_attrs(path: Path) -> dict | None:
-    meta = path / "zarr.json"
-    if not meta.is_file():
-        return None
-    return json.loads(meta.read_text()).get("attributes", {})
-
-
 def is_complete(path: str | Path) -> bool:
     """True iff ``path`` is a feature store whose extraction finished."""
-    attrs = _root_attrs(Path(path))
-    return bool(attrs and attrs.get("complete") is True)
+    return stores.is_complete(path)
 
 
 @contextlib.contextmanager
@@ -171,11 +164,12 @@ def _open_for_writing(path: Path, index: DatasetIndex, attrs: dict, z_dim: int, 
     """Open the unfinished store at ``path`` (created if absent or half-created)."""
     import zarr
 
-    old = _root_attrs(path)
+    old = stores.root_attrs(path)
     if old is None or "rows_done" not in old or old.get("fingerprint") != attrs["fingerprint"]:
         _create_store(path, index, attrs, z_dim, chunk_rows)
     else:
-        log.info("features: resuming %s at row %d/%d", path, old["rows_done"], old["num_images"])
+        log.info("features: resuming %s at row %d/%d (batch size %d as started)", path, old["rows_done"],
+                 old["num_images"], old["batch_size"])
     return zarr.open_group(str(path), mode="r+")
 
 
@@ -185,8 +179,10 @@ def _forward_batches(loader: DataLoader, bb: Backbone, dev: torch.device,
     batch k is queued (pinned, non-blocking) and collected after batch k+1 is launched,
     so the GPU never waits for the host."""
     pending = None
+    mean = torch.tensor(bb.mean, device=dev)
+    std = torch.tensor(bb.std, device=dev)
     for x, y, _ in loader:
-        x = normalize(x.to(dev, non_blocking=True), bb.mean, bb.std)
+        x = normalize(x.to(dev, non_blocking=True), mean, std)
         amp = (torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype is not None
                else contextlib.nullcontext())
         with torch.inference_mode(), amp:
@@ -236,6 +232,7 @@ def extract_features(index: DatasetIndex, backbone: Backbone, store_root: str | 
     ``backbone.checkpoint_sha256``. ``precision``: fp32 (default), bf16 or fp16 (autocast;
     stored as float32). ``chunk_rows`` must be a multiple of ``batch_size``
     (default: about 4 MB of z per chunk). ``on_batch(rows_processed)`` runs after each batch.
+    The backbone is moved to the device and put in eval mode.
     """
     if layer != backbone.z_layer:
         raise InputError(f"features: layer {layer!r} not supported by {backbone.name} (Z is {backbone.z_layer!r})")
@@ -331,7 +328,7 @@ def open_features(path: str | Path, *, rows: np.ndarray | None = None,
     import zarr
 
     path = Path(path)
-    attrs = _root_attrs(path)
+    attrs = stores.root_attrs(path)
     if attrs is None:
         raise InputError(f"feature store {path}: not found")
     if attrs.get("complete") is not True:

@@ -93,10 +93,11 @@ def evaluate(bb: Backbone, ds: ImageDataset, *, device: torch.device, batch_size
              num_workers: int = 0) -> float:
     """Top-1 accuracy of ``bb`` on ``ds`` (unreadable images left out)."""
     model = bb.model.to(device).eval()
+    mean, std = torch.tensor(bb.mean, device=device), torch.tensor(bb.std, device=device)
     correct = total = 0
     for x, y, _ in _loader(ds, batch_size, False, num_workers, device.type == "cuda"):
         keep = y != BAD_LABEL
-        x = normalize(x.to(device, non_blocking=True), bb.mean, bb.std)
+        x = normalize(x.to(device, non_blocking=True), mean, std)
         pred = model(x).argmax(1).cpu()
         correct += int((pred[keep] == y[keep]).sum())
         total += int(keep.sum())
@@ -120,6 +121,7 @@ def _train_epoch(bb: Backbone, model: nn.Module, opt: torch.optim.Optimizer, ds:
     steps_per_epoch, total_steps = len(loader), len(loader) * cfg["epochs"]
     loss_fn = nn.CrossEntropyLoss()
     model.train()
+    mean, std = torch.tensor(bb.mean, device=device), torch.tensor(bb.std, device=device)
     loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
     # A manual bar: wrapping the loader would let tqdm create a second iterator, which
     # consumes the shuffle generator and changes the batch order.
@@ -135,8 +137,8 @@ def _train_epoch(bb: Backbone, model: nn.Module, opt: torch.optim.Optimizer, ds:
         x, y = x[keep], y[keep]
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg["lr"], epoch * steps_per_epoch + i, total_steps)
-        x = normalize(x.to(device, non_blocking=True), bb.mean, bb.std)
-        y = y.to(device)
+        x = normalize(x.to(device, non_blocking=True), mean, std)
+        y = y.to(device, non_blocking=True)
         logits = model(x)
         loss = loss_fn(logits, y)
         opt.zero_grad(set_to_none=True)
@@ -155,7 +157,7 @@ def _train_epoch(bb: Backbone, model: nn.Module, opt: torch.optim.Optimizer, ds:
 
 def fit(index: DatasetIndex, out_dir: str | Path, *, backbone: str = "demo_cnn",
         checkpoint: str | Path | None = None, pretrained: bool = True, input_size: int | None = None,
-        epochs: int = 15, lr: float = 3e-3, batch_size: int = 16, weight_decay: float = 1e-4,
+        epochs: int = 8, lr: float = 2e-3, batch_size: int = 32, weight_decay: float = 1e-4,
         seed: int = 0, augment: bool = True, device: str = "auto", num_workers: int | None = None,
         progress: bool = True, on_epoch: Callable[[dict], None] | None = None) -> FitResult:
     """Train ``backbone`` on the train split of ``index``; test accuracy on the test split.
@@ -210,7 +212,9 @@ def fit(index: DatasetIndex, out_dir: str | Path, *, backbone: str = "demo_cnn",
         if on_epoch is not None:
             on_epoch(record)
     bb.eval()
-    acc = evaluate(bb, test, device=dev, batch_size=max(batch_size, 64), num_workers=workers) if len(test) else float("nan")
+    acc = float("nan")
+    if len(test):
+        acc = evaluate(bb, test, device=dev, batch_size=max(batch_size, 64), num_workers=workers)
     sha = save_backbone(bb, out / MODEL_FILE)
     summary = {"config": cfg, "history": history, "test_accuracy": acc, "checkpoint_sha256": sha}
     tmp = out / (SUMMARY_FILE + ".tmp")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from srae import stores
 from srae.errors import InputError, SraeError
 from srae.excitation import excitation_maps_multi
 from srae.gradcam import gradcam_maps
@@ -72,17 +73,9 @@ def _ids_sha(ids: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
 
-def _root_attrs(path: Path) -> dict | None:
-    meta = Path(path) / "zarr.json"
-    if not meta.is_file():
-        return None
-    return json.loads(meta.read_text()).get("attributes", {})
-
-
 def is_complete(store: str | Path) -> bool:
     """True iff ``store`` is a heatmap group whose computation finished."""
-    attrs = _root_attrs(Path(store))
-    return bool(attrs and attrs.get("complete") is True)
+    return stores.is_complete(store)
 
 
 def open_heatmaps(store: str | Path) -> HeatmapSet:
@@ -101,7 +94,7 @@ def pending_image_ids(store: str | Path, image_ids: Sequence[int] | np.ndarray) 
     import zarr
 
     ids = np.asarray(image_ids, dtype=np.int64)
-    attrs = _root_attrs(Path(store))
+    attrs = stores.root_attrs(Path(store))
     if attrs is None or "done_rows" not in attrs or attrs.get("image_ids_sha256") != _ids_sha(ids):
         return ids
     done = np.asarray(zarr.open_group(str(store), mode="r")["done"][:])
@@ -123,7 +116,7 @@ def _open_store(job: HeatmapJob, spec: dict, ids: np.ndarray, chunk_rows: int):
     """Open the store for writing: resume when its spec matches, else (re)create it."""
     import zarr
 
-    old = _root_attrs(job.store)
+    old = stores.root_attrs(job.store)
     same = old is not None and "done_rows" in old and all(old.get(k) == v for k, v in spec.items())
     if same:
         root = zarr.open_group(str(job.store), mode="r+")

@@ -44,15 +44,16 @@ def resize_uint8(img: Image.Image, size: int) -> torch.Tensor:
 
 
 def normalize(
-    x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+    x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
 ) -> torch.Tensor:
     """uint8 image(s) (..., 3, H, W) -> float32 ``(x / 255 - mean) / std``.
 
     The op order is fixed so the CPU and the GPU produce the same values for the same input.
+    In a GPU loop pass ``mean``/``std`` as tensors already on the device: building them from
+    lists copies them over, and that blocking copy would stall the pipeline every batch.
     """
-    shape = (3, 1, 1)
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
     return ((x.to(torch.float32) / 255.0) - m) / s
 
 

@@ -50,10 +50,12 @@ def prepare_backbone(backbone: dict[str, Any], dataset: dict[str, Any], cache_di
     if bb.fit.epochs == 0:
         if bb.checkpoint is not None and not Path(bb.checkpoint).is_file():
             raise SraeError(f"backbone.checkpoint: {bb.checkpoint} not found")
+        # seeded, so a resized classifier head is the same head when the backbone is rebuilt
         built = B.build_backbone(bb.name, dataset["num_classes"], bb.checkpoint, pretrained=bb.pretrained,
-                                 input_size=bb.input_size)
+                                 input_size=bb.input_size, seed=bb.fit.seed)
         return {"name": bb.name, "checkpoint": str(bb.checkpoint) if bb.checkpoint else None,
-                "sha256": built.checkpoint_sha256, "test_accuracy": None, "input_size": built.input_size}
+                "sha256": built.checkpoint_sha256, "test_accuracy": None, "input_size": built.input_size,
+                "pretrained": bb.pretrained, "seed": bb.fit.seed}
     out = backbone_dir(cache_dir, backbone, dataset["fingerprint"])
     done = (out / MODEL_FILE).is_file() and (out / SUMMARY_FILE).is_file()
     from srae.fit import fit
@@ -83,5 +85,7 @@ def load_fitted_backbone(info: dict[str, Any], num_classes: int, device: str = "
         except Exception:
             bb = B.build_backbone(info["name"], num_classes, info["checkpoint"])
     else:
-        bb = B.build_backbone(info["name"], num_classes, info.get("checkpoint"))
+        bb = B.build_backbone(info["name"], num_classes, info.get("checkpoint"),
+                              pretrained=info.get("pretrained", True), input_size=info.get("input_size"),
+                              seed=info.get("seed"))
     return bb.to(device).eval()

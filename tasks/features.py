@@ -58,15 +58,14 @@ def extract_features_task(dataset: dict[str, Any], backbone: dict[str, Any], fea
         if store_complete(known["path"]):
             logger.info("features: reusing %s", known["path"])
             return known
-    from srae.features import feature_fingerprint, is_complete
+    from srae.features import is_complete, store_path
 
     index = load_index(dataset)
     dev = resolve_device(features.get("device", "auto") if device == "auto" else device)
     bb = load_fitted_backbone(backbone, dataset["num_classes"], "cpu")
     store_root = Path(cache_dir) / "features"
-    fp = feature_fingerprint(index.manifest_fingerprint(), backbone["sha256"], features["layer"],
-                             {**bb.preprocessing(), "precision": "fp32"})
-    existed = is_complete(store_root / f"{fp}.zarr")
+    existed = is_complete(store_path(index, bb, store_root, checkpoint_sha256=backbone["sha256"],
+                                     layer=features["layer"]))
     with timed() as t:
         path = extract_features(index, bb, store_root, checkpoint_sha256=backbone["sha256"], layer=features["layer"],
                                 device=dev, batch_size=int(features["batch_size"]),

@@ -61,6 +61,10 @@ def test_demo_cnn_structure_and_readouts() -> None:
     assert bb.file_sha256 == "" and bb.checkpoint_sha256 == state_dict_sha256(bb.net)
     assert build_backbone("demo_cnn", 4, input_size=32, seed=0).checkpoint_sha256 == bb.checkpoint_sha256
     assert build_backbone("demo_cnn", 4, input_size=32, seed=1).checkpoint_sha256 != bb.checkpoint_sha256
+    before = bb.checkpoint_sha256
+    with torch.no_grad():
+        bb.head[-1].bias[0] += 1e-6  # one weight, one ulp-scale change
+    assert bb.checkpoint_sha256 != before
 
 
 @pytest.mark.parametrize("name,convs,pool3", [("vgg16", 13, 16), ("vgg19", 16, 18)])

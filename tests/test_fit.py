@@ -25,7 +25,7 @@ def _accuracy_by_hand(bb, index) -> float:
     rows = index.split("test")
     hits = 0
     with torch.no_grad():
-        for path, label in zip(rows["path"], rows["label"]):
+        for path, label in zip(rows["path"], rows["label"], strict=True):
             x = preprocess(load_image(index.abspath(path)), bb.input_size)[None]
             hits += int(bb.net(x).argmax(1).item() == label)
     return hits / len(rows)
@@ -82,3 +82,28 @@ def test_bad_settings(tmp_path: Path) -> None:
     index = make_tiny_index(tmp_path / "data", classes=2, per_class=2)
     with pytest.raises(InputError, match="epochs"):
         fit(index, tmp_path / "run", **{**SETTINGS, "epochs": 0})
+
+
+def test_augment_batch_flips_and_shifts_each_image() -> None:
+    import numpy as np
+
+    from srae.fit import augment_batch
+
+    x = torch.randint(0, 256, (12, 3, 9, 7), dtype=torch.uint8)
+    out = augment_batch(x, torch.Generator().manual_seed(0), max_shift=2)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    flips = 0
+    for img, aug in zip(x.numpy(), out.numpy(), strict=True):
+        matches = []
+        for flip in (False, True):
+            src = img[:, :, ::-1] if flip else img
+            padded = np.pad(src, ((0, 0), (2, 2), (2, 2)), mode="edge")
+            for dy in range(-2, 3):
+                for dx in range(-2, 3):
+                    if np.array_equal(padded[:, 2 + dy: 11 + dy, 2 + dx: 9 + dx], aug):
+                        matches.append(flip)
+        assert matches, "output is not a flipped/shifted copy of its input"
+        flips += matches[0]
+    assert 0 < flips < 12  # both outcomes occur
+    again = augment_batch(x, torch.Generator().manual_seed(0), max_shift=2)
+    assert torch.equal(out, again)

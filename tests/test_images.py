@@ -105,7 +105,7 @@ def test_unreadable_image_is_reported_not_fatal(tmp_path: Path) -> None:
     (tmp_path / broken).write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     ds = ImageDataset(index, None, 16)
     loader = DataLoader(ds, batch_size=4, num_workers=1)
-    xs, labels, ids = zip(*loader)
+    xs, labels, ids = zip(*loader, strict=True)
     labels = torch.cat(labels)
     assert labels[2] == BAD_LABEL and (labels[[0, 1, 3]] >= 0).all()
     assert float(torch.cat(xs)[2].abs().sum()) == 0.0

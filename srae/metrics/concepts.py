@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from srae.errors import InputError
-from srae.metrics.locality import as_numpy
+from srae.metrics.locality import as_numpy, normalised_rows
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +45,6 @@ def evidence_columns(column_names: Sequence[str], evidence: Sequence[str]) -> li
     return sorted(set(out))
 
 
-def _normalised_rows(hist: Any) -> tuple[np.ndarray, np.ndarray]:
-    h = as_numpy(hist, "hist").astype(np.float64)
-    if h.ndim != 2:
-        raise InputError(f"hist: expected shape (n, K), got {h.shape}")
-    if h.size and (not np.isfinite(h).all() or h.min() < 0):
-        raise InputError("hist: contains NaN, inf or negative values")
-    total = h.sum(axis=1, keepdims=True)
-    q = np.divide(h, total, out=np.zeros_like(h), where=total > 0)
-    return q, total[:, 0] > 0
 
 
 def _check_columns(columns: Sequence[int], k: int) -> np.ndarray:
@@ -65,7 +56,7 @@ def _check_columns(columns: Sequence[int], k: int) -> np.ndarray:
 
 def evidence_mass(hist: Any, columns: Sequence[int]) -> np.ndarray:
     """``(n,)`` fraction of each row's mass on ``columns``; NaN for a row with no mass."""
-    q, has_mass = _normalised_rows(hist)
+    q, has_mass = normalised_rows(hist)
     cols = _check_columns(columns, q.shape[1])
     mass = q[:, cols].sum(axis=1) if cols.size else np.zeros(q.shape[0])
     return np.where(has_mass, np.clip(mass, 0.0, 1.0), np.nan)
@@ -92,7 +83,7 @@ def concept_recovery(hist: Any, columns: Sequence[int], weights: Any = None) -> 
 
 def concept_coverage(hist: Any, columns: Sequence[int]) -> float:
     """Fraction of evidence columns that are the top column of at least one x-feature."""
-    q, has_mass = _normalised_rows(hist)
+    q, has_mass = normalised_rows(hist)
     cols = _check_columns(columns, q.shape[1])
     if cols.size == 0:
         return float("nan")
@@ -106,7 +97,7 @@ def top_part_table(hist: Any, column_names: Sequence[str], columns: Sequence[int
     Columns of the frame: ``feature`` (0-based), ``top_part`` (name, or "" with no mass),
     ``top_mass``, ``evidence_mass`` and ``on_evidence`` (the top column is an evidence one).
     """
-    q, has_mass = _normalised_rows(hist)
+    q, has_mass = normalised_rows(hist)
     if len(column_names) != q.shape[1]:
         raise InputError(f"column_names: {len(column_names)} names for {q.shape[1]} histogram columns")
     cols = _check_columns(columns, q.shape[1])

@@ -233,16 +233,24 @@ def entropy(hist: Any) -> np.ndarray:
     ``0 log 0 = 0``. A row with no mass has no distribution: its entropy is NaN (callers
     drop such features and say so; see :func:`srae.scoring`).
     """
+    h = as_numpy(hist, "hist")
+    q, has_mass = normalised_rows(h[None, :] if h.ndim == 1 else h)
+    terms = np.where(q > 0, -q * np.log(np.where(q > 0, q, 1.0)), 0.0)
+    out = terms.sum(axis=1)
+    out[~has_mass] = np.nan
+    return out
+
+
+def normalised_rows(hist: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a non-negative ``(n, K)`` histogram and normalise each row to sum 1.
+
+    Returns the normalised rows (all-zero rows stay zero) and a mask of rows with mass.
+    """
     h = as_numpy(hist, "hist").astype(np.float64)
-    if h.ndim == 1:
-        h = h[None, :]
     if h.ndim != 2:
         raise InputError(f"hist: expected shape (n, K), got {h.shape}")
     if h.size and (not np.isfinite(h).all() or h.min() < 0):
         raise InputError("hist: contains NaN, inf or negative values")
     total = h.sum(axis=1, keepdims=True)
     q = np.divide(h, total, out=np.zeros_like(h), where=total > 0)
-    terms = np.where(q > 0, -q * np.log(np.where(q > 0, q, 1.0)), 0.0)
-    out = terms.sum(axis=1)
-    out[total[:, 0] <= 0] = np.nan
-    return out
+    return q, total[:, 0] > 0
