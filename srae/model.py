@@ -65,7 +65,8 @@ class Architecture:
         return [self.n, *reversed(self.hidden), self.in_dim]
 
 
-def _uniform(gen: torch.Generator, shape: tuple[int, ...], bound: float, dtype: torch.dtype) -> Tensor:
+def init_uniform(gen: torch.Generator, shape: tuple[int, ...], bound: float, dtype: torch.dtype) -> Tensor:
+    """Uniform in ``[-bound, bound]``, drawn in float64 from ``gen`` (device-independent)."""
     return (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1).mul_(bound).to(dtype)
 
 
@@ -87,7 +88,7 @@ class StackedSRAE(nn.Module):
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
         def stacked(shape: tuple[int, ...], bound: float) -> nn.Parameter:
-            return nn.Parameter(torch.stack([_uniform(g, shape, bound, dtype) for g in gens]))
+            return nn.Parameter(torch.stack([init_uniform(g, shape, bound, dtype) for g in gens]))
 
         for fan_in, fan_out in zip(arch.encoder_sizes[:-1], arch.encoder_sizes[1:]):
             bound = 1.0 / math.sqrt(fan_in)

@@ -33,14 +33,22 @@ class StackedAdam:
         self.t += active.to(self.t.dtype)
         bc1 = 1 - self.b1 ** self.t.clamp_min(1)
         bc2_sqrt = (1 - self.b2 ** self.t.clamp_min(1)).sqrt()
+        step_size = torch.where(active, self.lr / bc1, torch.zeros_like(bc1))  # 0 freezes a member
+        all_active = bool(active.all())
         for p, m, v in zip(self.params, self.m, self.v):
             if p.grad is None:
                 continue
             shape = (-1,) + (1,) * (p.dim() - 1)
-            act = active.view(shape)
             g = p.grad
-            m.copy_(torch.where(act, m * self.b1 + g * (1 - self.b1), m))
-            v.copy_(torch.where(act, v * self.b2 + g * g * (1 - self.b2), v))
-            step_size = (self.lr / bc1).to(p.dtype).view(shape)
-            denom = v.sqrt() / bc2_sqrt.to(p.dtype).view(shape) + self.eps
-            p.sub_(torch.where(act, step_size * m / denom, torch.zeros_like(p)))
+            if all_active:  # in place, as torch.optim.Adam does
+                m.lerp_(g, 1 - self.b1)
+                v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+            else:
+                act = active.view(shape)
+                m.copy_(torch.where(act, torch.lerp(m, g, 1 - self.b1), m))
+                v.copy_(torch.where(act, v * self.b2 + g * g * (1 - self.b2), v))
+            # p -= step_size * m / denom; dividing denom by step_size keeps it to one temporary,
+            # and a frozen member's step size 0 makes denom inf, so its update is exactly 0.
+            denom = v.sqrt().div_(bc2_sqrt.to(p.dtype).view(shape)).add_(self.eps)
+            denom.div_(step_size.to(p.dtype).view(shape))
+            p.addcdiv_(m, denom, value=-1.0)

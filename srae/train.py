@@ -18,7 +18,7 @@ from torch import Tensor
 
 from srae.errors import InputError
 from srae.losses import balanced_weights, srae_objective
-from srae.model import Architecture, StackedSRAE, method_spec
+from srae.model import Architecture, StackedSRAE, init_uniform, method_spec
 from srae.optim import StackedAdam
 from srae.sampling import minibatch_stream
 
@@ -38,7 +38,7 @@ class TrainSettings:
     device: str = "cpu"
     max_steps: int | None = None  # fixed number of steps (overrides epochs; tests, benchmarks)
     val_chunk: int = 1024
-    max_restarts: int = 3  # re-initialise a member whose x-features all died (ReLU), at most this often
+    revive: bool = True  # re-initialise x-features that fired on no sample for a whole epoch
 
 
 @dataclass
@@ -64,7 +64,7 @@ class FitResult:
     best_val: list[float]
     curves: list[dict[str, list[float]]] = field(default_factory=list)
     steps: int = 0
-    restarts: list[int] = field(default_factory=list)
+    revivals: list[int] = field(default_factory=list)  # x-features re-initialised, per member
 
 
 def check_finite(name: str, x: Tensor | np.ndarray) -> None:
@@ -122,6 +122,7 @@ def fit_stack(
     eta = (_hp(members, "eta", 0.0, dev) if spec.pull_away else torch.zeros(B, dtype=torch.float64, device=dev)).to(dt)
     q = _hp(members, "q", 1.0, dev).to(dt)
     wd = _hp(members, "weight_decay", 0.0, dev).to(dt)
+    use_l2 = bool((wd != 0).any())  # skip the penalty's full pass over the weights when unused
     weight_table = torch.zeros(B, max(sizes), dtype=dt, device=dev)
     for b, m in enumerate(members):
         weight_table[b, : sizes[b]] = balanced_weights(torch.as_tensor(m.train_pos, device=dev), settings.positive_factor)
@@ -143,9 +144,11 @@ def fit_stack(
     curves = [{"train": [], "val": []} for _ in range(B)]
     running = torch.zeros(B, dtype=torch.float64, device=dev)
     budget_t = torch.tensor(budget, device=dev)
-    dead_steps = torch.zeros(B, dtype=torch.long, device=dev)
-    restarts = [0] * B
-    spe_t = torch.tensor(spe, device=dev)
+    fired = torch.zeros(B, arch.n, dtype=torch.bool, device=dev)  # x-feature > 0 somewhere this epoch
+    revivals = [0] * B
+    # Eq. 5 balances beta, eta and the L2 terms against the faithfulness error in raw logit
+    # units; training on y / y_scale would make them y_scale^2 stronger, so scale it back.
+    faith_weight = spec.faithfulness * y_scale.to(dt) ** 2
 
     step = 0
     while step < total:
@@ -161,8 +164,9 @@ def fit_stack(
         e, z_hat, y_bar = model(zb)
         loss = srae_objective(
             y_bar=y_bar, y_hat=yb, weight=wb, e=e, z=zb, z_hat=z_hat, beta=beta, eta=eta, q=q,
-            reconstruction=spec.reconstruction, faithfulness=spec.faithfulness,
-            encoder_weights=model.encoder_weights(), decoder_weights=model.decoder_weights(), v=model.v,
+            reconstruction=spec.reconstruction, faithfulness=faith_weight,
+            encoder_weights=model.encoder_weights() if use_l2 else [],
+            decoder_weights=model.decoder_weights() if use_l2 else [], v=model.v if use_l2 else None,
             lambda1=wd, lambda2=wd, lambda3=wd,
         )
         opt.zero_grad()
@@ -170,22 +174,14 @@ def fit_stack(
         active &= budget_t >= step
         opt.step(active)
         running += loss.detach().double()
-        # A member whose x-features are all zero gets no gradient through them: dead for a
-        # whole epoch of its own -> re-initialise it with a fresh seed.
-        alive = e.detach().flatten(1).amax(dim=1) > 0
-        dead_steps = torch.where(alive, torch.zeros_like(dead_steps), dead_steps + 1)
-        dead = torch.nonzero((dead_steps >= spe_t) & active).flatten().tolist() if step % eval_every == 0 else []
-        for b in dead:
-            if restarts[b] >= settings.max_restarts:
-                continue
-            restarts[b] += 1
-            _reinit_member(model, opt, b, _reseed(members[b].seed, restarts[b]))
-            budget_t[b] = step + budget[b]
-            budget[b] = step + budget[b]
-            dead_steps[b] = 0
-            best_val[b], since_best[b], best_epoch[b] = math.inf, 0, 0
-            log.info("member %d (category %d): x-features died; re-initialised (restart %d)",
-                     b, members[b].category, restarts[b])
+        # A ReLU x-feature that fires on no sample gets no gradient and never recovers (the
+        # pull-away term even rewards it): after an epoch of silence it is re-initialised.
+        fired |= e.detach().amax(dim=1) > 0
+        if settings.revive and step % eval_every == 0:
+            dead = torch.nonzero(~fired & active[:, None]).tolist()
+            if dead:
+                _revive_features(model, opt, zb, dead, members, revivals)
+            fired.zero_()
         total = max(budget)
         if step % eval_every == 0 or step == total:
             span = eval_every if step % eval_every == 0 else step % eval_every
@@ -220,7 +216,7 @@ def fit_stack(
     for b in range(B):
         if not has_val[b]:
             best_epoch[b] = math.ceil(min(step, budget[b]) / spe[b])
-    return FitResult(model, z_scale, y_scale, best_epoch, best_val, curves, step, restarts)
+    return FitResult(model, z_scale, y_scale, best_epoch, best_val, curves, step, revivals)
 
 
 def _reseed(seed: int, attempt: int) -> int:
@@ -228,15 +224,32 @@ def _reseed(seed: int, attempt: int) -> int:
 
 
 @torch.no_grad()
-def _reinit_member(model: StackedSRAE, opt: StackedAdam, b: int, seed: int) -> None:
-    """Replace member ``b``'s parameters by a fresh init from ``seed`` and clear its Adam state."""
-    fresh = StackedSRAE(model.arch, [seed], dtype=model.v.dtype)
-    for p, f in zip(model.parameters(), fresh.parameters()):
-        p[b].copy_(f[0].to(p.device))
-    for m, v in zip(opt.m, opt.v):
-        m[b].zero_()
-        v[b].zero_()
-    opt.t[b] = 0
+def _revive_features(model: StackedSRAE, opt: StackedAdam, zb: Tensor, dead: list[list[int]],
+                     members: list[Member], revivals: list[int]) -> None:
+    """Give each dead x-feature ``(b, l)`` a fresh incoming row whose bias makes it fire on about
+    half of the current minibatch; its outgoing weights (v_l, decoder column l) restart at 0."""
+    h = zb
+    for w, b in zip(model.enc_w[:-1], model.enc_b[:-1]):
+        h = torch.relu(model._affine(h, w, b))
+    W, bias = model.enc_w[-1], model.enc_b[-1]
+    fan_in = W.shape[2]
+    state = {id(p): (m, v) for p, m, v in zip(opt.params, opt.m, opt.v)}
+    for b, l in dead:
+        revivals[b] += 1
+        gen = torch.Generator().manual_seed(_reseed(members[b].seed, revivals[b]))
+        row = init_uniform(gen, (fan_in,), 1.0 / math.sqrt(fan_in), W.dtype).to(W.device)
+        W[b, l] = row
+        bias[b, l] = 1e-3 - (h[b] @ row).median()
+        model.v[b, l] = 0.0
+        touched = [(W, (b, l)), (bias, (b, l)), (model.v, (b, l))]
+        if len(model.dec_w):
+            model.dec_w[0][b, :, l] = 0.0
+            touched.append((model.dec_w[0], (b, slice(None), l)))
+        for p, idx in touched:
+            if id(p) in state:
+                m, v = state[id(p)]
+                m[idx] = 0.0
+                v[idx] = 0.0
 
 
 @torch.no_grad()

@@ -69,7 +69,7 @@ def test_stacked_members_equal_separately_trained_twins(method):
         idx = np.sort(g.choice(N, 50 + 10 * k, replace=False))
         members.append(Member(cat, idx, labels[idx] == cat, dict(lr=lr, beta=beta, eta=eta, q=q, weight_decay=wd), seed=100 + k))
     arch = Architecture(D, 4, (8, 6))
-    settings = TrainSettings(batch_size=16, max_steps=20, normalize=False, dtype=torch.float64, max_restarts=0)
+    settings = TrainSettings(batch_size=16, max_steps=20, normalize=False, dtype=torch.float64, revive=False)
     res = fit_stack(z, y, members, method, arch, settings)
     assert res.steps == 20
     for b, m in enumerate(members):
@@ -136,3 +136,32 @@ def test_bad_input_names_the_array_or_category():
     # collect mode: the bad category is reported, the others are trained
     out = train_explainers(z, logits, labels0, [0, 1, 2], "NN", SMALL, errors="collect")
     assert set(out.explainers) == {0, 2} and "no positive samples" in out.failed[1]
+
+
+def test_dead_x_features_are_revived_to_fire_on_about_half_the_batch():
+    from srae.optim import StackedAdam
+    from srae.train import _revive_features
+
+    arch = Architecture(6, 4, (8,))
+    model = StackedSRAE(arch, [1, 2], dtype=torch.float64)
+    opt = StackedAdam([p for p in model.parameters() if p.requires_grad], torch.tensor([1e-3, 1e-3], dtype=torch.float64))
+    with torch.no_grad():
+        model.enc_b[-1][0, 1] = -1e3  # member 0, x-feature 1: dead
+        model.enc_b[-1][1, 3] = -1e3  # member 1, x-feature 3: dead
+    for m in opt.m + opt.v:
+        m.fill_(0.5)
+    zb = torch.rand(2, 64, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert (model.encode(zb)[0, :, 1] == 0).all() and (model.encode(zb)[1, :, 3] == 0).all()
+    members = [Member(0, np.arange(10), np.zeros(10, bool), {}, seed=5), Member(1, np.arange(10), np.zeros(10, bool), {}, seed=6)]
+    counts = [0, 0]
+    before = model.enc_w[-1][0, 0].clone()
+    _revive_features(model, opt, zb, [[0, 1], [1, 3]], members, counts)
+    e = model.encode(zb)
+    assert counts == [1, 1]
+    for b, l in ((0, 1), (1, 3)):
+        rate = (e[b, :, l] > 0).double().mean().item()
+        assert 0.4 <= rate <= 0.6, rate
+        assert model.v[b, l].item() == 0.0 and (model.dec_w[0][b, :, l] == 0).all()
+    assert torch.equal(model.enc_w[-1][0, 0], before)  # other features untouched
+    w_state = opt.m[[id(p) for p in opt.params].index(id(model.enc_w[-1]))]
+    assert (w_state[0, 1] == 0).all() and (w_state[0, 0] == 0.5).all()
