@@ -182,7 +182,6 @@ def fit_stack(
             if dead:
                 _revive_features(model, opt, zb, dead, members, revivals)
             fired.zero_()
-        total = max(budget)
         if step % eval_every == 0 or step == total:
             span = eval_every if step % eval_every == 0 else step % eval_every
             tr = (running / span).tolist()
@@ -190,6 +189,8 @@ def fit_stack(
             vals = evaluate_criterion(model, z, y_all, members, method, z_scale, y_scale, settings) if any(has_val) else None
             epoch = math.ceil(step / eval_every)
             for b in range(B):
+                if step - span >= budget[b]:
+                    continue  # this member's own budget ended before this span: no padding
                 curves[b]["train"].append(tr[b])
                 if vals is None or not has_val[b]:
                     continue

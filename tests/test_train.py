@@ -165,3 +165,15 @@ def test_dead_x_features_are_revived_to_fire_on_about_half_the_batch():
     assert torch.equal(model.enc_w[-1][0, 0], before)  # other features untouched
     w_state = opt.m[[id(p) for p in opt.params].index(id(model.enc_w[-1]))]
     assert (w_state[0, 1] == 0).all() and (w_state[0, 0] == 0.5).all()
+
+
+def test_fixed_epoch_members_stop_at_their_own_budget():
+    z, logits, labels = _toy()
+    idx = np.arange(96)
+    members = [Member(0, idx, labels[idx] == 0, {"lr": 1e-3}, seed=1, epochs=2),
+               Member(1, idx, labels[idx] == 1, {"lr": 1e-3}, seed=2, epochs=5)]
+    res = fit_stack(torch.as_tensor(z), torch.as_tensor(logits), members, "NN", Architecture(12, 3, (8,)),
+                    TrainSettings(batch_size=32))
+    assert res.steps == 5 * 3  # 96 rows / 32 per step = 3 steps per epoch
+    assert [len(c["train"]) for c in res.curves] == [2, 5]
+    assert res.best_epoch == [2, 5]
