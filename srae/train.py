@@ -178,7 +178,9 @@ def fit_stack(
         # pull-away term even rewards it): after an epoch of silence it is re-initialised.
         fired |= e.detach().amax(dim=1) > 0
         if settings.revive and step % eval_every == 0:
-            dead = torch.nonzero(~fired & active[:, None]).tolist()
+            # not in the last fifth of a member's budget: a revived feature needs time to earn its v_l
+            dead = [(b, l) for b, l in torch.nonzero(~fired & active[:, None]).tolist()
+                    if budget[b] - step > 0.2 * budget[b]]
             if dead:
                 _revive_features(model, opt, zb, dead, members, revivals)
             fired.zero_()
@@ -225,7 +227,7 @@ def _reseed(seed: int, attempt: int) -> int:
 
 
 @torch.no_grad()
-def _revive_features(model: StackedSRAE, opt: StackedAdam, zb: Tensor, dead: list[list[int]],
+def _revive_features(model: StackedSRAE, opt: StackedAdam, zb: Tensor, dead: list[tuple[int, int]],
                      members: list[Member], revivals: list[int]) -> None:
     """Give each dead x-feature ``(b, l)`` a fresh incoming row whose bias makes it fire on about
     half of the current minibatch; its outgoing weights (v_l, decoder column l) restart at 0."""
