@@ -230,6 +230,31 @@ def table_concepts(df: pd.DataFrame, class_names: list[str] | None = None) -> pd
     return wide
 
 
+def table_top_parts(top: pd.DataFrame, class_names: list[str] | None = None) -> pd.DataFrame:
+    """Per category and method, the part (or object) each x-feature lands on most.
+
+    ``top`` holds :func:`srae.metrics.concepts.top_part_table` rows with ``category`` and
+    ``method`` columns; cells read ``"crown (0.41)*"``: the part, its share of the feature's
+    mass, and ``*`` when it is one of the class's evidence parts.
+    """
+    need = {"category", "method", "feature", "top_part", "top_mass", "on_evidence"}
+    if top is None or top.empty or not need <= set(top.columns):
+        return pd.DataFrame(dtype="object")
+    cell = [f"{p} ({m:.2f}){'*' if ev else ''}" if p else "-"
+            for p, m, ev in zip(top["top_part"], top["top_mass"], top["on_evidence"])]
+    frame = top.assign(cell=cell, feature=[f"x{int(f) + 1}" for f in top["feature"]])
+    wide = frame.pivot_table(index=["category", "method"], columns="feature", values="cell", aggfunc="first")
+    order = [m for m in TABLE_METHODS if m in set(frame["method"])] + sorted(set(frame["method"]) - set(TABLE_METHODS))
+    wide = wide.reset_index()
+    wide["method"] = pd.Categorical(wide["method"], categories=order, ordered=True)
+    wide = wide.sort_values(["category", "method"])
+    if class_names:
+        wide["category"] = [class_names[int(c)] if 0 <= int(c) < len(class_names) else str(c) for c in wide["category"]]
+    wide["method"] = wide["method"].astype(str)
+    wide.columns.name = None
+    return wide.set_index(["category", "method"])
+
+
 def table_per_category(df: pd.DataFrame, metric: str = "F_cls", split: str = "test",
                        lasso_alpha: float | None = None) -> pd.DataFrame:
     """One metric per category (rows) and method (columns): for spotting bad categories."""

@@ -44,6 +44,7 @@ class ReportInputs:
     config_yaml: str | None = None
     notes: list[str] = field(default_factory=list)
     title: str | None = None
+    top_parts: pd.DataFrame | None = None  # per x-feature: the part it lands on most (synthetic data)
 
 
 # ---------------------------------------------------------------------- formatting
@@ -151,6 +152,10 @@ def render_html(inp: ReportInputs, tables: dict[str, pd.DataFrame], findings: li
          "<h2>Table 2b/4: classification of masked + inpainted images</h2>", to_html_table(tables["masking"])]
     if not tables["concepts"].empty:
         s += ["<h2>Concept recovery (synthetic ground truth)</h2>", to_html_table(tables["concepts"])]
+    if not tables["top_parts"].empty:
+        s += ["<h3>Where each x-feature lands</h3><p>The part or object with the largest share of each "
+              "x-feature's mass on test positives; * marks one of the class's evidence parts.</p>",
+              to_html_table(tables["top_parts"])]
     s += ["<h2>Per category: test F_cls</h2>", to_html_table(tables["per_category"])]
     for caption, png in figures:
         b64 = base64.b64encode(png).decode()
@@ -179,7 +184,8 @@ def render_markdown(inp: ReportInputs, tables: dict[str, pd.DataFrame], findings
     lines = [f"# {inp.title or 'SRAE report: ' + inp.experiment}", "", summary_line(findings), ""]
     lines += [f"- {f.claim}: **{f.verdict}** ({f.evidence})" for f in findings] + [""]
     for key, caption in (("main", "Table 1/3"), ("lasso", "Table 2a/5 (Lasso sweep)"),
-                         ("masking", "Table 2b/4 (masking)"), ("concepts", "Concept recovery")):
+                         ("masking", "Table 2b/4 (masking)"), ("concepts", "Concept recovery"),
+                         ("top_parts", "Where each x-feature lands (* = evidence part)")):
         lines += [f"## {caption}", "", to_markdown(tables[key])]
     if inp.failed:
         lines += ["## Failed categories", ""] + [f"- {f}" for f in inp.failed] + [""]
@@ -197,6 +203,7 @@ def derive_tables(inp: ReportInputs) -> dict[str, pd.DataFrame]:
         "masking": R.table_masking(m),
         "concepts": R.table_concepts(m, inp.class_names or None),
         "per_category": R.table_per_category(m, lasso_alpha=inp.lasso_alpha),
+        "top_parts": R.table_top_parts(inp.top_parts, inp.class_names or None),
     }
 
 
@@ -211,7 +218,7 @@ def build_report(inp: ReportInputs) -> Path:
     R.write_metrics(inp.metrics, out / "metrics.parquet")
     tables = derive_tables(inp)
     names = {"main": "table_main", "lasso": "table_lasso_sweep", "masking": "table_masking",
-             "concepts": "table_concepts", "per_category": "table_per_category"}
+             "concepts": "table_concepts", "per_category": "table_per_category", "top_parts": "table_top_parts"}
     for key, df in tables.items():
         _flat_for_parquet(df).to_parquet(out / f"{names[key]}.parquet", index=False)
         (out / f"{names[key]}.md").write_text(to_markdown(df))

@@ -23,6 +23,12 @@ def scores_path(heatmap_group: str) -> Path:
     return p.with_name(p.name + ".scores.parquet")
 
 
+def concepts_path(heatmap_group: str) -> Path:
+    """Per-x-feature "part it lands on most" table of one scored group (synthetic data only)."""
+    p = Path(heatmap_group)
+    return p.with_name(p.name + ".concepts.parquet")
+
+
 def _outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
     return [(str(scores_path(j["heatmaps"])), scores_path(j["heatmaps"]).is_file()) for j in inputs["jobs"]]
 
@@ -46,9 +52,12 @@ def score_heatmaps(jobs: list[dict[str, Any]], dataset: dict[str, Any], scoring:
         with timed() as t:
             results = _score_each(specs, index, scoring, failed, logger)
             seconds = t()
-        for j, rows in zip(todo, results):
-            if rows is None:
+        for j, res in zip(todo, results):
+            if res is None:
                 continue
+            rows, concepts = res
+            if not concepts.empty:
+                atomic_write_parquet(concepts, concepts_path(j["heatmaps"]))
             atomic_write_parquet(rows, scores_path(j["heatmaps"]))
             record_work(cache_dir, "scoring", f"{j['method']}/{j['category']}", seconds / max(1, len(todo)),
                         method=j["method"], category=int(j["category"]))
@@ -58,7 +67,7 @@ def score_heatmaps(jobs: list[dict[str, Any]], dataset: dict[str, Any], scoring:
             "failed": failed}
 
 
-def _score_each(specs, index, scoring, failed, logger) -> list[pd.DataFrame | None]:
+def _score_each(specs, index, scoring, failed, logger) -> list[tuple[pd.DataFrame, pd.DataFrame] | None]:
     """Score all jobs on Dask at once; if that fails, job by job so one bad group is isolated."""
     from srae.scoring import dask_client, score
 
@@ -66,13 +75,14 @@ def _score_each(specs, index, scoring, failed, logger) -> list[pd.DataFrame | No
                      int(scoring.get("threads_per_worker", 1))) as client:
         try:
             res = score(specs, index, client=client)
-            return [_rows_of(res.metrics, s) for s in specs]
+            return [(_rows_of(res.metrics, s), _rows_of(res.concepts, s)) for s in specs]
         except Exception as exc:
             logger.warning("scoring all groups together failed (%s); scoring one by one", exc)
         out: list[pd.DataFrame | None] = []
         for s in specs:
             try:
-                out.append(score([s], index, client=client).metrics)
+                res = score([s], index, client=client)
+                out.append((res.metrics, res.concepts))
             except Exception as exc:
                 failed.append({"category": s.category, "stage": "scoring", "method": s.method,
                                "error": f"{type(exc).__name__}: {exc}"})
@@ -82,6 +92,8 @@ def _score_each(specs, index, scoring, failed, logger) -> list[pd.DataFrame | No
 
 def _rows_of(metrics: pd.DataFrame, spec) -> pd.DataFrame:
     """The rows of one job (jobs differ in method, category or split)."""
+    if metrics.empty:
+        return metrics
     sel = (metrics["method"] == spec.method) & (metrics["category"] == spec.category) & \
           (metrics["split"] == spec.split)
     return metrics[sel.astype(bool)].reset_index(drop=True)

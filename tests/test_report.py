@@ -180,3 +180,21 @@ def test_figures_are_png(long_table):
         metric_charts(R.table_main(pd.DataFrame(columns=list(R.METRIC_COLUMNS))))
     with pytest.raises(InputError, match="no Lasso sweep rows"):
         lasso_chart(pd.DataFrame())
+
+
+def test_top_parts_table_names_the_part_each_x_feature_lands_on():
+    import pandas as pd
+
+    from srae.report import table_top_parts
+
+    top = pd.DataFrame({
+        "experiment": "e", "category": [1, 1, 0], "method": ["SRAE", "SRAE", "NN"], "split": "test",
+        "feature": [0, 1, 0], "top_part": ["crown", "", "left wing"], "top_mass": [0.4123, float("nan"), 0.5],
+        "evidence_mass": [0.5, 0.0, 0.1], "on_evidence": [True, False, False],
+    })
+    wide = table_top_parts(top, ["sparrow", "finch"])
+    assert list(wide.index) == [("sparrow", "NN"), ("finch", "SRAE")]  # class order
+    assert wide.loc[("finch", "SRAE"), "x1"] == "crown (0.41)*"
+    assert wide.loc[("finch", "SRAE"), "x2"] == "-"
+    assert wide.loc[("sparrow", "NN"), "x1"] == "left wing (0.50)"
+    assert table_top_parts(pd.DataFrame()).empty
