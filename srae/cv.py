@@ -17,6 +17,7 @@ import torch
 from srae.errors import InputError
 from srae.explainers import Explainer
 from srae.metrics.faithfulness import f_cls, f_reg
+from srae.losses import balanced_weights
 from srae.model import Architecture, method_spec
 from srae.sampling import SampleDesign, design_samples, stratified_folds
 from srae.train import FitResult, Member, TrainSettings, check_finite, fit_stack
@@ -46,6 +47,7 @@ class ExplainerSettings:
     grid: dict[str, list[float]] = field(default_factory=lambda: dict(DEFAULT_GRID))
     seed: int = 0
     max_members: int = 512  # members per stacked fit (bounds memory)
+    refit_seeds: int = 2  # final fits per category from different inits; the best-fitting one is kept
     train: TrainSettings = field(default_factory=TrainSettings)
 
 
@@ -98,6 +100,14 @@ def _least_squares_v(expl: Explainer, z: np.ndarray, y: np.ndarray, is_pos: np.n
     v, *_ = np.linalg.lstsq(e * sw, y * sw[:, 0], rcond=None)
     expl.v = torch.as_tensor(v, dtype=torch.float64)
     return expl
+
+
+def _train_mse(expl: Explainer, z: np.ndarray, logits: np.ndarray, design: SampleDesign, factor: float) -> float:
+    """Balanced mean squared faithfulness error on the training rows (refit selection)."""
+    y = logits[design.train_idx, design.category].astype(np.float64)
+    err = (expl.predict(z[design.train_idx]) - y) ** 2
+    w = balanced_weights(torch.as_tensor(design.train_pos), factor).numpy()
+    return float((w * err).sum() / w.sum())
 
 
 def faithfulness_summary(expl: Explainer, z: np.ndarray, logits: np.ndarray, design: SampleDesign) -> dict[str, float]:
@@ -196,13 +206,15 @@ def train_explainers(
     else:
         chosen = {c: (configs[0], s.train.max_epochs) for c in cats}
 
-    # 2. Refit on the whole training set with the chosen config.
-    refit = [Member(c, designs[c].train_idx, designs[c].train_pos, chosen[c][0], seed=_seed(s.seed, c, 1_000_003),
-                    epochs=chosen[c][1]) for c in cats]
+    # 2. Refit on the whole training set with the chosen config, from ``refit_seeds`` inits;
+    #    keep the one that fits its training set best (a ReLU model can get stuck from one init).
+    seeds = 1 if method == "CAE" else max(1, s.refit_seeds)  # CAE's v is fitted afterwards anyway
+    refit = [Member(c, designs[c].train_idx, designs[c].train_pos, chosen[c][0],
+                    seed=_seed(s.seed, c, 1_000_003 + r), epochs=chosen[c][1]) for c in cats for r in range(seeds)]
     fits = _fit_chunked(zt, yt, refit, method, arch, s)
     out: dict[int, Explainer] = {}
     criterion = "val_faithfulness_mse" if spec.faithfulness > 0 else "val_reconstruction_mse"
-    for c, (res, b) in zip(cats, fits):
+    for i, c in enumerate(cats):
         d = designs[c]
         meta = {
             "class_name": name_of(c),
@@ -213,20 +225,26 @@ def train_explainers(
             "samples": d.counts(),
             "train_ids": ids[d.train_idx].tolist(),
             "test_ids": ids[d.test_idx].tolist(),
-            "curve": res.curves[b]["train"],
             "settings": {k: v for k, v in asdict(s).items() if k not in ("train", "grid")}
             | {"batch_size": s.train.batch_size, "positive_factor": s.train.positive_factor},
         }
-        expl = _unstack(res, b, method, c, meta)
-        if method == "CAE":
-            expl = _least_squares_v(expl, z[d.train_idx], logits[d.train_idx, c], d.train_pos, s.train.positive_factor)
-        params = torch.cat([w.flatten() for w in expl.weights] + [expl.v.flatten()])
-        if not bool(torch.isfinite(params).all()):
+        candidates = []
+        for res, b in fits[i * seeds : (i + 1) * seeds]:
+            expl = _unstack(res, b, method, c, dict(meta, curve=res.curves[b]["train"]))
+            if method == "CAE":
+                expl = _least_squares_v(expl, z[d.train_idx], logits[d.train_idx, c], d.train_pos,
+                                        s.train.positive_factor)
+            params = torch.cat([w.flatten() for w in expl.weights] + [expl.v.flatten()])
+            if bool(torch.isfinite(params).all()):
+                candidates.append((_train_mse(expl, z, logits, d, s.train.positive_factor), expl))
+        if not candidates:
             msg = f"{name_of(c)}: {method} training diverged (non-finite parameters); lower the learning rate"
             if errors == "raise":
                 raise InputError(msg)
             failed[c] = msg
             continue
-        expl.meta.update(faithfulness_summary(expl, z, logits, d))
+        mse, expl = min(candidates, key=lambda t: t[0])
+        expl.meta.update(faithfulness_summary(expl, z, logits, d), refit_train_mse=mse,
+                         refit_candidates=[m for m, _ in candidates])
         out[c] = expl
     return TrainOutcome(out, failed, designs)

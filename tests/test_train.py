@@ -177,3 +177,15 @@ def test_fixed_epoch_members_stop_at_their_own_budget():
     assert res.steps == 5 * 3  # 96 rows / 32 per step = 3 steps per epoch
     assert [len(c["train"]) for c in res.curves] == [2, 5]
     assert res.best_epoch == [2, 5]
+
+
+def test_refit_keeps_the_best_fitting_of_several_inits():
+    z, logits, labels = _toy()
+    out = train_explainers(z, logits, labels, [0, 2], "SRAE", SMALL)
+    for c, e in out.explainers.items():
+        cands = e.meta["refit_candidates"]
+        assert len(cands) == 2 and e.meta["refit_train_mse"] == min(cands)
+        d = out.designs[c]
+        y = logits[d.train_idx, c].astype(np.float64)
+        w = np.where(d.train_pos, (~d.train_pos).sum() / d.train_pos.sum(), 1.0)
+        assert e.meta["refit_train_mse"] == pytest.approx(float((w * (e.predict(z[d.train_idx]) - y) ** 2).sum() / w.sum()))
