@@ -138,6 +138,7 @@ class ExplainerConfig(_Model):
         None, gt=0, description="alpha of the Lasso column in Table 1 (paper CUB: 2.5); None: chosen per "
                                 "category by CV among lasso_alphas, selecting at most n dims")
     lasso_alphas: list[float] = Field([1.0, 0.5, 0.2, 0.1, 0.05, 0.01], description="Table 2a / 5 sweep")
+    refit_seeds: int = Field(2, ge=1, description="final fits per category from different inits; the best-fitting is kept")
     group_size: int = Field(4, ge=1, description="categories per mapped task")
     device: Device = "auto"
     seed: int = 0

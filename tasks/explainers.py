@@ -44,7 +44,8 @@ def method_settings(x: ExplainerConfig, method: str) -> list[dict[str, Any]]:
     keys = method_spec(method).hparams
     grid = {k: list(getattr(x.grid, k)) for k in keys}
     return [dict(common, n=x.n, hidden=list(x.hidden), folds=x.folds, grid=grid, max_epochs=x.max_epochs,
-                 patience=x.patience, batch_size=x.batch_size, positive_factor=x.positive_factor)]
+                 patience=x.patience, batch_size=x.batch_size, positive_factor=x.positive_factor,
+                 refit_seeds=x.refit_seeds)]
 
 
 def _dir_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -113,6 +114,7 @@ def _train_neural(method, cats, settings, z, logits, labels, ids, splits, names,
         n=settings["n"], hidden=tuple(settings["hidden"]), n_pos=settings["n_pos"], n_neg=settings["n_neg"],
         n_test_neg=settings["n_test_neg"], use_dataset_split=settings["use_dataset_split"],
         folds=settings["folds"], grid=settings["grid"], seed=settings["seed"],
+        refit_seeds=settings.get("refit_seeds", 2),
         train=TrainSettings(batch_size=settings["batch_size"], max_epochs=settings["max_epochs"],
                             patience=settings["patience"], positive_factor=settings["positive_factor"],
                             device=device))
