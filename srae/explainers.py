@@ -25,7 +25,7 @@ META_FILE = "meta.json"
 
 def _as_tensor(z) -> Tensor:
     if isinstance(z, Tensor):
-        return z.detach().to(torch.float64)
+        return z.detach().cpu().to(torch.float64)
     return torch.as_tensor(np.asarray(z), dtype=torch.float64)
 
 

@@ -68,6 +68,7 @@ def balanced_weights(is_positive: Tensor, factor: float = 1.0) -> Tensor:
     Negatives get weight 1; positives get ``factor * n_neg / n_pos`` (1 if a class is absent).
     ``is_positive`` is boolean ``(..., M)``.
     """
+    is_positive = is_positive.bool()
     pos = is_positive.to(torch.float64)
     n_pos = pos.sum(dim=-1, keepdim=True)
     n_neg = (1 - pos).sum(dim=-1, keepdim=True)

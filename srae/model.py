@@ -142,18 +142,3 @@ class StackedSRAE(nn.Module):
 
     def decoder_weights(self) -> list[Tensor]:
         return list(self.dec_w)
-
-
-def export_encoder(weights: list[Tensor], biases: list[Tensor]) -> nn.Sequential:
-    """A plain ``nn.Sequential`` of Linear/ReLU (ReLU after every layer) from unstacked weights.
-
-    This is what heatmaps run through: backbone trunk + this encoder gives the x-features.
-    """
-    layers: list[nn.Module] = []
-    for w, b in zip(weights, biases):
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=True)
-        with torch.no_grad():
-            lin.weight.copy_(w.detach().to(torch.float32).cpu())
-            lin.bias.copy_(b.detach().to(torch.float32).cpu())
-        layers += [lin, nn.ReLU()]
-    return nn.Sequential(*layers).eval()

@@ -34,19 +34,16 @@ class StackedAdam:
         bc1 = 1 - self.b1 ** self.t.clamp_min(1)
         bc2_sqrt = (1 - self.b2 ** self.t.clamp_min(1)).sqrt()
         step_size = torch.where(active, self.lr / bc1, torch.zeros_like(bc1))  # 0 freezes a member
-        all_active = bool(active.all())
         for p, m, v in zip(self.params, self.m, self.v):
             if p.grad is None:
                 continue
             shape = (-1,) + (1,) * (p.dim() - 1)
             g = p.grad
-            if all_active:  # in place, as torch.optim.Adam does
-                m.lerp_(g, 1 - self.b1)
-                v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-            else:
-                act = active.view(shape)
-                m.copy_(torch.where(act, torch.lerp(m, g, 1 - self.b1), m))
-                v.copy_(torch.where(act, v * self.b2 + g * g * (1 - self.b2), v))
+            act = active.to(p.dtype).view(shape)
+            # m <- m + (1 - b1)(g - m), v <- v + (1 - b2)(g^2 - v) where active; a frozen
+            # member's interpolation weight is 0 (in place, no host sync).
+            m.lerp_(g, act * (1 - self.b1))
+            v.lerp_(g * g, act * (1 - self.b2))
             # p -= step_size * m / denom; dividing denom by step_size keeps it to one temporary,
             # and a frozen member's step size 0 makes denom inf, so its update is exactly 0.
             denom = v.sqrt().div_(bc2_sqrt.to(p.dtype).view(shape)).add_(self.eps)

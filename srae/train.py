@@ -99,7 +99,11 @@ def fit_stack(
         raise ValueError("fit_stack needs at least one member")
     arch = Architecture(arch.in_dim, arch.n, arch.hidden, spec.decoder, arch.predictor_bias)
     sizes = [len(m.train_idx) for m in members]
-    mb = min(settings.batch_size, min(sizes))
+    mbs = {min(settings.batch_size, n) for n in sizes}
+    if len(mbs) > 1:
+        raise ValueError(f"members of one stack need one minibatch size, got {sorted(mbs)}; "
+                         "group them with srae.train.stack_groups")
+    mb = mbs.pop()
     cats = torch.tensor([m.category for m in members], device=dev)
     rows_of = [torch.as_tensor(m.train_idx, device=dev) for m in members]
     # Rows and weights padded into (B, max n) tables so one gather serves all members.
@@ -135,20 +139,27 @@ def fit_stack(
     else:
         budget = [(m.epochs or settings.max_epochs) * s for m, s in zip(members, spe)]
     total = max(budget)
-    eval_every = max(spe)
+    spe_np, budget_np = np.array(spe), np.array(budget)
     active = torch.ones(B, dtype=torch.bool, device=dev)
     best_val = [math.inf] * B
     best_epoch = [0] * B
     since_best = [0] * B
     snapshot = [p.detach().clone() for p in params] if any(has_val) else None
+    val_tables = _val_tables(members, settings.positive_factor, dev) if any(has_val) else None
     curves = [{"train": [], "val": []} for _ in range(B)]
     running = torch.zeros(B, dtype=torch.float64, device=dev)
+    last_boundary = np.zeros(B, dtype=np.int64)
     budget_t = torch.tensor(budget, device=dev)
     fired = torch.zeros(B, arch.n, dtype=torch.bool, device=dev)  # x-feature > 0 somewhere this epoch
     revivals = [0] * B
-    # Eq. 5 balances beta, eta and the L2 terms against the faithfulness error in raw logit
-    # units; training on y / y_scale would make them y_scale^2 stronger, so scale it back.
+    # Eq. 5 weighs beta, eta, q and the L2 terms against errors in raw units. Training runs on
+    # y / y_scale and Z / z_scale, so the faithfulness term is scaled back by y_scale^2, and q
+    # (and the plain reconstruction of SAE/CAE) by z_scale^2: hyperparameters keep the paper's units.
+    z2 = z_scale.to(dt) ** 2
     faith_weight = spec.faithfulness * y_scale.to(dt) ** 2
+    q = q * z2
+    if spec.reconstruction == "mean":
+        beta = beta * z2
 
     step = 0
     while step < total:
@@ -174,42 +185,47 @@ def fit_stack(
         active &= budget_t >= step
         opt.step(active)
         running += loss.detach().double()
-        # A ReLU x-feature that fires on no sample gets no gradient and never recovers (the
-        # pull-away term even rewards it): after an epoch of silence it is re-initialised.
         fired |= e.detach().amax(dim=1) > 0
-        if settings.revive and step % eval_every == 0:
-            # not in the last fifth of a member's budget: a revived feature needs time to earn its v_l
-            dead = [(b, l) for b, l in torch.nonzero(~fired & active[:, None]).tolist()
-                    if budget[b] - step > 0.2 * budget[b]]
+        # Each member ends its own epochs (and its budget) on its own schedule.
+        due = np.flatnonzero(((step % spe_np == 0) | (step == budget_np)) & (step <= budget_np))
+        if due.size == 0:
+            continue
+        act = active.tolist()
+        due_t = torch.as_tensor(due, device=dev)
+        tr = running[due_t].tolist()
+        running[due_t] = 0.0
+        # A ReLU x-feature that fires on no sample gets no gradient and never recovers (the
+        # pull-away term even rewards it): after an epoch of silence it is re-initialised,
+        # except in the last fifth of a member's budget (a new feature needs time to earn its v_l).
+        silent = (~fired[due_t]).tolist()
+        fired[due_t] = False
+        if settings.revive:
+            dead = [(int(b), l) for b, row in zip(due, silent) for l, off in enumerate(row)
+                    if off and act[b] and budget[b] - step > 0.2 * budget[b]]
             if dead:
                 _revive_features(model, opt, zb, dead, members, revivals)
-            fired.zero_()
-        if step % eval_every == 0 or step == total:
-            span = eval_every if step % eval_every == 0 else step % eval_every
-            tr = (running / span).tolist()
-            running.zero_()
-            vals = evaluate_criterion(model, z, y_all, members, method, z_scale, y_scale, settings) if any(has_val) else None
-            epoch = math.ceil(step / eval_every)
-            for b in range(B):
-                if step - span >= budget[b]:
-                    continue  # this member's own budget ended before this span: no padding
-                curves[b]["train"].append(tr[b])
-                if vals is None or not has_val[b]:
-                    continue
-                curves[b]["val"].append(vals[b])
-                if not active[b]:
-                    continue
-                if vals[b] < best_val[b]:
-                    best_val[b], best_epoch[b], since_best[b] = vals[b], epoch, 0
-                    with torch.no_grad():
-                        for snap, p in zip(snapshot, params):
-                            snap[b].copy_(p[b])
-                else:
-                    since_best[b] += 1
-                    if since_best[b] >= settings.patience:
-                        active[b] = False
-            if not bool(active.any()):
-                break
+        vals = None
+        if any(has_val[b] for b in due):
+            vals = evaluate_criterion(model, z, y_all, val_tables, method, z_scale, y_scale, settings)
+        for i, b in enumerate(due.tolist()):
+            if not act[b]:
+                continue  # stopped early: its curve ends where it stopped
+            curves[b]["train"].append(tr[i] / (step - last_boundary[b]))
+            last_boundary[b] = step
+            if vals is None or not has_val[b]:
+                continue
+            curves[b]["val"].append(vals[b])
+            if vals[b] < best_val[b]:
+                best_val[b], best_epoch[b], since_best[b] = vals[b], math.ceil(step / spe[b]), 0
+                with torch.no_grad():
+                    for snap, p in zip(snapshot, params):
+                        snap[b].copy_(p[b])
+            else:
+                since_best[b] += 1
+                if since_best[b] >= settings.patience:
+                    active[b] = False
+        if not bool(active.any()):
+            break
     if snapshot is not None:
         with torch.no_grad():
             for snap, p in zip(snapshot, params):
@@ -255,51 +271,63 @@ def _revive_features(model: StackedSRAE, opt: StackedAdam, zb: Tensor, dead: lis
                 v[idx] = 0.0
 
 
+def stack_groups(members: list[Member], batch_size: int, max_members: int) -> list[list[int]]:
+    """Indices of ``members`` split into stacks that share a minibatch size, at most
+    ``max_members`` each. A member's training never depends on which stack it lands in."""
+    by_mb: dict[int, list[int]] = {}
+    for i, m in enumerate(members):
+        by_mb.setdefault(min(batch_size, len(m.train_idx)), []).append(i)
+    return [idx[k : k + max_members] for idx in by_mb.values() for k in range(0, len(idx), max_members)]
+
+
+def _val_tables(members: list[Member], positive_factor: float, dev: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Validation rows and balanced weights padded to (B, max n_val) (weight 0 = padding), and categories."""
+    B = len(members)
+    lengths = [len(m.val_idx) if m.val_idx is not None else 0 for m in members]
+    idx = torch.zeros(B, max(lengths), dtype=torch.long, device=dev)
+    wts = torch.zeros(B, max(lengths), dtype=torch.float64, device=dev)
+    for b, m in enumerate(members):
+        if lengths[b]:
+            idx[b, : lengths[b]] = torch.as_tensor(m.val_idx, device=dev)
+            wts[b, : lengths[b]] = balanced_weights(torch.as_tensor(m.val_pos, device=dev), positive_factor)
+    cats = torch.tensor([m.category for m in members], device=dev)
+    return idx, wts, cats
+
+
 @torch.no_grad()
 def evaluate_criterion(
     model: StackedSRAE,
     z: Tensor,
     y_all: Tensor,
-    members: list[Member],
+    tables: tuple[Tensor, Tensor, Tensor],
     method: str,
     z_scale: Tensor,
     y_scale: Tensor,
     settings: TrainSettings,
 ) -> list[float]:
     """Validation criterion per member in raw units: balanced mean squared faithfulness error,
-    or (CAE, which is not trained for faithfulness) the mean squared reconstruction error."""
+    or (CAE, which is not trained for faithfulness) the mean squared reconstruction error.
+    ``tables`` comes from :func:`_val_tables`."""
     spec = method_spec(method)
-    dev, dt = settings.device, settings.dtype
-    B = len(members)
-    out = []
-    # Members are evaluated in groups of equal padded length to bound memory.
-    lengths = [len(m.val_idx) if m.val_idx is not None else 0 for m in members]
-    vmax = max(lengths)
-    num = torch.zeros(B, dtype=torch.float64, device=dev)
-    den = torch.zeros(B, dtype=torch.float64, device=dev)
-    cats = torch.tensor([m.category for m in members], device=dev)
-    idx = torch.zeros(B, vmax, dtype=torch.long, device=dev)
-    wts = torch.zeros(B, vmax, dtype=torch.float64, device=dev)
-    for b, m in enumerate(members):
-        if lengths[b]:
-            idx[b, : lengths[b]] = torch.as_tensor(m.val_idx, device=dev)
-            wts[b, : lengths[b]] = balanced_weights(torch.as_tensor(m.val_pos, device=dev), settings.positive_factor)
+    dt = settings.dtype
+    idx, wts, cats = tables
+    B, vmax = idx.shape
+    num = torch.zeros(B, dtype=torch.float64, device=idx.device)
+    den = torch.zeros(B, dtype=torch.float64, device=idx.device)
     zs = z_scale.to(dt).view(B, 1, 1)
     for start in range(0, vmax, settings.val_chunk):
         sl = slice(start, min(vmax, start + settings.val_chunk))
         zb = z[idx[:, sl]].to(dt) / zs
-        e, z_hat, y_bar = model(zb)
+        e = model.encode(zb)
         w = wts[:, sl]
         if spec.faithfulness > 0:
             y = y_all[idx[:, sl], cats[:, None]].double()
-            err = (y_bar.double() * y_scale[:, None] - y) ** 2
+            err = (model.predict(e).double() * y_scale[:, None] - y) ** 2
             num += (w * err).sum(1)
             den += w.sum(1)
         else:
-            err = ((z_hat - zb).double() ** 2).mean(-1) * z_scale[:, None] ** 2
+            err = ((model.decode(e) - zb).double() ** 2).mean(-1) * z_scale[:, None] ** 2
             mask = (w > 0).double()
             num += (mask * err).sum(1)
             den += mask.sum(1)
-    for b in range(B):
-        out.append(float(num[b] / den[b]) if den[b] > 0 else math.inf)
-    return out
+    return [float(n / d) if d > 0 else math.inf for n, d in zip(num.tolist(), den.tolist())]

@@ -189,3 +189,34 @@ def test_refit_keeps_the_best_fitting_of_several_inits():
         y = logits[d.train_idx, c].astype(np.float64)
         w = np.where(d.train_pos, (~d.train_pos).sum() / d.train_pos.sum(), 1.0)
         assert e.meta["refit_train_mse"] == pytest.approx(float((w * (e.predict(z[d.train_idx]) - y) ** 2).sum() / w.sum()))
+
+
+def test_a_member_trains_the_same_alone_or_in_any_stack():
+    """Own minibatches, own epoch boundaries, own early stopping: stack-mates change nothing."""
+    g = np.random.default_rng(11)
+    N, D, C = 400, 10, 3
+    z = torch.as_tensor(g.uniform(0, 2, (N, D)))
+    y = torch.as_tensor(g.normal(0, 3, (N, C)))
+    labels = g.integers(0, C, N)
+
+    def member(cat, n, seed):
+        idx = np.sort(g.choice(N, n + 40, replace=False))
+        return Member(cat, idx[:n], labels[idx[:n]] == cat, {"lr": 5e-3, "beta": 0.5, "eta": 0.2, "q": 2.0},
+                      seed=seed, val_idx=idx[n:], val_pos=labels[idx[n:]] == cat)
+
+    a, b, c = member(0, 200, 1), member(1, 64, 2), member(2, 130, 3)
+    settings = TrainSettings(batch_size=32, max_epochs=6, patience=2, dtype=torch.float64)
+    arch = Architecture(D, 3, (8,))
+    stacked = fit_stack(z, y, [b, a, c], "SRAE", arch, settings)
+    for k, m in enumerate([b, a, c]):
+        alone = fit_stack(z, y, [m], "SRAE", arch, settings)
+        assert stacked.best_epoch[k] == alone.best_epoch[0]
+        assert stacked.curves[k]["val"] == pytest.approx(alone.curves[0]["val"], rel=1e-10)
+        for p_alone, p_stack in zip(alone.model.parameters(), stacked.model.parameters()):
+            assert torch.allclose(p_alone[0], p_stack[k], rtol=1e-10, atol=1e-12)
+    # members whose minibatch size differs (fewer rows than the batch) are stacked apart
+    small = member(0, 20, 4)
+    with pytest.raises(ValueError, match="one minibatch size"):
+        fit_stack(z, y, [a, small], "SRAE", arch, settings)
+    from srae.train import stack_groups
+    assert stack_groups([a, small, b, c], 32, 2) == [[0, 2], [3], [1]]
