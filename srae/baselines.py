@@ -17,25 +17,23 @@ from sklearn.linear_model import Lasso
 from srae.cv import faithfulness_summary
 from srae.errors import InputError
 from srae.explainers import Explainer
+from srae.losses import balanced_weights
 from srae.sampling import SampleDesign, stratified_folds
 
 log = logging.getLogger(__name__)
 
 
-def _balanced(is_pos: np.ndarray) -> np.ndarray:
-    n_pos, n_neg = int(is_pos.sum()), int((~is_pos).sum())
-    w = np.ones(len(is_pos))
-    if n_pos and n_neg:
-        w[is_pos] = n_neg / n_pos
-    return w
+def _balanced(is_pos: np.ndarray, factor: float = 1.0) -> np.ndarray:
+    return balanced_weights(torch.as_tensor(np.asarray(is_pos, dtype=bool)), factor).numpy()
 
 
-def fit_lasso(z: np.ndarray, y: np.ndarray, is_pos: np.ndarray, alpha: float, max_iter: int = 5000) -> Lasso:
-    """scikit-learn Lasso on Z with positives up-weighted to balance the classes."""
+def fit_lasso(z: np.ndarray, y: np.ndarray, is_pos: np.ndarray, alpha: float, max_iter: int = 5000,
+              positive_factor: float = 1.0) -> Lasso:
+    """scikit-learn Lasso on Z with positives up-weighted to balance the classes (times ``positive_factor``)."""
     model = Lasso(alpha=alpha, max_iter=max_iter)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(z, y, sample_weight=_balanced(is_pos))
+        model.fit(z, y, sample_weight=_balanced(is_pos, positive_factor))
     return model
 
 
@@ -71,6 +69,7 @@ def train_lasso(
     max_features: int | None = None,
     seed: int = 0,
     class_name: str | None = None,
+    positive_factor: float = 1.0,
 ) -> Explainer:
     """Pick alpha by k-fold CV (balanced validation MSE) among alphas selecting at most
     ``max_features`` dims on the full training set, refit, and return the explainer."""
@@ -81,13 +80,13 @@ def train_lasso(
     cv = []
     fold_sets = stratified_folds(pos_tr, folds, seed) if folds >= 2 else []
     for alpha in sorted(set(float(a) for a in alphas)):
-        full = fit_lasso(z_tr, y_tr, pos_tr, alpha)
+        full = fit_lasso(z_tr, y_tr, pos_tr, alpha, positive_factor=positive_factor)
         n_sel = int(np.count_nonzero(full.coef_))
         errs = []
         for val in fold_sets:
             tr = np.setdiff1d(np.arange(len(y_tr)), val)
-            m = fit_lasso(z_tr[tr], y_tr[tr], pos_tr[tr], alpha)
-            w = _balanced(pos_tr[val])
+            m = fit_lasso(z_tr[tr], y_tr[tr], pos_tr[tr], alpha, positive_factor=positive_factor)
+            w = _balanced(pos_tr[val], positive_factor)
             errs.append(float(np.sum(w * (m.predict(z_tr[val]) - y_tr[val]) ** 2) / w.sum()))
         cv.append({"alpha": alpha, "n_selected": n_sel, "val_criterion": float(np.mean(errs)) if errs else float("nan"),
                    "model": full})

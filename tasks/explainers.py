@@ -33,6 +33,7 @@ def method_settings(x: ExplainerConfig, method: str) -> list[dict[str, Any]]:
     over ``lasso_alphas`` limited to ``n`` selected dims), then one per sweep alpha."""
     common = {k: getattr(x, k) for k in SAMPLE_KEYS}
     if method == "Lasso":
+        common["positive_factor"] = x.positive_factor
         if x.lasso_alpha is not None:
             head = dict(common, alpha=float(x.lasso_alpha), sweep=False)
         else:
@@ -133,10 +134,12 @@ def _train_lasso(cats, settings, z, logits, labels, ids, splits, names):
             if "alphas" in settings:  # headline: CV over the alphas, at most max_features dims
                 expl = train_lasso(z, logits, d, settings["alphas"], folds=settings["folds"],
                                    max_features=settings["max_features"], seed=settings["seed"],
-                                   class_name=names[c] if names else None)
+                                   class_name=names[c] if names else None,
+                                   positive_factor=settings.get("positive_factor", 1.0))
             else:
                 expl = train_lasso(z, logits, d, [settings["alpha"]], folds=1, seed=settings["seed"],
-                                   class_name=names[c] if names else None)
+                                   class_name=names[c] if names else None,
+                                   positive_factor=settings.get("positive_factor", 1.0))
             expl.meta.update(train_ids=ids[d.train_idx].tolist(), test_ids=ids[d.test_idx].tolist())
             out[c] = expl
         except Exception as exc:  # one category's failure must not stop the others
