@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,12 +81,13 @@ class Explainer:
         tensors |= {f"encoder.{i}.bias": b.detach().float().contiguous().cpu() for i, b in enumerate(self.biases)}
         tensors["v"] = self.v.detach().float().contiguous().cpu()
         tensors["bias"] = torch.tensor([float(self.bias)])
-        tmp = directory / (WEIGHTS_FILE + ".tmp")
+        tag = f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # concurrent writers never share a temp file
+        tmp = directory / (WEIGHTS_FILE + tag)
         save_file(tensors, str(tmp))
         tmp.replace(directory / WEIGHTS_FILE)
         meta = dict(self.meta, method=self.method, category=int(self.category), n_features=self.n_features,
                     layers=len(self.weights))
-        tmp = directory / (META_FILE + ".tmp")
+        tmp = directory / (META_FILE + tag)
         tmp.write_text(json.dumps(meta, indent=1, default=_json_default))
         tmp.replace(directory / META_FILE)
         return directory

@@ -23,10 +23,11 @@ from tasks.heatmaps import group_complete
 MASK_METHODS = ("SRAE", "ExcitationBP")
 
 
-def masking_path(heatmap_group: str, gammas: list[float]) -> Path:
+def masking_path(heatmap_group: str, gammas: list[float], max_images: int | None = None) -> Path:
+    """Result file of one group's masking test; named by everything that changes its numbers."""
     p = Path(heatmap_group)
     tag = "-".join(f"{g:g}" for g in gammas)
-    return p.with_name(p.name + f".masking-{tag}.parquet")
+    return p.with_name(p.name + f".masking-{tag}-m{max_images if max_images else 'all'}.parquet")
 
 
 def _mask_jobs(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -34,9 +35,9 @@ def _mask_jobs(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
-    g = inputs["masking"]["gammas"]
-    return [(str(masking_path(j["heatmaps"], g)), masking_path(j["heatmaps"], g).is_file())
-            for j in _mask_jobs(inputs["jobs"])]
+    g, m = inputs["masking"]["gammas"], inputs["masking"].get("max_images")
+    paths = [masking_path(j["heatmaps"], g, m) for j in _mask_jobs(inputs["jobs"])]
+    return [(str(p), p.is_file()) for p in paths]
 
 
 def _accuracy_rows(j, bb, index, gammas, max_images, experiment, dev) -> pd.DataFrame:
@@ -69,7 +70,7 @@ def masking_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone:
     logger = run_logger()
     gammas = [float(g) for g in masking["gammas"]]
     mine = [j for j in _mask_jobs(jobs) if group_complete(j["heatmaps"])]
-    todo = [j for j in mine if not masking_path(j["heatmaps"], gammas).is_file()]
+    todo = [j for j in mine if not masking_path(j["heatmaps"], gammas, masking.get("max_images")).is_file()]
     failed: list[dict[str, Any]] = []
     if todo:
         dev = resolve_device(masking.get("device", "auto"))
@@ -79,12 +80,13 @@ def masking_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone:
             try:
                 with timed() as t:
                     rows = _accuracy_rows(j, bb, index, gammas, masking.get("max_images"), experiment, dev)
-                    atomic_write_parquet(rows, masking_path(j["heatmaps"], gammas))
+                    atomic_write_parquet(rows, masking_path(j["heatmaps"], gammas, masking.get("max_images")))
                 record_work(cache_dir, "masking", f"{j['method']}/{j['category']}", t(),
                             method=j["method"], category=int(j["category"]))
             except Exception as exc:  # one category's failure must not stop the others
                 logger.warning("masking %s/%d failed: %s", j["method"], j["category"], exc)
                 failed.append({"category": j["category"], "stage": "masking", "method": j["method"],
                                "error": short_error(exc)})
-    files = [str(masking_path(j["heatmaps"], gammas)) for j in mine if masking_path(j["heatmaps"], gammas).is_file()]
+    paths = [masking_path(j["heatmaps"], gammas, masking.get("max_images")) for j in mine]
+    files = [str(p) for p in paths if p.is_file()]
     return {"files": files, "failed": failed}
