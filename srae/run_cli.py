@@ -56,6 +56,21 @@ def run_command(args: argparse.Namespace) -> int:
         pipeline_mod = importlib.import_module("flows.pipeline")
     except ImportError as exc:
         raise SraeError(f"the pipeline is not importable ({exc}); run from the project root or pip install -e .") from None
-    report = pipeline_mod.pipeline(cfg.model_dump(mode="json"))
+    if not getattr(args, "verbose", False):
+        for name in ("prefect.task_runs", "prefect.flow_runs"):
+            logging.getLogger(name).addFilter(_drop_tracebacks)
+    try:
+        report = pipeline_mod.pipeline(cfg.model_dump(mode="json"))
+    except SraeError:
+        raise
+    except Exception as exc:  # one readable line; `srae -v run` shows the tracebacks
+        raise SraeError(f"{type(exc).__name__}: {exc} (rerun with -v for details)") from None
     print(report)
     return 0
+
+
+def _drop_tracebacks(record: logging.LogRecord) -> bool:
+    """Logging filter: keep Prefect's run messages but not their traceback walls."""
+    record.exc_info = None
+    record.exc_text = None
+    return True

@@ -14,7 +14,7 @@ from prefect import task
 
 from srae.config import BackboneConfig, stable_hash
 from srae.errors import SraeError
-from tasks.common import TASK_DEFAULTS, record_work, resolve_device, run_logger, stage_cache, timed
+from tasks.common import retry_unless_user_error, TASK_DEFAULTS, record_work, resolve_device, run_logger, stage_cache, timed
 from tasks.download import load_index
 
 MODEL_FILE = "model.safetensors"
@@ -37,7 +37,7 @@ def _outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
     return [(str(d), (d / MODEL_FILE).is_file() and (d / SUMMARY_FILE).is_file())]
 
 
-@task(name="backbone", retries=1, retry_delay_seconds=10, cache_policy=stage_cache(_outputs), **TASK_DEFAULTS)
+@task(name="backbone", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error, cache_policy=stage_cache(_outputs), **TASK_DEFAULTS)
 def prepare_backbone(backbone: dict[str, Any], dataset: dict[str, Any], cache_dir: str,
                      device: str = "auto") -> dict[str, Any]:
     """Fit (or load) the backbone; return its checkpoint path and sha256.

@@ -165,3 +165,14 @@ def artifact_key(text: str) -> str:
     """Artifact keys allow lowercase letters, digits and dashes only."""
     out = "".join(ch if ch.isalnum() else "-" for ch in text.lower())
     return "-".join(p for p in out.split("-") if p) or "srae"
+
+
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry transient failures, never a user error (SraeError)."""
+    from srae.errors import SraeError
+
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # result not retrievable: treat as transient
+        return True
+    return not isinstance(exc, SraeError)

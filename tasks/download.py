@@ -18,7 +18,7 @@ from prefect import task
 from srae.config import DatasetConfig, stable_hash
 from srae.datasets.common import DatasetIndex
 from srae.errors import SraeError
-from tasks.common import TASK_DEFAULTS, record_work, run_logger, stage_cache, timed
+from tasks.common import retry_unless_user_error, TASK_DEFAULTS, record_work, run_logger, stage_cache, timed
 
 GEN_PARAMS = ("classes", "per_class", "size", "seed")
 
@@ -112,7 +112,7 @@ def _dataset_outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
     return [(str(path), done)]
 
 
-@task(name="dataset", retries=2, retry_delay_seconds=[5, 30], cache_policy=stage_cache(_dataset_outputs),
+@task(name="dataset", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_user_error, cache_policy=stage_cache(_dataset_outputs),
       **TASK_DEFAULTS)
 def prepare_dataset(dataset: dict[str, Any], cache_dir: str) -> dict[str, Any]:
     """Generate / download the dataset if needed; return its root, fingerprint and names."""

@@ -16,7 +16,7 @@ from prefect import task
 
 from srae.config import stable_hash
 from tasks.backbone import load_fitted_backbone
-from tasks.common import TASK_DEFAULTS, atomic_write_text, record_work, resolve_device, run_logger, stage_cache, timed
+from tasks.common import retry_unless_user_error, TASK_DEFAULTS, atomic_write_text, record_work, resolve_device, run_logger, stage_cache, timed
 from tasks.download import load_index
 
 
@@ -44,7 +44,7 @@ def _outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
     return [(path, store_complete(path))]
 
 
-@task(name="features", retries=1, retry_delay_seconds=10, cache_policy=stage_cache(_outputs), **TASK_DEFAULTS)
+@task(name="features", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error, cache_policy=stage_cache(_outputs), **TASK_DEFAULTS)
 def extract_features_task(dataset: dict[str, Any], backbone: dict[str, Any], features: dict[str, Any],
                           cache_dir: str, device: str = "auto") -> dict[str, Any]:
     """Fill (or reuse) the feature store; return its path, fingerprint and shape."""
