@@ -19,7 +19,7 @@ from srae.explainers import Explainer
 from srae.metrics.faithfulness import f_cls, f_reg
 from srae.losses import balanced_weights
 from srae.model import Architecture, method_spec
-from srae.sampling import SampleDesign, design_samples, stratified_folds
+from srae.sampling import SampleDesign, derive_seed, design_samples, stratified_folds
 from srae.train import FitResult, Member, TrainSettings, check_finite, fit_stack, stack_groups
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,6 @@ class TrainOutcome:
     designs: dict[int, SampleDesign]
 
 
-def _seed(*parts: int) -> int:
-    """A deterministic 31-bit seed from integers (independent of PYTHONHASHSEED)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]) & 0x7FFFFFFF
-
-
 def method_configs(method: str, grid: dict[str, list[float]]) -> list[dict[str, float]]:
     """The distinct hyperparameter configs that matter for ``method`` (grid product)."""
     keys = [k for k in method_spec(method).hparams if k in grid]
@@ -95,8 +90,7 @@ def _unstack(res: FitResult, b: int, method: str, category: int, meta: dict) -> 
 def _least_squares_v(expl: Explainer, z: np.ndarray, y: np.ndarray, is_pos: np.ndarray, factor: float) -> Explainer:
     """CAE: fit ``v`` afterwards by (balanced) weighted least squares so faithfulness can be scored."""
     e = expl.features(z)
-    n_pos, n_neg = is_pos.sum(), (~is_pos).sum()
-    w = np.where(is_pos, factor * n_neg / max(n_pos, 1) if n_pos and n_neg else 1.0, 1.0)
+    w = balanced_weights(torch.as_tensor(is_pos), factor).numpy()
     sw = np.sqrt(w)[:, None]
     v, *_ = np.linalg.lstsq(e * sw, y * sw[:, 0], rcond=None)
     expl.v = torch.as_tensor(v, dtype=torch.float64)
@@ -188,7 +182,7 @@ def train_explainers(
             for ci, cfg in enumerate(configs):
                 for f, val_pos_idx in enumerate(folds):
                     tr = np.setdiff1d(np.arange(len(d.train_idx)), val_pos_idx)
-                    members.append(Member(c, d.train_idx[tr], d.train_pos[tr], cfg, seed=_seed(s.seed, c, ci, f),
+                    members.append(Member(c, d.train_idx[tr], d.train_pos[tr], cfg, seed=derive_seed(s.seed, c, ci, f),
                                           val_idx=d.train_idx[val_pos_idx], val_pos=d.train_pos[val_pos_idx]))
                     keys.append((c, ci))
         log.info("%s: cross-validating %d members (%d categories x %d configs x %d folds)",
@@ -211,7 +205,7 @@ def train_explainers(
     #    keep the one that fits its training set best (a ReLU model can get stuck from one init).
     seeds = 1 if method == "CAE" else max(1, s.refit_seeds)  # CAE's v is fitted afterwards anyway
     refit = [Member(c, designs[c].train_idx, designs[c].train_pos, chosen[c][0],
-                    seed=_seed(s.seed, c, 1_000_003 + r), epochs=chosen[c][1]) for c in cats for r in range(seeds)]
+                    seed=derive_seed(s.seed, c, 1_000_003 + r), epochs=chosen[c][1]) for c in cats for r in range(seeds)]
     fits = _fit_chunked(zt, yt, refit, method, arch, s)
     out: dict[int, Explainer] = {}
     criterion = "val_faithfulness_mse" if spec.faithfulness > 0 else "val_reconstruction_mse"

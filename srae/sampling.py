@@ -106,6 +106,11 @@ def stratified_folds(is_pos: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
     return [np.sort(np.concatenate(f)).astype(np.int64) for f in folds]
 
 
+def derive_seed(*parts: int) -> int:
+    """A deterministic 31-bit seed from integers (independent of PYTHONHASHSEED)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
 def minibatch_stream(seed: int, n: int, batch: int) -> Iterator[np.ndarray]:
     """Endless minibatches of ``batch`` positions in ``0..n-1``: consecutive slices of
     concatenated random permutations drawn from a generator seeded with ``seed`` alone."""

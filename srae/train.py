@@ -20,7 +20,7 @@ from srae.errors import InputError
 from srae.losses import balanced_weights, srae_objective
 from srae.model import Architecture, StackedSRAE, init_uniform, method_spec
 from srae.optim import StackedAdam
-from srae.sampling import minibatch_stream
+from srae.sampling import derive_seed, minibatch_stream
 
 log = logging.getLogger(__name__)
 
@@ -238,10 +238,6 @@ def fit_stack(
     return FitResult(model, z_scale, y_scale, best_epoch, best_val, curves, step, revivals)
 
 
-def _reseed(seed: int, attempt: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(attempt)]).generate_state(1)[0]) & 0x7FFFFFFF
-
-
 @torch.no_grad()
 def _revive_features(model: StackedSRAE, opt: StackedAdam, zb: Tensor, dead: list[tuple[int, int]],
                      members: list[Member], revivals: list[int]) -> None:
@@ -255,7 +251,7 @@ def _revive_features(model: StackedSRAE, opt: StackedAdam, zb: Tensor, dead: lis
     state = {id(p): (m, v) for p, m, v in zip(opt.params, opt.m, opt.v)}
     for b, l in dead:
         revivals[b] += 1
-        gen = torch.Generator().manual_seed(_reseed(members[b].seed, revivals[b]))
+        gen = torch.Generator().manual_seed(derive_seed(members[b].seed, revivals[b]))
         row = init_uniform(gen, (fan_in,), 1.0 / math.sqrt(fan_in), W.dtype).to(W.device)
         W[b, l] = row
         bias[b, l] = 1e-3 - (h[b] @ row).median()
