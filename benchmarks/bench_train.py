@@ -60,12 +60,15 @@ def _matmul_peak(device: str) -> float:
     for _ in range(2):
         a @ b
     _sync(device)
-    reps = 10 if device.startswith("cuda") else 3
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+    reps = 10
+    best = 0.0
+    for _ in range(3):  # best of three rounds: a peak, robust to a busy shared CPU
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        _sync(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12)
+    return best
 
 
 def run(device: str = "cpu", full: bool = False) -> dict:
@@ -119,10 +122,17 @@ def run(device: str = "cpu", full: bool = False) -> dict:
         {"name": "batched achieved matmul rate", "value": achieved, "unit": "TFLOP/s"},
         {"name": "measured matmul peak (fp32/TF32)", "value": peak, "unit": "TFLOP/s"},
         {"name": "fraction of measured peak", "value": achieved / peak, "unit": ""},
+        {"name": "per-category loop achieved matmul rate", "value": flops / t_loop / 1e12, "unit": "TFLOP/s"},
+        {"name": "per-category loop fraction of measured peak", "value": flops / t_loop / 1e12 / peak, "unit": ""},
+        {"name": "ceiling on any same-FLOP speed-up here (peak / loop rate)", "value": peak * t_loop * 1e12 / flops,
+         "unit": "x"},
         {"name": "batched peak GPU memory", "value": peak_batched, "unit": "GiB"},
     ]
     target = 20.0 if full else 5.0
     notes = (f"{cats} categories, D = {D}, {per_cat} train samples each, minibatch {mb}, {steps} Adam steps per "
-             f"category, architecture {arch.encoder_sizes} + decoder, full SRAE objective, device {device}.")
+             f"category, architecture {arch.encoder_sizes} + decoder, full SRAE objective, device {device}. "
+             "Batching only removes per-model overhead (kernel launches, Python, small kernels); when "
+             "the loop already runs its matmuls near the device's peak, the ceiling row bounds what any "
+             "implementation doing the same FLOPs can gain.")
     return {"rows": rows, "ratios": [{"name": "batched speed-up over per-category loop", "value": t_loop / t_batched,
                                       "target": target}], "notes": notes}

@@ -111,22 +111,30 @@ class StackedSRAE(nn.Module):
         # x (B, m, in), w (B, out, in), b (B, out) -> (B, m, out)
         return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
 
+    @staticmethod
+    def _affine_t(h: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        # Feature-major: h (B, in, m), w (B, out, in), b (B, out) -> (B, out, m). Training runs
+        # in this layout because the weight gradient (grad_out @ h^T) then comes out in w's own
+        # (B, out, in) layout; the sample-major form yields it transposed, and autograd copies
+        # every weight gradient to match w's strides (about a quarter of a CPU step).
+        return torch.baddbmm(b.unsqueeze(2), w, h)
+
     def encode(self, z: Tensor) -> Tensor:
         """``z`` (B, m, D) -> x-features E (B, m, n), non-negative."""
-        h = z
+        h = z.transpose(1, 2)
         for w, b in zip(self.enc_w, self.enc_b):
-            h = torch.relu(self._affine(h, w, b))
-        return h
+            h = torch.relu(self._affine_t(h, w, b))
+        return h.transpose(1, 2)
 
     def decode(self, e: Tensor) -> Tensor:
         """E (B, m, n) -> reconstruction (B, m, D)."""
-        h = e
+        h = e.transpose(1, 2)
         last = len(self.dec_w) - 1
         for i, (w, b) in enumerate(zip(self.dec_w, self.dec_b)):
-            h = self._affine(h, w, b)
+            h = self._affine_t(h, w, b)
             if i < last:
                 h = torch.relu(h)
-        return h
+        return h.transpose(1, 2)
 
     def predict(self, e: Tensor) -> Tensor:
         """E (B, m, n) -> y_bar (B, m)."""

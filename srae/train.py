@@ -140,7 +140,7 @@ def fit_stack(
         budget = [(m.epochs or settings.max_epochs) * s for m, s in zip(members, spe)]
     total = max(budget)
     spe_np, budget_np = np.array(spe), np.array(budget)
-    active = torch.ones(B, dtype=torch.bool, device=dev)
+    active = np.ones(B, dtype=bool)  # host-side: the optimizer needs no device sync
     best_val = [math.inf] * B
     best_epoch = [0] * B
     since_best = [0] * B
@@ -149,7 +149,6 @@ def fit_stack(
     curves = [{"train": [], "val": []} for _ in range(B)]
     running = torch.zeros(B, dtype=torch.float64, device=dev)
     last_boundary = np.zeros(B, dtype=np.int64)
-    budget_t = torch.tensor(budget, device=dev)
     fired = torch.zeros(B, arch.n, dtype=torch.bool, device=dev)  # x-feature > 0 somewhere this epoch
     revivals = [0] * B
     # Eq. 5 weighs beta, eta, q and the L2 terms against errors in raw units. Training runs on
@@ -182,7 +181,7 @@ def fit_stack(
         )
         opt.zero_grad()
         loss.sum().backward()
-        active &= budget_t >= step
+        active &= budget_np >= step
         opt.step(active)
         running += loss.detach().double()
         fired |= e.detach().amax(dim=1) > 0
@@ -224,7 +223,7 @@ def fit_stack(
                 since_best[b] += 1
                 if since_best[b] >= settings.patience:
                     active[b] = False
-        if not bool(active.any()):
+        if not active.any():
             break
     if snapshot is not None:
         with torch.no_grad():
