@@ -27,12 +27,12 @@ from srae.config import ExperimentConfig, apply_overrides, config_from_dict, dum
 from tasks.backbone import prepare_backbone
 from tasks.common import Progress, artifact_key, run_logger, short_error
 from tasks.download import prepare_dataset
-from tasks.explainers import SAMPLE_KEYS, method_settings, train_explainer_group
+from tasks.explainers import SAMPLE_KEYS, method_settings, shared_variants, train_explainer_group
 from tasks.features import extract_features_task
 from tasks.heatmaps import heatmap_group, heatmap_jobs
 from tasks.masking import masking_group
 from tasks.report import build_report_task
-from tasks.scoring import score_heatmaps
+from tasks.scoring import score_heatmaps, unscored_failures
 
 log = logging.getLogger(__name__)
 
@@ -130,21 +130,32 @@ def pipeline(config: str | dict[str, Any] = "configs/demo.yaml", categories: str
     explainer_root = str(Path(cache) / "explainers")
     logger.info("%d categories in %d groups, methods %s", len(labels), len(groups), cfg.explainer.methods)
 
-    # ---- explainers: every method x variant x category group, as parallel tasks
+    # ---- explainers: every method x variant x category group, as parallel tasks; a variant
+    # with the same explainers as an earlier one (a headline Lasso alpha that is also a sweep
+    # alpha) is trained once and its result reported under both settings
     st.start("explainers")
     futs = []
+    also_as: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for method in cfg.explainer.methods:
-        for settings in method_settings(cfg.explainer, method):
+        variants = method_settings(cfg.explainer, method)
+        shared = shared_variants(variants)
+        for i, j in shared.items():
+            also_as.setdefault((method, j), []).append(variants[i])
+        for i, settings in enumerate(variants):
+            if i in shared:
+                continue  # trained as variant shared[i]
             for g in groups:
                 fut = opt(train_explainer_group).submit(method, g, settings, ft, ds, explainer_root, cache,
                                                         cfg.stage_device(cfg.explainer.device))
-                futs.append(((method, g), fut))
+                futs.append(((method, i, g), fut))
 
     def expl_failed(meta, exc):
-        method, g = meta
+        method, _, g = meta
         failed.extend({"category": c, "stage": "explainers", "method": method, "error": short_error(exc)} for c in g)
 
-    expl_results = [r for _, r in _collect(futs, expl_failed, st, 0.9)]
+    expl_results = []
+    for (method, i, _), r in _collect(futs, expl_failed, st, 0.9):
+        expl_results += [r] + [dict(r, settings=s, failed={}) for s in also_as.get((method, i), [])]
     for r in expl_results:
         failed.extend({"category": int(c), "stage": "explainers", "method": r["method"], "error": msg}
                       for c, msg in r["failed"].items())
@@ -155,7 +166,7 @@ def pipeline(config: str | dict[str, Any] = "configs/demo.yaml", categories: str
     hcfg = cfg.heatmaps.model_dump(mode="json")
     hcfg["device"] = cfg.stage_device(cfg.heatmaps.device)
     heat_root = str(Path(cache) / "heatmaps")
-    jobs_by_group = heatmap_jobs(expl_results, groups, ft, bb, cfg, heat_root)
+    jobs_by_group = heatmap_jobs(expl_results, groups, ft, bb, cfg, heat_root, dataset=ds)
     samples = {k: getattr(cfg.explainer, k) for k in SAMPLE_KEYS}
     hfuts = [(g, opt(heatmap_group).submit(jobs, ds, bb, ft, hcfg, cache, samples))
              for g, jobs in jobs_by_group if jobs]
@@ -176,8 +187,11 @@ def pipeline(config: str | dict[str, Any] = "configs/demo.yaml", categories: str
             sres = opt(score_heatmaps)(done_jobs, ds, cfg.scoring.model_dump(mode="json"), cfg.name, cache)
             score_files, failed_scores = sres["scores"], sres["failed"]
             failed.extend(failed_scores)
-        except Exception as exc:
-            notes.append(f"scoring failed: {short_error(exc)}")
+        except Exception as exc:  # the categories left unscored become failed-category rows
+            unscored = unscored_failures(done_jobs, exc)
+            failed.extend(unscored)
+            if not unscored:
+                notes.append(f"scoring failed: {short_error(exc)}")
     st.done()
 
     # ---- masking test (Table 2b / 4)

@@ -54,7 +54,7 @@ class DatasetConfig(_Model):
     classes: int = Field(4, ge=2, description="synthetic only: number of classes")
     per_class: int = Field(96, ge=4, description="synthetic only: images per class")
     size: int = Field(64, ge=16, description="synthetic only: image side in pixels")
-    seed: int = 0
+    seed: int = Field(0, description="synthetic only: generator seed (default: the top-level seed)")
     class_names: list[str] | None = Field(None, description="places only: which scene classes, in order")
     places_root: Path | None = Field(None, description="places only: Places365 lists/images added for training")
     places_per_class: int | None = Field(None, ge=1, description="places only: Places365 images per class and split")
@@ -70,7 +70,7 @@ class FitConfig(_Model):
     batch_size: int = Field(32, ge=1)
     weight_decay: float = Field(1e-4, ge=0)
     augment: bool = True
-    seed: int = 0
+    seed: int = Field(0, description="shuffling, augmentation, dropout, head init (default: the top-level seed)")
     device: Device = "auto"
 
 
@@ -141,7 +141,7 @@ class ExplainerConfig(_Model):
     refit_seeds: int = Field(2, ge=1, description="final fits per category from different inits; the best-fitting is kept")
     group_size: int = Field(4, ge=1, description="categories per mapped task")
     device: Device = "auto"
-    seed: int = 0
+    seed: int = Field(0, description="sample design, CV folds, inits (default: the top-level seed)")
 
     @field_validator("methods")
     @classmethod
@@ -225,7 +225,8 @@ class ExperimentConfig(_Model):
     cache_dir: Path = Path("data/cache")
     categories: list[int] | None = Field(None, description="1-based class ids; None: all")
     device: Device | None = Field(None, description="overrides every stage's device when set")
-    seed: int = 0
+    seed: int = Field(0, description="default of dataset.seed, backbone.fit.seed and explainer.seed where a "
+                                     "section sets none (its own seed wins); filled in on validation")
     dataset: DatasetConfig = DatasetConfig()
     backbone: BackboneConfig = BackboneConfig()
     features: FeaturesConfig = FeaturesConfig()
@@ -234,6 +235,15 @@ class ExperimentConfig(_Model):
     scoring: ScoringConfig = ScoringConfig()
     masking: MaskingConfig = MaskingConfig()
     report: ReportConfig = ReportConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit_seed(cls, data: Any) -> Any:
+        """Give the seeded sections that set no seed of their own the top-level ``seed``."""
+        seed = data.get("seed", 0) if isinstance(data, dict) else None
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            return data  # not a mapping, or a bad seed that the field validation reports
+        return {**data, **{p[0]: _fill_seed(data.get(p[0], _MISSING), p[1:], seed) for p in SEEDED_SECTIONS}}
 
     @field_validator("name")
     @classmethod
@@ -281,6 +291,28 @@ class ExperimentConfig(_Model):
         dump = self.model_dump(mode="json")
         picked = {s: _dotted(dump, s) for s in sections}
         return stable_hash(picked)
+
+
+# Sections (paths from the root) that have a ``seed`` of their own, defaulting to the top-level one.
+SEEDED_SECTIONS: tuple[tuple[str, ...], ...] = (("dataset",), ("backbone", "fit"), ("explainer",))
+_MISSING: Any = object()
+
+
+def _fill_seed(section: Any, path: tuple[str, ...], seed: int) -> Any:
+    """``section`` (dict, model or missing) with ``seed`` set at ``path`` unless given there;
+    anything else (e.g. ``null``) unchanged, for the field validation to report."""
+    section = {} if section is _MISSING else section
+    if isinstance(section, BaseModel):
+        if path:
+            child = getattr(section, path[0])
+            filled = _fill_seed(child, path[1:], seed)
+            return section if filled is child else section.model_copy(update={path[0]: filled})
+        return section if "seed" in section.model_fields_set else section.model_copy(update={"seed": seed})
+    if isinstance(section, dict):
+        if path:
+            return {**section, path[0]: _fill_seed(section.get(path[0], _MISSING), path[1:], seed)}
+        return section if "seed" in section else {**section, "seed": seed}
+    return section
 
 
 def _dotted(d: dict[str, Any], path: str) -> Any:

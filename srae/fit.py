@@ -9,6 +9,7 @@ ends with the same weights as an uninterrupted run, because every epoch's random
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -155,6 +157,26 @@ def _train_epoch(bb: Backbone, model: nn.Module, opt: torch.optim.Optimizer, ds:
             "seconds": time.perf_counter() - t0}
 
 
+def fit_config(*, backbone: str, num_classes: int, input_size: int, dataset: str, init: str, epochs: int,
+               lr: float, batch_size: int, weight_decay: float, seed: int, augment: bool) -> dict[str, Any]:
+    """What identifies a fit: a finished or interrupted fit is reused only under an equal dict.
+
+    ``dataset`` is the index's manifest fingerprint, ``init`` the starting weights' sha256
+    (:attr:`Backbone.checkpoint_sha256`: content, not path); the package version is added.
+    Callers that pick a directory per fit key it by :func:`fit_key` of this dict, so a
+    changed input lands in a new directory instead of meeting a refusal."""
+    return {"backbone": backbone, "num_classes": int(num_classes), "input_size": int(input_size),
+            "dataset": dataset, "init": init, "epochs": int(epochs), "lr": float(lr),
+            "batch_size": int(batch_size), "weight_decay": float(weight_decay), "seed": int(seed),
+            "augment": bool(augment), "version": __version__}
+
+
+def fit_key(config: dict[str, Any], length: int = 16) -> str:
+    """Short sha256 of the canonical JSON of a :func:`fit_config` dict (stable across runs)."""
+    payload = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(payload).hexdigest()[:length]
+
+
 def fit(index: DatasetIndex, out_dir: str | Path, *, backbone: str = "demo_cnn",
         checkpoint: str | Path | None = None, pretrained: bool = True, input_size: int | None = None,
         epochs: int = 8, lr: float = 2e-3, batch_size: int = 32, weight_decay: float = 1e-4,
@@ -175,10 +197,9 @@ def fit(index: DatasetIndex, out_dir: str | Path, *, backbone: str = "demo_cnn",
     workers = default_workers() if num_workers is None else num_workers
     bb = build_backbone(backbone, index.num_classes, checkpoint, pretrained=pretrained,
                         input_size=input_size, seed=seed)
-    cfg = {"backbone": backbone, "num_classes": index.num_classes, "input_size": bb.input_size,
-           "dataset": index.manifest_fingerprint(), "init": bb.checkpoint_sha256, "epochs": epochs,
-           "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
-           "augment": augment, "version": __version__}
+    cfg = fit_config(backbone=backbone, num_classes=index.num_classes, input_size=bb.input_size,
+                     dataset=index.manifest_fingerprint(), init=bb.checkpoint_sha256, epochs=epochs, lr=lr,
+                     batch_size=batch_size, weight_decay=weight_decay, seed=seed, augment=augment)
     reused = _reuse(out, cfg)
     if reused is not None:
         return reused

@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from srae.config import apply_overrides, load_config, parse_categories
+from srae.config import ExperimentConfig, apply_overrides, load_config, parse_categories
 from srae.errors import SraeError
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ def run_command(args: argparse.Namespace) -> int:
 
         print(dump_config(cfg), end="")
         return 0
+    check_devices(cfg)
     quiet_third_party_logs()
     # The ephemeral API server needs no telemetry (and this machine may be offline).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -67,6 +68,48 @@ def run_command(args: argparse.Namespace) -> int:
         raise SraeError(f"{type(exc).__name__}: {exc} (rerun with -v for details)") from None
     print(report)
     return 0
+
+
+def requested_devices(cfg: ExperimentConfig) -> dict[str, str]:
+    """{config field: device} of the devices a run may use that are not ``auto``/``cpu``.
+
+    An explicit global ``device`` (``--device``) other than ``auto`` replaces every stage's;
+    otherwise each stage's own ``device`` field (``backbone.fit.device``, ...) counts."""
+    if cfg.device not in (None, "auto"):
+        return {"device": cfg.device}
+    found: dict[str, str] = {}
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{path}.{key}" if path else str(key))
+        elif path.rsplit(".", 1)[-1] == "device" and isinstance(node, str) and node not in ("auto", "cpu"):
+            found[path] = node
+
+    walk(cfg.model_dump(mode="json"), "")
+    return found
+
+
+def check_devices(cfg: ExperimentConfig) -> None:
+    """Fail in one line, before Prefect starts, when the config asks for an accelerator this
+    machine lacks (``cuda``, ``cuda:N`` beyond the GPUs present, ``mps``)."""
+    wanted = requested_devices(cfg)
+    if not wanted:
+        return
+    import torch
+
+    for field, device in wanted.items():
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise SraeError(f"{field}: {device!r} requested but CUDA is not available on this machine "
+                                "(use --device cpu or auto)")
+            if dev.index is not None and dev.index >= count:
+                raise SraeError(f"{field}: {device!r} requested but this machine has {count} CUDA device(s)")
+        elif dev.type == "mps" and not torch.backends.mps.is_available():
+            raise SraeError(f"{field}: 'mps' requested but MPS is not available on this machine "
+                            "(use --device cpu or auto)")
 
 
 def _drop_tracebacks(record: logging.LogRecord) -> bool:

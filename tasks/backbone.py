@@ -1,18 +1,23 @@
 """Stage 2: the CNN to explain: train the demo CNN / fine-tune VGG, or take a checkpoint as is.
 
-The fit lives in ``<cache>/backbones/<name>-<hash>`` where the hash covers the dataset
-fingerprint, the backbone section of the config and the starting checkpoint's path;
-:func:`srae.fit.fit` resumes an interrupted fit there and reuses a finished one.
+The fit lives in ``<cache>/backbones/<name>-<key>`` where the key is
+:func:`srae.fit.fit_key` of the very settings :func:`srae.fit.fit` compares before reusing a
+finished fit (dataset fingerprint, the starting weights' sha256, fit settings, package
+version): any change of those lands in a new directory, so fit never meets a finished fit
+made with other settings. :func:`srae.fit.fit` resumes an interrupted fit there and reuses a
+finished one. With ``fit.epochs: 0`` the weights are used as they are; the stage's identity
+then includes their sha256, so a checkpoint overwritten at the same path is noticed.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
-from srae.config import BackboneConfig, stable_hash
+from srae.config import BackboneConfig
 from srae.errors import SraeError
 from tasks.common import retry_unless_user_error, TASK_DEFAULTS, record_work, resolve_device, run_logger, stage_cache, timed
 from tasks.download import load_index
@@ -21,19 +26,61 @@ MODEL_FILE = "model.safetensors"
 SUMMARY_FILE = "fit.json"
 
 
-def backbone_dir(cache_dir: str | Path, backbone: dict[str, Any], dataset_fingerprint: str) -> Path:
-    """Where the fitted backbone of this (config section, dataset) lives."""
+@functools.lru_cache(maxsize=16)
+def _built_identity(name: str, num_classes: int, checkpoint: str | None, checkpoint_sha256: str | None,
+                    pretrained: bool, input_size: int | None, seed: int) -> tuple[str, int]:
+    """(sha256 of the starting weights, resolved input size), by building the backbone as
+    fit and the epochs-0 path do. Memoised per process; ``checkpoint_sha256`` (the file's
+    content) is part of the memo key, so overwritten bytes are never served stale."""
+    from srae.backbones import build_backbone
+
+    built = build_backbone(name, num_classes, checkpoint, pretrained=pretrained, input_size=input_size, seed=seed)
+    return built.checkpoint_sha256, built.input_size
+
+
+def initial_weights(backbone: dict[str, Any], num_classes: int) -> tuple[str, int]:
+    """(sha256 identifying the weights the backbone starts from, its input size).
+
+    Content, not path: the checkpoint file's bytes are hashed on every call (the build
+    itself is memoised on that hash). Raises :class:`SraeError` for a missing checkpoint."""
+    from srae.backbones import file_sha256
+
     bb = BackboneConfig.model_validate(backbone)
-    key = stable_hash({"backbone": bb.model_dump(mode="json", exclude={"fit": {"device"}}),
-                       "dataset": dataset_fingerprint})
-    return Path(cache_dir) / "backbones" / f"{bb.name}-{key}"
+    ckpt = None if bb.checkpoint is None else str(bb.checkpoint)
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise SraeError(f"backbone.checkpoint: {ckpt} not found")
+    sha = file_sha256(ckpt) if ckpt is not None else None
+    return _built_identity(bb.name, int(num_classes), ckpt, sha, bb.pretrained, bb.input_size, bb.fit.seed)
+
+
+def backbone_fit_config(backbone: dict[str, Any], dataset_fingerprint: str, num_classes: int) -> dict[str, Any]:
+    """The :func:`srae.fit.fit_config` dict that :func:`srae.fit.fit` will compute for this
+    backbone section on the dataset with this manifest fingerprint."""
+    from srae.fit import fit_config
+
+    bb = BackboneConfig.model_validate(backbone)
+    init, size = initial_weights(backbone, num_classes)
+    f = bb.fit
+    return fit_config(backbone=bb.name, num_classes=num_classes, input_size=size, dataset=dataset_fingerprint,
+                      init=init, epochs=f.epochs, lr=f.lr, batch_size=f.batch_size, weight_decay=f.weight_decay,
+                      seed=f.seed, augment=f.augment)
+
+
+def backbone_dir(cache_dir: str | Path, backbone: dict[str, Any], dataset: dict[str, Any]) -> Path:
+    """Where the fitted backbone of this config section on ``dataset`` (the dataset stage's
+    result: ``fingerprint``, ``num_classes``) lives: named by the fit's own settings key."""
+    from srae.fit import fit_key
+
+    cfg = backbone_fit_config(backbone, dataset["fingerprint"], int(dataset["num_classes"]))
+    return Path(cache_dir) / "backbones" / f"{cfg['backbone']}-{fit_key(cfg)}"
 
 
 def _outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
     bb = BackboneConfig.model_validate(inputs["backbone"])
     if bb.fit.epochs == 0:
-        return [(str(bb.checkpoint or bb.name), True)]
-    d = backbone_dir(inputs["cache_dir"], inputs["backbone"], inputs["dataset"]["fingerprint"])
+        init, _ = initial_weights(inputs["backbone"], int(inputs["dataset"]["num_classes"]))
+        return [(str(bb.checkpoint or bb.name), True), (f"weights-sha256:{init}", True)]
+    d = backbone_dir(inputs["cache_dir"], inputs["backbone"], inputs["dataset"])
     return [(str(d), (d / MODEL_FILE).is_file() and (d / SUMMARY_FILE).is_file())]
 
 
@@ -43,24 +90,21 @@ def prepare_backbone(backbone: dict[str, Any], dataset: dict[str, Any], cache_di
     """Fit (or load) the backbone; return its checkpoint path and sha256.
 
     ``checkpoint`` is None only for VGG used with its ImageNet weights as they are."""
-    from srae import backbones as B
-
     logger = run_logger()
     bb = BackboneConfig.model_validate(backbone)
     if bb.fit.epochs == 0:
-        if bb.checkpoint is not None and not Path(bb.checkpoint).is_file():
-            raise SraeError(f"backbone.checkpoint: {bb.checkpoint} not found")
-        # seeded, so a resized classifier head is the same head when the backbone is rebuilt
-        built = B.build_backbone(bb.name, dataset["num_classes"], bb.checkpoint, pretrained=bb.pretrained,
-                                 input_size=bb.input_size, seed=bb.fit.seed)
+        # built seeded, so a resized classifier head is the same head when the backbone is rebuilt
+        sha, size = initial_weights(backbone, int(dataset["num_classes"]))
         return {"name": bb.name, "checkpoint": str(bb.checkpoint) if bb.checkpoint else None,
-                "sha256": built.checkpoint_sha256, "test_accuracy": None, "input_size": built.input_size,
+                "sha256": sha, "test_accuracy": None, "input_size": size,
                 "pretrained": bb.pretrained, "seed": bb.fit.seed}
-    out = backbone_dir(cache_dir, backbone, dataset["fingerprint"])
-    done = (out / MODEL_FILE).is_file() and (out / SUMMARY_FILE).is_file()
-    from srae.fit import fit
+    from srae.fit import fit, fit_key
 
     index = load_index(dataset)
+    # keyed by the index fit itself is given, so the directory always matches fit's own check
+    cfg = backbone_fit_config(backbone, index.manifest_fingerprint(), index.num_classes)
+    out = Path(cache_dir) / "backbones" / f"{bb.name}-{fit_key(cfg)}"
+    done = (out / MODEL_FILE).is_file() and (out / SUMMARY_FILE).is_file()
     with timed() as t:
         res = fit(index, out, backbone=bb.name, checkpoint=bb.checkpoint, pretrained=bb.pretrained,
                   input_size=bb.input_size, epochs=bb.fit.epochs, lr=bb.fit.lr, batch_size=bb.fit.batch_size,

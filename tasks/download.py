@@ -3,11 +3,18 @@
 Synthetic datasets are generated into ``<root>/<kind>-<hash of generation params>`` so two
 configs never share (or overwrite) one another's images. Real datasets are downloaded by
 :func:`srae.datasets.download.download` (resumable, checksummed) when ``download`` is on.
+
+Datasets edited in place: the stage's cache key includes the size and ``mtime_ns`` of the
+index / annotation files the reader parses (:func:`index_files`; a stat, no image is read),
+so an edited file re-runs the stage; its result then carries the new manifest fingerprint
+and ``annotations`` (sha256 of those files' bytes), which downstream cache keys see. A file
+only touched re-runs this stage but gives the same result, so nothing downstream re-runs.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import json
 from pathlib import Path
@@ -50,8 +57,63 @@ def _generated_root(path: Path) -> Path | None:
     return None
 
 
+def index_files(kind: str, root: str | Path, reader: dict[str, Any] | None = None) -> list[Path]:
+    """The index / annotation files the reader of ``kind`` parses for the dataset at ``root``
+    (optional ones included; empty when no dataset is there yet)."""
+    reader = reader or {}
+    try:
+        if kind in ("synthbirds", "cub"):
+            from srae.datasets import cub
+
+            base = cub.find_cub_dir(Path(root))
+            names = ["classes.txt", "images.txt", "image_class_labels.txt", "train_test_split.txt",
+                     "bounding_boxes.txt", "parts/parts.txt", "parts/part_locs.txt", cub.EVIDENCE_FILE, "synth.json"]
+            return [base / n for n in names]
+        from srae.datasets import ade20k
+
+        base = ade20k.find_ade_dir(Path(root))
+    except SraeError:
+        return []
+    files = [base / n for n in (ade20k.ADE_INDEX_FILE, ade20k.EVIDENCE_FILE, "synth.json")]
+    if reader.get("places_root"):
+        places = Path(reader["places_root"])
+        files += [places / ade20k.PLACES_CATEGORIES] + [places / n for n in ade20k.PLACES_LISTS.values()]
+        # which image folders exist decides which list entries are used
+        files += [places / d for dirs in ade20k.PLACES_IMAGE_DIRS.values() for d in dirs]
+    return files
+
+
+def index_stamp(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    """``(path, size, mtime_ns)`` per file (``-1, -1`` when absent; folders: presence only).
+    Cheap: one stat per file."""
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            out.append((str(f), -1, -1))
+            continue
+        out.append((str(f), 0, 0) if f.is_dir() else (str(f), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def annotations_sha256(files: list[Path]) -> str:
+    """sha256 over the names and bytes of the (present) index files: what they say, so a
+    file only touched keeps its value."""
+    h = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            h.update(f"{f.name}|{f.stat().st_size}|".encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        else:
+            h.update(f"{f.name}|{'dir' if f.is_dir() else 'absent'}|".encode())
+    return h.hexdigest()
+
+
 @functools.lru_cache(maxsize=8)
-def _read_index(kind: str, root: str, stamp: float, reader: str) -> DatasetIndex:
+def _read_index(kind: str, root: str, stamp: tuple, reader: str) -> DatasetIndex:
     opts = json.loads(reader)
     if kind in ("synthbirds", "cub"):
         return _lib("srae.datasets.cub", "read_cub")(Path(root), name=kind)
@@ -75,8 +137,9 @@ def load_index(dataset: dict[str, Any]) -> DatasetIndex:
     p = Path(dataset["root"])
     if not p.exists():
         raise SraeError(f"dataset {dataset['kind']}: {p} does not exist")
-    reader = json.dumps(dataset.get("reader") or {}, sort_keys=True)
-    return _read_index(dataset["kind"], str(p), p.stat().st_mtime, reader)
+    opts = dataset.get("reader") or {}
+    stamp = (p.stat().st_mtime_ns, index_stamp(index_files(dataset["kind"], p, opts)))
+    return _read_index(dataset["kind"], str(p), stamp, json.dumps(opts, sort_keys=True))
 
 
 def _generate(ds: DatasetConfig, out: Path) -> Path:
@@ -108,8 +171,12 @@ def _present(ds: DatasetConfig, path: Path) -> bool:
 def _dataset_outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
     ds = DatasetConfig.model_validate(inputs["dataset"])
     path = dataset_dir(ds)
-    done = _generated_root(path) is not None if ds.kind.startswith("synth") else _present(ds, path)
-    return [(str(path), done)]
+    found = _generated_root(path) if ds.kind.startswith("synth") else (path if _present(ds, path) else None)
+    if found is None:
+        return [(str(path), False)]
+    # the index files' stats: an edited annotation file changes the key, so the stage re-runs
+    stamp = index_stamp(index_files(ds.kind, found, reader_options(ds)))
+    return [(str(path), True), (f"index-files:{stable_hash(stamp)}", True)]
 
 
 @task(name="dataset", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_user_error, cache_policy=stage_cache(_dataset_outputs),
@@ -138,6 +205,7 @@ def prepare_dataset(dataset: dict[str, Any], cache_dir: str) -> dict[str, Any]:
                 index.num_classes, len(index.bad_inputs))
     return {
         **info, "fingerprint": index.manifest_fingerprint(),
+        "annotations": annotations_sha256(index_files(ds.kind, path, info["reader"])),
         "num_classes": index.num_classes, "class_names": list(index.class_names),
         "n_images": int(len(index.images)),
         "bad_inputs": [{k: str(v) for k, v in b.items()} for b in index.bad_inputs],

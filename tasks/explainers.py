@@ -54,6 +54,25 @@ def _dir_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k != "sweep"}
 
 
+def shared_variants(variants: list[dict[str, Any]]) -> dict[int, int]:
+    """``{i: j}`` for each variant ``i`` whose explainers are those of an earlier variant ``j``.
+
+    A fixed ``lasso_alpha`` that is also a sweep alpha (configs/cub.yaml) names the same
+    directories as that sweep variant: the flow trains it once (variant ``j``) and reports the
+    result under both settings, so its rows stay headline (sweep=False) and sweep (sweep=True)."""
+    from srae.explainers import hparams_key
+
+    first: dict[str, int] = {}
+    out: dict[int, int] = {}
+    for i, settings in enumerate(variants):
+        key = hparams_key(_dir_settings(settings))
+        if key in first:
+            out[i] = first[key]
+        else:
+            first[key] = i
+    return out
+
+
 def row_hparams(method: str, settings: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     """The ``hparams`` of an explainer's metric rows: the CV-chosen values; Lasso adds the sweep flag."""
     hp = dict(meta.get("hparams", {}))

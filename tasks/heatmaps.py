@@ -32,20 +32,27 @@ def group_complete(path: str | Path) -> bool:
     return is_complete(path)
 
 
-def _heat_key(cfg: ExperimentConfig, backbone: dict[str, Any]) -> str:
+def _heat_key(cfg: ExperimentConfig, backbone: dict[str, Any], dataset: dict[str, Any] | None = None) -> str:
+    """Name of a heatmap set. Besides the settings and weights it names the dataset's
+    annotations (boxes, parts, masks): images are chosen by them and scores computed from them,
+    so an edited annotation file gives new heatmap and score files instead of stale ones."""
     h = cfg.heatmaps
-    return stable_hash({"readout": h.readout, "max_images": h.max_images, "backbone": backbone["sha256"],
-                        "samples": {k: getattr(cfg.explainer, k) for k in ("n_pos", "n_neg", "n_test_neg",
-                                                                           "use_dataset_split", "seed")}}, 12)
+    key: dict[str, Any] = {"readout": h.readout, "max_images": h.max_images, "backbone": backbone["sha256"],
+                           "samples": {k: getattr(cfg.explainer, k) for k in ("n_pos", "n_neg", "n_test_neg",
+                                                                              "use_dataset_split", "seed")}}
+    if dataset is not None and dataset.get("annotations"):
+        key["annotations"] = dataset["annotations"]
+    return stable_hash(key, 12)
 
 
 def heatmap_jobs(expl_results: list[dict[str, Any]], groups: list[list[int]], features: dict[str, Any],
-                 backbone: dict[str, Any], cfg: ExperimentConfig, heat_root: str) -> list[tuple[list[int], list[dict]]]:
+                 backbone: dict[str, Any], cfg: ExperimentConfig, heat_root: str,
+                 dataset: dict[str, Any] | None = None) -> list[tuple[list[int], list[dict]]]:
     """Plan the heatmap groups of every category group (headline explainers only)."""
     from srae.explainers import META_FILE
     from tasks.explainers import row_hparams
 
-    key = _heat_key(cfg, backbone)
+    key = _heat_key(cfg, backbone, dataset)
     root = Path(heat_root)
     per_cat: dict[int, list[dict[str, Any]]] = {}
     for res in expl_results:

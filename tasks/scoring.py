@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 from prefect import task
 
-from tasks.common import TASK_DEFAULTS, atomic_write_parquet, record_work, run_logger, stage_cache, timed
+from tasks.common import TASK_DEFAULTS, atomic_write_parquet, record_work, run_logger, short_error, stage_cache, timed
 from tasks.download import load_index
 
 
@@ -27,6 +27,20 @@ def concepts_path(heatmap_group: str) -> Path:
     """Per-x-feature "part it lands on most" table of one scored group (synthetic data only)."""
     p = Path(heatmap_group)
     return p.with_name(p.name + ".concepts.parquet")
+
+
+def unscored_failures(jobs: list[dict[str, Any]], exc: BaseException) -> list[dict[str, Any]]:
+    """Failed-category rows for the ``jobs`` a crashed scoring task left without scores.
+
+    One row per category (stage "scoring", its unscored methods, the one-line reason), like
+    the rows of a crashed explainer or heatmap task; categories already scored are not listed."""
+    unscored: dict[int, set[str]] = {}
+    for j in jobs:
+        if not scores_path(j["heatmaps"]).is_file():
+            unscored.setdefault(int(j["category"]), set()).add(str(j["method"]))
+    reason = short_error(exc)
+    return [{"category": c, "stage": "scoring", "method": ", ".join(sorted(m)), "error": reason}
+            for c, m in sorted(unscored.items())]
 
 
 def _outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
@@ -85,7 +99,7 @@ def _score_each(specs, index, scoring, failed, logger) -> list[tuple[pd.DataFram
                 out.append((res.metrics, res.concepts))
             except Exception as exc:
                 failed.append({"category": s.category, "stage": "scoring", "method": s.method,
-                               "error": f"{type(exc).__name__}: {exc}"})
+                               "error": short_error(exc)})
                 out.append(None)
         return out
 

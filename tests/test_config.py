@@ -129,3 +129,38 @@ def test_section_hash_depends_only_on_the_named_sections():
     assert a.section_hash("explainer") != b.section_hash("explainer")
     assert a.section_hash("explainer.grid.beta") == b.section_hash("explainer.grid.beta")
     assert stable_hash({"x": 1, "y": [1, 2]}) == stable_hash({"y": [1, 2], "x": 1})
+
+
+def test_top_level_seed_is_the_default_of_the_section_seeds(tmp_path):
+    def seeds(cfg):
+        return cfg.dataset.seed, cfg.backbone.fit.seed, cfg.explainer.seed
+
+    assert seeds(ExperimentConfig()) == (0, 0, 0)
+    moved = config_from_dict({"seed": 7})
+    assert seeds(moved) == (7, 7, 7)
+    # a section's own seed wins, also when it equals the old default 0
+    mixed = config_from_dict({"seed": 7, "dataset": {"seed": 1}, "backbone": {"fit": {"seed": 0}},
+                              "explainer": {"n": 3}})
+    assert seeds(mixed) == (1, 0, 7)
+    # model instances without a seed of their own inherit it too; with one, they keep it
+    from srae.config import BackboneConfig, DatasetConfig, ExplainerConfig, FitConfig
+
+    built = ExperimentConfig(seed=5, dataset=DatasetConfig(kind="cub"),
+                             backbone=BackboneConfig(fit=FitConfig(epochs=2)), explainer=ExplainerConfig(seed=3))
+    assert seeds(built) == (5, 5, 3) and built.dataset.kind == "cub" and built.backbone.fit.epochs == 2
+    # the effective seeds key the caches and are written out: a dumped config reruns the same
+    assert moved.section_hash("explainer") != ExperimentConfig().section_hash("explainer")
+    assert moved.section_hash("dataset") != ExperimentConfig().section_hash("dataset")
+    path = tmp_path / "seeded.yaml"
+    dump_config(moved, path)
+    assert yaml.safe_load(path.read_text())["backbone"]["fit"]["seed"] == 7
+    assert load_config(path) == moved
+    assert seeds(apply_overrides(moved, device="cpu")) == (7, 7, 7)
+    with pytest.raises(SraeError, match="^s: seed: "):
+        config_from_dict({"seed": "x"}, "s")
+
+
+@pytest.mark.parametrize("name", ["demo", "cub", "places"])
+def test_shipped_configs_keep_their_seeds(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert (cfg.seed, cfg.dataset.seed, cfg.backbone.fit.seed, cfg.explainer.seed) == (0, 0, 0, 0)

@@ -1,0 +1,97 @@
+"""Pipeline details: a headline Lasso alpha that is also a sweep alpha is trained once, and a
+crashed scoring task lists the categories it left unscored as failed-category rows."""
+
+from __future__ import annotations
+
+import ast
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from srae import report as R
+from srae.config import load_config
+from tasks.common import read_work_log
+from tasks.explainers import explainer_path, method_settings, shared_variants
+from tasks.scoring import scores_path, unscored_failures
+from tests.conftest import tiny_pipeline_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(("name", "alpha"), [("cub", 2.5), ("places", 15.0)])
+def test_headline_lasso_alpha_in_the_sweep_shares_the_sweep_variant(name, alpha):
+    x = load_config(ROOT / "configs" / f"{name}.yaml").explainer
+    variants = method_settings(x, "Lasso")
+    assert [(v["alpha"], v["sweep"]) for v in variants] == [(alpha, False)] + [(a, True) for a in x.lasso_alphas]
+    assert shared_variants(variants) == {1: 0}  # the sweep entry for the headline alpha
+    dirs = [explainer_path("root", "f" * 16, "Lasso", v, 3) for v in variants]
+    assert dirs[1] == dirs[0] and len(set(dirs)) == len(variants) - 1
+    assert shared_variants(method_settings(x, "SRAE")) == {}
+
+
+def test_cv_headline_lasso_shares_nothing():
+    x = load_config(ROOT / "configs" / "demo.yaml").explainer
+    assert x.lasso_alpha is None
+    assert shared_variants(method_settings(x, "Lasso")) == {}
+
+
+def test_unscored_failures_one_row_per_unscored_category(tmp_path):
+    jobs = [{"heatmaps": str(tmp_path / f"c{c}-{m}.zarr"), "category": c, "method": m}
+            for c in (0, 4, 7) for m in ("SRAE", "Lasso", "Z")]
+    scores_path(jobs[0]["heatmaps"]).write_text("x")  # category 0: SRAE scored, Lasso and Z not
+    for j in jobs[3:6]:  # category 4: every job scored
+        scores_path(j["heatmaps"]).write_text("x")
+    rows = unscored_failures(jobs, RuntimeError("scheduler went away\ntraceback line"))
+    assert rows == [
+        {"category": 0, "stage": "scoring", "method": "Lasso, Z", "error": "RuntimeError: scheduler went away"},
+        {"category": 7, "stage": "scoring", "method": "Lasso, SRAE, Z", "error": "RuntimeError: scheduler went away"},
+    ]
+    assert unscored_failures(jobs[3:6], RuntimeError("x")) == []
+
+
+def test_flow_trains_a_shared_lasso_alpha_once_and_lists_scoring_failures(tiny_run, monkeypatch):
+    """On the shared tiny cache: a new headline alpha 0.1, also in the sweep, and a scoring stage
+    whose Dask client cannot start. Only the new Lasso explainers (and their heatmaps) are new."""
+    import srae.baselines
+    import srae.scoring
+    from flows.pipeline import pipeline
+
+    calls: list[tuple[int, tuple[float, ...]]] = []
+    real_lasso = srae.baselines.train_lasso
+
+    def counting_lasso(z, logits, design, alphas, **kw):
+        calls.append((int(design.category), tuple(alphas)))
+        return real_lasso(z, logits, design, alphas, **kw)
+
+    def no_cluster(*args, **kwargs):
+        raise RuntimeError("planted: no Dask cluster\nsecond line")
+
+    monkeypatch.setattr(srae.baselines, "train_lasso", counting_lasso)
+    monkeypatch.setattr(srae.scoring, "dask_client", no_cluster)
+    base, cache = tiny_run["base"], Path(tiny_run["config"]["cache_dir"])
+    before = len(read_work_log(cache))
+    cfg = tiny_pipeline_config(base, **{"report.out_dir": str(base / "report-minor"), "report.figures": False,
+                                        "explainer.lasso_alpha": 0.1, "explainer.lasso_alphas": [0.5, 0.1, 0.05]})
+    report = Path(pipeline(cfg))
+    new = read_work_log(cache)[before:]
+
+    # (c) trained once per category, reported both as headline and as sweep rows
+    assert sorted(calls) == [(0, (0.1,)), (1, (0.1,))]
+    assert Counter((r["method"], r["category"]) for r in new if r["stage"] == "explainers") == {
+        ("Lasso", 0): 1, ("Lasso", 1): 1}
+    df = R.read_metrics(report.parent / "metrics.parquet")
+    f_cls = df[(df["method"] == "Lasso") & (df["metric"] == "F_cls") & (df["split"] == "test")]
+    flags = Counter((int(c), R._hp(h)["alpha"], R._hp(h)["sweep"]) for c, h in zip(f_cls["category"], f_cls["hparams"]))
+    assert flags == {(c, a, s): 1 for c in (0, 1) for a, s in ((0.1, False), (0.5, True), (0.1, True), (0.05, True))}
+
+    # (b) the new Lasso heatmaps could not be scored: one failed row per category
+    assert not any(r["stage"] == "scoring" for r in new)
+    md = (report.parent / "report.md").read_text()
+    section = md.split("## Failed categories\n", 1)[1].split("\n## ", 1)[0]
+    rows = [ast.literal_eval(line[2:]) for line in section.splitlines() if line.startswith("- ")]
+    assert [(f["category"], f["stage"], f["method"], f["error"]) for f in rows] == [
+        (c, "scoring", "Lasso", "RuntimeError: planted: no Dask cluster") for c in (0, 1)]
+    html = report.read_text()
+    assert "RuntimeError: planted: no Dask cluster" in html and "None: every category completed." not in html
+    assert "scoring failed" not in html  # a failed-category row, not a note
