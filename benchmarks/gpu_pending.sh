@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU measurements the open issues still need, as one command for a lent device machine
+# (torch/torchvision preinstalled, no package registry). Run from the repository root:
+#
+#   bash benchmarks/gpu_pending.sh     # writes results_cuda.{json,md} under $OUT (or benchmarks/out)
+#
+# Packages the machine lacks (zarr for bench_features; dask/distributed for bench_locality) are
+# installed from wheel folders under the git-ignored .whl/ (carry it with the run: carry [".whl"]);
+# pip picks the wheels matching the machine's Python from --find-links. Budget: 6-8 minutes.
+set -uo pipefail
+OUT="${OUT:-benchmarks/out}"
+mkdir -p "$OUT"
+site="$(mktemp -d)"
+missing=""
+for pair in zarr:zarr donfig:donfig numcodecs:numcodecs google_crc32c:google-crc32c dask:dask \
+    distributed:distributed click:click cloudpickle:cloudpickle fsspec:fsspec \
+    locket:locket partd:partd sortedcontainers:sortedcontainers tblib:tblib toolz:toolz zict:zict \
+    msgpack:msgpack psutil:psutil tornado:tornado yaml:pyyaml jinja2:jinja2 markupsafe:markupsafe \
+    packaging:packaging typing_extensions:typing_extensions; do
+  python3 -c "import ${pair%%:*}" 2>/dev/null || missing="$missing ${pair##*:}"
+done
+links=""
+for d in .whl/*/; do links="$links --find-links $d"; done
+if [ -n "$missing" ] && [ -n "$links" ]; then
+  echo "installing from .whl:$missing"
+  python3 -m pip install -q --no-deps --no-index --no-compile $links --target "$site" $missing 2>&1 | tail -3
+fi
+export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+# Trainer at paper size (issue 2), excitation at VGG19 pool3 (issue 4), VGG19 extraction (issue 3),
+# Dask 1 -> 16 workers (issue 5). A failing benchmark is recorded and the others still run.
+timeout 560 python3 -m benchmarks.run --device cuda --full \
+  --only bench_train bench_excitation bench_features bench_locality --out "$OUT"
