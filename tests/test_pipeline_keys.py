@@ -169,6 +169,13 @@ def test_edited_cub_annotations_change_the_dataset_identity(tiny_dataset: dict, 
     os.utime(boxes, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
     assert TD._dataset_outputs(inputs)[1] != k1[1]
     assert TD.prepare_dataset.fn(ds_cfg, cache) == r1
+    # heatmap (and so score) files are named by the annotations: the box edit gives new names,
+    # the touch does not
+    from tasks.heatmaps import _heat_key
+
+    cfg, bb = ExperimentConfig(), {"sha256": "0" * 64}
+    assert _heat_key(cfg, bb, r1) != _heat_key(cfg, bb, r0)
+    assert _heat_key(cfg, bb, TD.prepare_dataset.fn(ds_cfg, cache)) == _heat_key(cfg, bb, r1)
 
     # a label edited: the manifest fingerprint (what features are keyed by) changes too
     labels = base / "image_class_labels.txt"
