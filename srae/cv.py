@@ -178,11 +178,15 @@ def train_explainers(
         members, keys = [], []
         for c in cats:
             d = designs[c]
-            folds = stratified_folds(d.train_pos, s.folds, seed=s.seed * 1000 + c)
+            folds = stratified_folds(d.train_pos, s.folds, seed=derive_seed(s.seed, c, 999_983))
             for ci, cfg in enumerate(configs):
                 for f, val_pos_idx in enumerate(folds):
                     tr = np.setdiff1d(np.arange(len(d.train_idx)), val_pos_idx)
-                    members.append(Member(c, d.train_idx[tr], d.train_pos[tr], cfg, seed=derive_seed(s.seed, c, ci, f),
+                    # Every config of a (category, fold) starts from the same init and sees the same
+                    # minibatch order (common random numbers): configs are compared on their
+                    # settings, not on init luck, and a config's score does not change when the
+                    # grid around it grows.
+                    members.append(Member(c, d.train_idx[tr], d.train_pos[tr], cfg, seed=derive_seed(s.seed, c, f),
                                           val_idx=d.train_idx[val_pos_idx], val_pos=d.train_pos[val_pos_idx]))
                     keys.append((c, ci))
         log.info("%s: cross-validating %d members (%d categories x %d configs x %d folds)",

@@ -64,6 +64,10 @@ class StackedAdam:
         if act.shape != (B,):
             raise ValueError(f"active must have shape ({B},), got {act.shape}")
         live = [(p, m, v) for p, m, v in zip(self.params, self.m, self.v) if p.grad is not None]
+        for p, _, _ in live:
+            if not (p.is_contiguous() and p.grad.is_contiguous()):
+                # the fused kernel runs on slices and assumes one dense layout for all four tensors
+                raise ValueError("StackedAdam needs contiguous parameters and gradients")
         if not live:
             return
         for a, e in self._runs(act):

@@ -153,7 +153,8 @@ def fit_stack(
     revivals = [0] * B
     # Eq. 5 weighs beta, eta, q and the L2 terms against errors in raw units. Training runs on
     # y / y_scale and Z / z_scale, so the faithfulness term is scaled back by y_scale^2, and q
-    # (and the plain reconstruction of SAE/CAE) by z_scale^2: hyperparameters keep the paper's units.
+    # (and the plain reconstruction of SAE/CAE) by z_scale^2, and the L2 terms see the weights in
+    # raw units (_raw_weights, v * y_scale): hyperparameters keep the paper's units.
     z2 = z_scale.to(dt) ** 2
     faith_weight = spec.faithfulness * y_scale.to(dt) ** 2
     q = q * z2
@@ -175,8 +176,9 @@ def fit_stack(
         loss = srae_objective(
             y_bar=y_bar, y_hat=yb, weight=wb, e=e, z=zb, z_hat=z_hat, beta=beta, eta=eta, q=q,
             reconstruction=spec.reconstruction, faithfulness=faith_weight,
-            encoder_weights=model.encoder_weights() if use_l2 else [],
-            decoder_weights=model.decoder_weights() if use_l2 else [], v=model.v if use_l2 else None,
+            encoder_weights=_raw_weights(model.encoder_weights(), zs, first=True) if use_l2 else [],
+            decoder_weights=_raw_weights(model.decoder_weights(), zs, first=False) if use_l2 else [],
+            v=model.v * ys if use_l2 else None,
             lambda1=wd, lambda2=wd, lambda3=wd,
         )
         opt.zero_grad()
@@ -237,11 +239,30 @@ def fit_stack(
     return FitResult(model, z_scale, y_scale, best_epoch, best_val, curves, step, revivals)
 
 
+def _raw_weights(weights: list[Tensor], zs: Tensor, *, first: bool) -> list[Tensor]:
+    """The weights as the exported (raw-unit) model has them, for the L2 terms of eq. 5: the
+    encoder's first layer reads Z / z_scale (raw W1 = W1 / z_scale) and the decoder's last
+    layer writes Z / z_scale (raw W = W * z_scale); layers in between are unit-free."""
+    if not weights:
+        return []
+    out = list(weights)
+    if first:
+        out[0] = out[0] / zs
+    else:
+        out[-1] = out[-1] * zs
+    return out
+
+
 @torch.no_grad()
 def _revive_features(model: StackedSRAE, opt: StackedAdam, zb: Tensor, dead: list[tuple[int, int]],
                      members: list[Member], revivals: list[int]) -> None:
     """Give each dead x-feature ``(b, l)`` a fresh incoming row whose bias makes it fire on about
-    half of the current minibatch; its outgoing weights (v_l, decoder column l) restart at 0."""
+    half of the current minibatch; its outgoing weights (v_l, decoder column l) restart at 0.
+
+    Adam state of the touched entries: the first moment restarts at 0 and the second at the
+    median second moment of the same tensor and member. (Zeroing both would be wrong: the
+    member's step count, and so Adam's bias correction, is shared by all its entries, and
+    with a large count fresh zero moments give steps several times the learning rate.)"""
     h = zb
     for w, b in zip(model.enc_w[:-1], model.enc_b[:-1]):
         h = torch.relu(model._affine(h, w, b))
@@ -263,7 +284,7 @@ def _revive_features(model: StackedSRAE, opt: StackedAdam, zb: Tensor, dead: lis
             if id(p) in state:
                 m, v = state[id(p)]
                 m[idx] = 0.0
-                v[idx] = 0.0
+                v[idx] = v[b].median()
 
 
 def stack_groups(members: list[Member], batch_size: int, max_members: int) -> list[list[int]]:

@@ -165,6 +165,16 @@ def test_dead_x_features_are_revived_to_fire_on_about_half_the_batch():
     assert torch.equal(model.enc_w[-1][0, 0], before)  # other features untouched
     w_state = opt.m[[id(p) for p in opt.params].index(id(model.enc_w[-1]))]
     assert (w_state[0, 1] == 0).all() and (w_state[0, 0] == 0.5).all()
+    # Late in training (step count 2000) the revived row's next Adam step stays below the
+    # learning rate: its second moment restarts at the tensor's typical value, not at 0
+    # (which with the shared bias correction gave steps of ~3x the learning rate).
+    opt.t[:] = 2000
+    w = model.enc_w[-1]
+    row = w[0, 1].detach().clone()
+    for p in opt.params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert (w[0, 1] - row).abs().max().item() <= 1e-3
 
 
 def test_fixed_epoch_members_stop_at_their_own_budget():
@@ -220,3 +230,65 @@ def test_a_member_trains_the_same_alone_or_in_any_stack():
         fit_stack(z, y, [a, small], "SRAE", arch, settings)
     from srae.train import stack_groups
     assert stack_groups([a, small, b, c], 32, 2) == [[0, 2], [3], [1]]
+
+
+@pytest.mark.parametrize("method", ["SRAE", "SAE"])
+def test_normalised_training_minimises_eq5_in_raw_units(method):
+    """The objective fit_stack reports at init (trained on Z / z_scale, y / y_scale) equals
+    eq. 5 evaluated by hand on the raw data with the raw-unit weights, L2 terms included."""
+    g = np.random.default_rng(5)
+    N, D = 40, 6
+    z = torch.as_tensor(g.uniform(0, 30, (N, D)))  # far from unit scale on purpose
+    y = torch.as_tensor(g.normal(0, 8, (N, 2)))
+    idx = np.arange(N)
+    pos = g.random(N) < 0.3
+    hp = dict(lr=0.0, beta=0.7, eta=0.2, q=3.0, weight_decay=0.05)
+    m = Member(1, idx, pos, hp, seed=11)
+    arch = Architecture(D, 3, (5,), decoder=True)
+    res = fit_stack(z, y, [m], method, arch, TrainSettings(batch_size=N, max_steps=1, dtype=torch.float64, revive=False))
+    reported = res.curves[0]["train"][0]
+
+    zs = float(torch.sqrt((z**2).mean()))
+    ys = float(torch.sqrt((y[:, 1] ** 2).mean()))
+    init = StackedSRAE(arch, [11], dtype=torch.float64)
+    enc_w = [w[0].detach() for w in init.enc_w]
+    enc_b = [b[0].detach() for b in init.enc_b]
+    dec_w = [w[0].detach() for w in init.dec_w]
+    dec_b = [b[0].detach() for b in init.dec_b]
+    enc_w[0] = enc_w[0] / zs  # raw units: reads Z, writes Z, predicts y
+    dec_w[-1], dec_b[-1] = dec_w[-1] * zs, dec_b[-1] * zs
+    v = init.v[0].detach() * ys
+    h = z
+    for w, b in zip(enc_w, enc_b):
+        h = torch.relu(h @ w.T + b)
+    e = h
+    r = e
+    for i, (w, b) in enumerate(zip(dec_w, dec_b)):
+        r = r @ w.T + b
+        if i < len(dec_w) - 1:
+            r = torch.relu(r)
+    wts = balanced_weights(torch.as_tensor(pos)).double()
+    expected = float((wts * (e @ v - y[:, 1]) ** 2).sum() / wts.sum())
+    if method == "SRAE":
+        per_dim = ((r - z) ** 2).mean(0)
+        expected += hp["beta"] * float(torch.log1p(hp["q"] * per_dim).mean()) + hp["eta"] * float(pull_away_loss(e))
+    else:
+        expected += hp["beta"] * float(((r - z) ** 2).mean())
+    expected += hp["weight_decay"] * float(sum((w**2).sum() for w in enc_w + dec_w) + (v**2).sum())
+    assert reported == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_configs_cv_score_does_not_depend_on_the_rest_of_the_grid():
+    """Common random numbers: every config of a (category, fold) starts from one init, so a
+    config scores the same alone or among others (its members are trained independently)."""
+    from dataclasses import replace
+
+    z, logits, labels = _toy()
+    base = {"beta": [1.0], "eta": [0.1], "q": [1.0], "lr": [1e-2], "weight_decay": [0.0]}
+    wide = dict(base, beta=[0.1, 1.0, 3.0])
+    rows = {}
+    for name, grid in (("alone", base), ("wide", wide)):
+        out = train_explainers(z, logits, labels, [0], "SRAE", replace(SMALL, grid=grid))
+        rows[name] = {r["hparams"]["beta"]: r["val_criterion"] for r in out.explainers[0].meta["cv"]}
+    assert len(rows["wide"]) == 3
+    assert rows["wide"][1.0] == pytest.approx(rows["alone"][1.0], rel=1e-6)
