@@ -186,6 +186,7 @@ def pipeline(config: str | dict[str, Any] = "configs/demo.yaml", categories: str
         try:
             sres = opt(score_heatmaps)(done_jobs, ds, cfg.scoring.model_dump(mode="json"), cfg.name, cache)
             score_files, failed_scores = sres["scores"], sres["failed"]
+            notes.extend(sres.get("notes", []))
             failed.extend(failed_scores)
         except Exception as exc:  # the categories left unscored become failed-category rows
             unscored = unscored_failures(done_jobs, exc)

@@ -1,7 +1,8 @@
 """The paper's Fig. 4 grid, per category: each row is one image, then ExcitationBP on the
 prediction, then the n x-feature heatmaps sorted by contribution ``v_i * E_i`` with that
-number above each panel. Heatmaps are overlaid on the image with one colour scale per row,
-so the panels of a row can be compared directly (matplotlib, Agg backend)."""
+number above each panel. As in the paper, c-MWP is normalised per neuron per image: each map
+is drawn relative to its own maximum, so a weak x-feature's map is as visible as a strong
+one's; how much each matters is the contribution printed above it (matplotlib, Agg backend)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 from srae.errors import InputError
 from srae.excitation import resize_maps
 
-__all__ = ["order_features", "row_scales", "excitation_grid", "save_excitation_grid"]
+__all__ = ["order_features", "map_scales", "excitation_grid", "save_excitation_grid"]
+NORMALISED_NOTE = "each heatmap normalised to its own max (c-MWP per x-feature per image)"
 
 SORTS = ("row", "mean", "none")
 
@@ -31,9 +33,10 @@ def order_features(contributions: np.ndarray, sort: str = "row") -> np.ndarray:
     return np.broadcast_to(base, c.shape).copy()
 
 
-def row_scales(ebp: np.ndarray, xmaps: np.ndarray) -> np.ndarray:
-    """One colour scale per row: the largest value among that row's heatmaps (1 if all 0)."""
-    peak = np.maximum(ebp.reshape(len(ebp), -1).max(axis=1), xmaps.reshape(len(xmaps), -1).max(axis=1))
+def map_scales(maps: np.ndarray) -> np.ndarray:
+    """Per-map colour scale of ``(..., H, W)`` maps: each map's own maximum (1 if all 0)."""
+    m = np.asarray(maps, dtype=np.float64)
+    peak = m.reshape(*m.shape[:-2], -1).max(axis=-1)
     return np.where(peak > 0, peak, 1.0)
 
 
@@ -68,7 +71,8 @@ def excitation_grid(images: np.ndarray, ebp_maps: np.ndarray | torch.Tensor,
 
     ``images`` uint8 (R, H, W, 3); ``ebp_maps`` (R, H, W) or (R, 1, H, W): ExcitationBP on
     the logit; ``xfeature_maps`` (R, n, H, W); ``contributions`` (R, n) = ``v_i * E_i``;
-    ``predictions`` (R,) the logit y-hat printed above the ExcitationBP panel.
+    ``predictions`` (R,) the logit y-hat printed above the ExcitationBP panel. Every map
+    is drawn normalised to its own maximum (the title says so).
     """
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -88,30 +92,31 @@ def excitation_grid(images: np.ndarray, ebp_maps: np.ndarray | torch.Tensor,
                          f"contributions {contrib.shape}")
     n = xm.shape[1]
     order = order_features(contrib, sort)
-    scale = row_scales(ebp, xm)
+    ebp_scale, x_scale = map_scales(ebp), map_scales(xm)
     cmap = colormaps["jet"]
     cell = 1.9
-    fig = Figure(figsize=(cell * (n + 2) + 0.8, cell * r_n + (0.5 if title else 0.2)), dpi=100,
+    fig = Figure(figsize=(cell * (n + 2) + 0.8, cell * r_n + (0.7 if title else 0.4)), dpi=100,
                  layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(r_n, n + 2, squeeze=False)
     for r in range(r_n):
         axes[r, 0].imshow(images[r])
         axes[r, 0].set_title(row_labels[r] if row_labels is not None else "image", fontsize=9)
-        axes[r, 1].imshow(_overlay(images[r], ebp[r], scale[r], cmap))
+        axes[r, 1].imshow(_overlay(images[r], ebp[r], ebp_scale[r], cmap))
         pred = f" ŷ={float(predictions[r]):.2f}" if predictions is not None else ""
         axes[r, 1].set_title(f"ExcitationBP{pred}", fontsize=9)
         for j, i in enumerate(order[r]):
             ax = axes[r, j + 2]
-            ax.imshow(_overlay(images[r], xm[r, i], scale[r], cmap))
+            ax.imshow(_overlay(images[r], xm[r, i], x_scale[r, i], cmap))
             ax.set_title(f"x{i + 1}: {contrib[r, i]:.2f}", fontsize=10, fontweight="bold")
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-        sm = ScalarMappable(norm=Normalize(0.0, float(scale[r])), cmap=cmap)
-        fig.colorbar(sm, ax=list(axes[r, 1:]), shrink=0.85, pad=0.01, aspect=12).ax.tick_params(labelsize=7)
-    if title:
-        fig.suptitle(title, fontsize=12)
+        sm = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)
+        bar = fig.colorbar(sm, ax=list(axes[r, 1:]), shrink=0.85, pad=0.01, aspect=12)
+        bar.ax.tick_params(labelsize=7)
+        bar.set_label("/ own max", fontsize=7)
+    fig.suptitle(f"{title}\n{NORMALISED_NOTE}" if title else NORMALISED_NOTE, fontsize=12 if title else 9)
     return fig
 
 

@@ -34,8 +34,8 @@ from srae.gradcam import gradcam_maps
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HEATMAP_KINDS", "HeatmapJob", "HeatmapSet", "compute_heatmaps", "is_complete",
-           "open_heatmaps", "pending_image_ids"]
+__all__ = ["HEATMAP_KINDS", "HeatmapJob", "HeatmapSet", "compute_heatmaps", "explainer_head", "is_complete",
+           "open_heatmaps", "pending_image_ids", "selected_z_dims"]
 
 HEATMAP_KINDS: tuple[str, ...] = ("c-MWP", "MWP", "Grad-CAM")
 STORE_VERSION = 1
@@ -88,17 +88,66 @@ def open_heatmaps(store: str | Path) -> HeatmapSet:
     return HeatmapSet(maps=root["maps"], image_id=np.asarray(root["image_id"][:]), attrs=dict(root.attrs))
 
 
-def pending_image_ids(store: str | Path, image_ids: Sequence[int] | np.ndarray) -> np.ndarray:
-    """The ids of ``image_ids`` still to compute in ``store`` (all of them if the store is
-    missing or was planned for other images), e.g. to build a DataLoader of only those."""
+def pending_image_ids(job: HeatmapJob, image_ids: Sequence[int] | np.ndarray, *, readout: int,
+                      output_size: int | tuple[int, int], kind: str = "c-MWP") -> np.ndarray:
+    """The ids of ``image_ids`` still to compute for ``job`` (all of them if its store is
+    missing or was made for another request: other images, units, readout, kind, output size
+    or attributes such as the explainer's fingerprint), e.g. to build a DataLoader of only
+    those. Arguments as in :func:`compute_heatmaps`, whose resume decision this mirrors."""
     import zarr
 
-    ids = np.asarray(image_ids, dtype=np.int64)
-    attrs = stores.root_attrs(Path(store))
-    if attrs is None or "done_rows" not in attrs or attrs.get("image_ids_sha256") != _ids_sha(ids):
+    ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+    spec = _spec(job, kind, readout, ids, (len(ids), len(job.units), *_size(output_size)))
+    if not _resumable(stores.root_attrs(Path(job.store)), spec):
         return ids
-    done = np.asarray(zarr.open_group(str(store), mode="r")["done"][:])
+    done = np.asarray(zarr.open_group(str(job.store), mode="r")["done"][:])
     return ids[~done]
+
+
+def selected_z_dims(explainer: Any) -> list[int]:
+    """The Z dims a selection explainer (Lasso) uses as its x-features, in x-feature order.
+
+    Read from ``meta["selected_dims"]`` and checked against the encoder, which must be one
+    one-hot row per x-feature with zero bias (what :func:`srae.baselines.lasso_explainer` writes)."""
+    weights, biases = list(explainer.weights), list(explainer.biases)
+    if len(weights) != 1:
+        raise SraeError(f"{explainer.method} explainer: a selection encoder has one layer, found {len(weights)}")
+    w = weights[0].detach().cpu().to(torch.float64)
+    rows = torch.argmax(w, dim=1)
+    one_hot = torch.zeros_like(w)
+    one_hot[torch.arange(w.shape[0]), rows] = 1.0
+    if not torch.equal(w, one_hot) or bool(biases[0].abs().sum() != 0):
+        raise SraeError(f"{explainer.method} explainer: its encoder is not a one-hot selection of Z dims")
+    dims = [int(d) for d in rows.tolist()]
+    meta = explainer.meta.get("selected_dims")
+    if meta is not None and [int(d) for d in meta] != dims:
+        raise SraeError(f"{explainer.method} explainer: meta selected_dims {list(meta)[:8]} disagree with "
+                        f"its encoder {dims[:8]}")
+    return dims
+
+
+def explainer_head(explainer: Any, z_head: Sequence[nn.Module]) -> tuple[nn.Sequential, list[int], dict]:
+    """(head, units, extra store attributes) of an explainer's x-feature heatmaps above a trunk
+    whose last modules ``z_head`` end at Z (e.g. ``[fc6, ReLU]``).
+
+    Neural explainers: ``z_head + encoder``, units = x-features ``0..n-1``, contrasted at the
+    encoder's top layer. Lasso's x-features *are* Z dims: its encoder is a one-hot selection
+    whose weights are all >= 0, so contrasting there gives a zero dual signal (c-MWP would
+    collapse to MWP) and a dim that is 0 on an image an all-zero map. Its chain therefore
+    stops at Z and its units are the selected dims, contrasted at Z's own affine layer exactly
+    like the "Z" column (attribute ``x_units: "Z"``)."""
+    if explainer.method == "Lasso" or "selected_dims" in explainer.meta:
+        return nn.Sequential(*z_head), selected_z_dims(explainer), {"x_units": "Z"}
+    return nn.Sequential(*z_head, *explainer.encoder()), list(range(explainer.n_features)), {}
+
+
+def _size(output_size: int | tuple[int, int]) -> tuple[int, int]:
+    return (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+
+
+def _resumable(old: dict | None, spec: dict) -> bool:
+    """A store with these root attributes holds (part of) exactly what ``spec`` asks for."""
+    return old is not None and "done_rows" in old and all(old.get(k) == v for k, v in spec.items())
 
 
 def _spec(job: HeatmapJob, kind: str, readout: int, ids: np.ndarray, shape: tuple[int, ...]) -> dict:
@@ -117,8 +166,7 @@ def _open_store(job: HeatmapJob, spec: dict, ids: np.ndarray, chunk_rows: int):
     import zarr
 
     old = stores.root_attrs(job.store)
-    same = old is not None and "done_rows" in old and all(old.get(k) == v for k, v in spec.items())
-    if same:
+    if _resumable(old, spec):
         root = zarr.open_group(str(job.store), mode="r+")
         if not old.get("complete"):
             log.info("heatmaps: resuming %s (%d/%d images done)", job.store, old["done_rows"], len(ids))
@@ -185,7 +233,7 @@ def compute_heatmaps(trunk: nn.Sequential, jobs: Sequence[HeatmapJob], batches: 
     ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
     if len(np.unique(ids)) != len(ids):
         raise InputError("image_ids: contains duplicates")
-    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    size = _size(output_size)
     jobs = [HeatmapJob(Path(j.store), j.head, list(j.units), dict(j.attrs)) for j in jobs]
     roots = [_open_store(j, _spec(j, kind, readout, ids, (len(ids), len(j.units), *size)), ids, chunk_rows)
              for j in jobs]

@@ -131,24 +131,66 @@ def _isnan(a: Any) -> bool:
         return True
 
 
-def _category_mean(df: pd.DataFrame, keys: list[str]) -> pd.Series:
-    """Mean per category first (duplicates averaged), then over categories."""
+def _category_mean(df: pd.DataFrame, keys: list[str], infinite: list[dict[str, Any]] | None = None) -> pd.Series:
+    """Mean per category first (duplicates averaged), then over categories.
+
+    Categories whose value is infinite (O2 of a singular correlation matrix, inf by design)
+    are left out of the mean, so one such category does not turn the whole cell into inf; a
+    cell whose categories are all infinite stays inf. With ``infinite`` given, one record per
+    cell with infinite categories is appended: the ``keys`` values, ``infinite`` (how many)
+    and ``categories`` (out of how many)."""
     per_cat = df.groupby(keys + ["category"], sort=False)["value"].mean()
-    return per_cat.groupby(level=list(range(len(keys))), sort=False).mean()
+    levels = list(range(len(keys)))
+    is_inf = pd.Series(np.isinf(per_cat.to_numpy(dtype=np.float64)), index=per_cat.index)
+    means = per_cat.mask(is_inf).groupby(level=levels, sort=False).mean()
+    n_inf = is_inf.groupby(level=levels, sort=False).sum()
+    only_inf = means.isna() & (n_inf > 0)
+    if only_inf.any():
+        means[only_inf] = per_cat.groupby(level=levels, sort=False).mean()[only_inf]
+    if infinite is not None:
+        total = per_cat.groupby(level=levels, sort=False).size()
+        for key, k in n_inf[n_inf > 0].items():
+            vals = key if isinstance(key, tuple) else (key,)
+            infinite.append({**{c: str(v) for c, v in zip(keys, vals)}, "infinite": int(k),
+                             "categories": int(total[key])})
+    return means
+
+
+def infinite_categories(t: pd.DataFrame) -> dict[tuple[str, str, str], tuple[int, int]]:
+    """``{(metric, split, method): (infinite, categories)}`` of a :func:`table_main` frame:
+    the cells whose mean left out categories with an infinite value (kept in ``t.attrs``)."""
+    recs = t.attrs.get("infinite_categories", []) if hasattr(t, "attrs") else []
+    return {(r["metric"], r["split"], r["method"]): (int(r["infinite"]), int(r["categories"])) for r in recs}
 
 
 # ---------------------------------------------------------------------- wide tables
 def table_main(df: pd.DataFrame, lasso_alpha: float | None = None) -> pd.DataFrame:
-    """Table 1 / 3. Index ``(metric, split)``, columns :data:`TABLE_METHODS` (NaN = not scored)."""
+    """Table 1 / 3. Index ``(metric, split)``, columns :data:`TABLE_METHODS` (NaN = not scored).
+
+    Means leave out categories with an infinite value (O2); which cells did, and for how many
+    categories, is in ``attrs["infinite_categories"]`` (see :func:`infinite_categories`)."""
     df = _headline(validate_metrics(df), lasso_alpha)
     splits = [s for s in ("test", "train") if ((df["metric"].isin(HEATMAP_METRICS)) & (df["split"] == s)).any()]
     rows = list(MAIN_ROWS) + [(m, s) for m in HEATMAP_METRICS for s in (splits or ["test"])]
-    means = _category_mean(df, ["metric", "split", "method"])
+    infinite: list[dict[str, Any]] = []
+    means = _category_mean(df, ["metric", "split", "method"], infinite)
     index = pd.MultiIndex.from_tuples(rows, names=["metric", "split"])
     out = pd.DataFrame(np.nan, index=index, columns=list(TABLE_METHODS), dtype="float64")
     for (metric, split, method), value in means.items():
         if (metric, split) in index and method in out.columns:
             out.loc[(metric, split), method] = value
+    out.attrs["infinite_categories"] = [r for r in infinite if (r["metric"], r["split"]) in index
+                                        and r["method"] in out.columns]
+    return out
+
+
+def main_display(t: pd.DataFrame) -> pd.DataFrame:
+    """:func:`table_main` for reading: a cell that left out infinite categories reads
+    ``"2.5000 (1 of 4 inf)"``; the other cells keep their numbers."""
+    out = t.astype(object)
+    for (metric, split, method), (k, n) in infinite_categories(t).items():
+        v = float(t.loc[(metric, split), method])
+        out.loc[(metric, split), method] = f"{'inf' if math.isinf(v) else f'{v:.4f}'} ({k} of {n} inf)"
     return out
 
 
@@ -222,9 +264,9 @@ def table_concepts(df: pd.DataFrame, class_names: list[str] | None = None) -> pd
     cols = [m for m in TABLE_METHODS if m in wide.columns] + sorted(set(wide.columns) - set(TABLE_METHODS))
     wide = wide[cols]
     wide.loc["mean"] = wide.mean(axis=0)
-    if class_names:
-        wide.index = [class_names[i] if isinstance(i, (int, np.integer)) and 0 <= i < len(class_names)
-                      else str(i) for i in wide.index]
+    names = class_names or []  # always strings: a mixed int / "mean" index cannot be written to Parquet
+    wide.index = [names[i] if isinstance(i, (int, np.integer)) and 0 <= i < len(names) else str(i)
+                  for i in wide.index]
     wide.index.name = "category"
     wide.columns.name = None
     return wide
@@ -301,7 +343,8 @@ def qualitative_findings(t: pd.DataFrame, faithful_cls: float = 0.95, margin: fl
     Rules (fixed here, not tuned to the data): (1) SRAE test F_cls >= ``faithful_cls`` and
     within ``margin`` of the lower of NN/SAE; (2) SRAE locality < ExcitationBP locality;
     (3) SRAE O1 and O2 below both NN and SAE; (4) CAE and Lasso test F_reg at least
-    ``unfaithful_ratio`` times SRAE's."""
+    ``unfaithful_ratio`` times SRAE's. Means are over categories with finite values; the
+    evidence says in how many categories O2 was infinite."""
     g = lambda *a: _get(t, *a)  # noqa: E731
     hs = _heat_split(t)
     out: list[Finding] = []
@@ -323,11 +366,16 @@ def qualitative_findings(t: pd.DataFrame, faithful_cls: float = 0.95, margin: fl
     vals = {(o, m): g(o, hs, m) for o in ("O1", "O2") for m in ("SRAE", "NN", "SAE")}
     if any(math.isnan(v) for v in vals.values()):
         holds = None
-    else:
+    else:  # the table's means are over the categories with a finite value
         holds = all(vals[(o, "SRAE")] < min(vals[(o, "NN")], vals[(o, "SAE")]) for o in ("O1", "O2"))
+    inf = infinite_categories(t)
+    inf_notes = [f"{m} {inf[('O2', hs, m)][0]} of {inf[('O2', hs, m)][1]}"
+                 for m in ("SRAE", "NN", "SAE") if ("O2", hs, m) in inf]
     out.append(Finding("x-features are more orthogonal than NN and SAE", holds,
                        "; ".join(f"{o}: SRAE {_f(vals[(o, 'SRAE')])}, NN {_f(vals[(o, 'NN')])}, "
-                                 f"SAE {_f(vals[(o, 'SAE')])}" for o in ("O1", "O2"))))
+                                 f"SAE {_f(vals[(o, 'SAE')])}" for o in ("O1", "O2"))
+                       + (f" (O2 means over finite categories; O2 = inf, a singular correlation, in "
+                          f"{', '.join(inf_notes)} categories)" if inf_notes else "")))
 
     fs, fc, fl = g("F_reg", "test", "SRAE"), g("F_reg", "test", "CAE"), g("F_reg", "test", "Lasso")
     if any(math.isnan(v) for v in (fs, fc, fl)):

@@ -123,6 +123,22 @@ def _findings_html(findings: list[R.Finding]) -> str:
     return f"<ul>{items}</ul>"
 
 
+def infinite_note(main: pd.DataFrame) -> str:
+    """The sentence under Table 1/3 when some categories had an infinite value ("" if none)."""
+    inf = R.infinite_categories(main)
+    if not inf:
+        return ""
+    cells = ", ".join(f"{metric} {split} {method}: {k} of {n}" for (metric, split, method), (k, n) in inf.items())
+    return ("O2 is infinite for a category whose x-feature maps are linearly dependent (singular correlation "
+            "matrix); such categories are left out of the mean and counted as \"(k of n inf)\" in the cell. "
+            f"Infinite categories: {cells}.")
+
+
+def _infinite_note_html(main: pd.DataFrame) -> str:
+    note = infinite_note(main)
+    return f"<p><small>{html.escape(note)}</small></p>" if note else ""
+
+
 def summary_line(findings: list[R.Finding]) -> str:
     held = [f.claim for f in findings if f.holds is True]
     failed = [f.claim for f in findings if f.holds is False]
@@ -147,7 +163,7 @@ def render_html(inp: ReportInputs, tables: dict[str, pd.DataFrame], findings: li
          "<h2>Table 1/3: faithfulness, orthogonality, locality</h2>",
          "<p>Mean over categories. F_cls as a percentage; O1, O2 and locality on positive images "
          "(lower is better). Z: ExcitationBP on sampled dimensions of Z; ExcitationBP: on y-hat.</p>",
-         to_html_table(tables["main"]),
+         to_html_table(R.main_display(tables["main"])), _infinite_note_html(tables["main"]),
          "<h2>Table 2a/5: Lasso alpha sweep</h2>", to_html_table(tables["lasso"]),
          "<h2>Table 2b/4: classification of masked + inpainted images</h2>", to_html_table(tables["masking"])]
     if not tables["concepts"].empty:
@@ -186,12 +202,19 @@ def render_markdown(inp: ReportInputs, tables: dict[str, pd.DataFrame], findings
     for key, caption in (("main", "Table 1/3"), ("lasso", "Table 2a/5 (Lasso sweep)"),
                          ("masking", "Table 2b/4 (masking)"), ("concepts", "Concept recovery"),
                          ("top_parts", "Where each x-feature lands (* = evidence part)")):
-        lines += [f"## {caption}", "", to_markdown(tables[key])]
+        lines += [f"## {caption}", "", to_markdown(_readable(key, tables[key]))]
+        if key == "main" and infinite_note(tables[key]):
+            lines += [infinite_note(tables[key]), ""]
     if inp.failed:
         lines += ["## Failed categories", ""] + [f"- {f}" for f in inp.failed] + [""]
     if inp.timings:
         lines += ["## Stage wall time", ""] + [f"- {k}: {v:.1f} s" for k, v in inp.timings.items()]
     return "\n".join(lines) + "\n"
+
+
+def _readable(key: str, df: pd.DataFrame) -> pd.DataFrame:
+    """The table as shown: Table 1/3 cells say how many categories had an infinite value."""
+    return R.main_display(df) if key == "main" else df
 
 
 def derive_tables(inp: ReportInputs) -> dict[str, pd.DataFrame]:
@@ -221,7 +244,7 @@ def build_report(inp: ReportInputs) -> Path:
              "concepts": "table_concepts", "per_category": "table_per_category", "top_parts": "table_top_parts"}
     for key, df in tables.items():
         _flat_for_parquet(df).to_parquet(out / f"{names[key]}.parquet", index=False)
-        (out / f"{names[key]}.md").write_text(to_markdown(df))
+        (out / f"{names[key]}.md").write_text(to_markdown(_readable(key, df)))
     findings = R.qualitative_findings(tables["main"])
     figures = list(inp.figures)
     try:

@@ -10,7 +10,8 @@ identical results.
 
 Annotations are scaled to the map grid by DESIGN §2 Coordinates (``x' = x * W / width``).
 CUB-style data (parts + bbox) use :func:`part_probabilities`; ADE20K-style data (object masks)
-use :func:`object_probabilities`, with the unlabeled label 0 left out of locality.
+use :func:`object_probabilities`, with the unlabeled label 0 left out of locality and of the
+concept statistics.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pandas as pd
 
 from srae.datasets.common import DatasetIndex
 from srae.errors import InputError, SraeError
-from srae.metrics.concepts import concept_coverage, concept_recovery, evidence_columns, top_part_table
+from srae.metrics.concepts import concept_summary
 from srae.metrics.locality import check_values, entropy, part_geometry, resize_labels_nearest
 from srae.metrics.orthogonality import OrthogonalityStats
 
@@ -63,7 +64,8 @@ class ScoreJob:
 
 @dataclass
 class ChunkSpec:
-    """Everything one task needs: small arrays only, the heatmaps are read from Zarr."""
+    """Everything one task needs: small arrays only, the heatmaps are read from Zarr. Paths
+    are absolute, so workers started in another directory open the same files."""
 
     job: int
     path: str
@@ -91,11 +93,13 @@ class ChunkStats:
 
 @dataclass
 class ScoreResult:
-    """Long metric rows, the per-class top-part table and each job's mean histogram."""
+    """Long metric rows, the per-class top-part table, each job's mean histogram, and notes
+    on what was left out (e.g. concept rows of a job whose evidence names are unknown)."""
 
     metrics: pd.DataFrame
     concepts: pd.DataFrame
     histograms: list[tuple[list[str], np.ndarray]]
+    notes: list[str] = field(default_factory=list)
 
 
 def _add_sparse(cols: np.ndarray, hist: np.ndarray, new_cols: np.ndarray, new_hist: np.ndarray):
@@ -206,7 +210,9 @@ class _Annotations:
             self.bboxes = np.array([[np.nan] * 4 if _missing(b) else list(b) for b in images["bbox"]],
                                    dtype=np.float64).reshape(len(ids), 4)
         else:
-            self.masks = [str(index.abspath(m)) if ok else "" for m, ok in zip(images["mask_path"], has_masks)]
+            # absolute: workers of an existing cluster may run in another working directory
+            self.masks = [os.path.abspath(index.abspath(m)) if ok else ""
+                          for m, ok in zip(images["mask_path"], has_masks)]
 
     def positions(self, ids: np.ndarray, path: str) -> np.ndarray:
         """Row of each image id in the index; unknown ids raise InputError naming them."""
@@ -246,11 +252,10 @@ def _chunk_spec(job_id: int, job: ScoreJob, ann: _Annotations, pos: np.ndarray, 
     sizes = ann.sizes[sel]
     if not (np.isfinite(sizes).all() and (sizes > 0).all()):
         raise InputError(f"dataset {ann.index.name!r}: an image of {job.heatmaps} has no valid width/height")
+    path = os.path.abspath(job.heatmaps)  # workers may run elsewhere (an existing cluster)
     if ann.mode == "parts":
-        return ChunkSpec(job_id, str(job.heatmaps), start, stop, rows, "parts", ann.parts[sel], ann.bboxes[sel],
-                         sizes, None, orth)
-    return ChunkSpec(job_id, str(job.heatmaps), start, stop, rows, "objects", None, None, sizes,
-                     [ann.masks[k] for k in sel], orth)
+        return ChunkSpec(job_id, path, start, stop, rows, "parts", ann.parts[sel], ann.bboxes[sel], sizes, None, orth)
+    return ChunkSpec(job_id, path, start, stop, rows, "objects", None, None, sizes, [ann.masks[k] for k in sel], orth)
 
 
 def plan(jobs: Sequence[ScoreJob], index: DatasetIndex, chunk_size: int | None = None) -> list[ChunkSpec]:
@@ -295,6 +300,7 @@ def reduce_results(jobs: Sequence[ScoreJob], index: DatasetIndex, stats: Sequenc
     ann = ann or _Annotations(index)
     rows: list[dict] = []
     tables: list[pd.DataFrame] = []
+    notes: list[str] = []
     hists: list[tuple[list[str], np.ndarray]] = []
     for j, job in enumerate(jobs):
         mine = [s for s in stats if s.job == j]
@@ -325,18 +331,22 @@ def reduce_results(jobs: Sequence[ScoreJob], index: DatasetIndex, stats: Sequenc
             rows += [{**base, "metric": m, "value": v} for m, v in (("O1", o1), ("O2", o2)) if m in job.metrics]
         evid = index.evidence.get(job.class_index) if job.class_index is not None else None
         if "concept_recovery" in job.metrics and evid:
-            ev_cols = evidence_columns(names, evid)
-            for metric, value in (("concept_recovery", concept_recovery(mean, ev_cols)),
-                                  ("concept_coverage", concept_coverage(mean, ev_cols))):
-                if not math.isnan(value):
-                    rows.append({**base, "metric": metric, "value": value})
-            table = top_part_table(mean, names, ev_cols)
-            for key in ("experiment", "category", "method", "split"):
-                table.insert(0, key, base[key])
-            tables.append(table)
+            # objects: label 0 (unlabeled) is left out, as in locality; absent known objects count as missed
+            keep = cols != 0 if ann.mode == "objects" else np.ones(cols.size, dtype=bool)
+            known = list(index.object_names.values()) if ann.mode == "objects" else []
+            try:
+                values, table = concept_summary(mean[:, keep], [c for c, k in zip(names, keep) if k], evid, known)
+            except InputError as exc:  # drops this job's concept rows only, never its locality / O1 / O2
+                notes.append(f"{job.category}/{job.method}/{job.split}: concept recovery not scored ({exc})")
+                log.warning("%s", notes[-1])
+            else:
+                rows += [{**base, "metric": m, "value": v} for m, v in values.items()]
+                for key in ("experiment", "category", "method", "split"):
+                    table.insert(0, key, base[key])
+                tables.append(table)
     metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS)
     concepts = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    return ScoreResult(metrics, concepts, hists)
+    return ScoreResult(metrics, concepts, hists, notes)
 
 
 def score_serial(jobs: Sequence[ScoreJob], index: DatasetIndex, chunk_size: int | None = None) -> ScoreResult:

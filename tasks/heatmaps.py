@@ -1,5 +1,6 @@
 """Stage 5: c-MWP heatmaps per category group: x-features of each headline explainer,
-ExcitationBP on y-hat (the category's logit) and sampled dimensions of Z.
+ExcitationBP on y-hat (the category's logit) and sampled dimensions of Z. Lasso's x-features
+are its selected Z dims and are drawn exactly like the Z column (contrasted at fc6).
 
 One Zarr group per (explainer or category, heatmap settings, split) holds ``maps``
 (M, n, H, W) float32 and ``image_id`` (M,), with ``complete: true`` written last. Images are
@@ -97,7 +98,10 @@ def job_done(job: dict[str, Any]) -> bool:
     from srae.heatmaps import open_heatmaps
 
     try:
-        return open_heatmaps(job["heatmaps"]).attrs.get("explainer_sha256") == _explainer_sha(job["explainer"])
+        attrs = open_heatmaps(job["heatmaps"]).attrs
+        if job["method"] == "Lasso" and attrs.get("x_units") != "Z":
+            return False  # drawn through the one-hot selection layer (plain MWP): redraw as Z units
+        return attrs.get("explainer_sha256") == _explainer_sha(job["explainer"])
     except OSError:
         return False
 
@@ -152,7 +156,7 @@ def heatmap_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone:
     from torch import nn
 
     from srae.explainers import load_explainer
-    from srae.heatmaps import HeatmapJob, compute_heatmaps
+    from srae.heatmaps import HeatmapJob, compute_heatmaps, explainer_head
     from tasks.backbone import load_fitted_backbone
     from tasks.download import load_index
 
@@ -186,9 +190,10 @@ def heatmap_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone:
                         elif j["method"] == "Z":
                             units = _z_dims(z, int(j["hparams"]["z_dims"]), c)
                             head = nn.Sequential(*tail)
-                        else:
-                            e = load_explainer(j["explainer"])
-                            head, units = nn.Sequential(*tail, *e.encoder().to(dev)), list(range(e.n_features))
+                        else:  # Lasso's x-features are Z dims: drawn like the Z column (see explainer_head)
+                            head, units, extra = explainer_head(load_explainer(j["explainer"]), tail)
+                            head = head.to(dev)
+                            attrs.update(extra)
                             attrs["explainer"] = str(j["explainer"])
                             attrs["explainer_sha256"] = _explainer_sha(j["explainer"])
                         hjobs.append(HeatmapJob(Path(j["heatmaps"]), head, units, attrs))

@@ -52,19 +52,21 @@ def score_heatmaps(jobs: list[dict[str, Any]], dataset: dict[str, Any], scoring:
                    experiment: str, cache_dir: str) -> dict[str, Any]:
     """Score the not-yet-scored ``jobs`` (dicts of :class:`srae.scoring.ScoreJob` fields).
 
-    Returns ``{"scores": [parquet paths], "failed": [{category, method, error}]}``."""
+    Returns ``{"scores": [parquet paths], "failed": [{category, method, error}], "notes": [str]}``
+    (notes: e.g. concept rows left out for an evidence name the dataset does not know)."""
     from srae.scoring import ScoreJob
 
     logger = run_logger()
     todo = [j for j in jobs if not scores_path(j["heatmaps"]).is_file()]
     failed: list[dict[str, Any]] = []
+    notes: list[str] = []
     if todo:
         index = load_index(dataset)
         specs = [ScoreJob(heatmaps=j["heatmaps"], category=int(j["category"]), method=j["method"],
                           split=j.get("split", "test"), class_index=int(j["category"]), experiment=experiment,
                           hparams=j.get("hparams", {}), metrics=tuple(j["metrics"])) for j in todo]
         with timed() as t:
-            results = _score_each(specs, index, scoring, failed, logger)
+            results = _score_each(specs, index, scoring, failed, logger, notes)
             seconds = t()
         for j, res in zip(todo, results):
             if res is None:
@@ -78,10 +80,10 @@ def score_heatmaps(jobs: list[dict[str, Any]], dataset: dict[str, Any], scoring:
         logger.info("scoring: %d groups scored, %d failed, %d reused", len(todo) - len(failed), len(failed),
                     len(jobs) - len(todo))
     return {"scores": [str(scores_path(j["heatmaps"])) for j in jobs if scores_path(j["heatmaps"]).is_file()],
-            "failed": failed}
+            "failed": failed, "notes": notes}
 
 
-def _score_each(specs, index, scoring, failed, logger) -> list[tuple[pd.DataFrame, pd.DataFrame] | None]:
+def _score_each(specs, index, scoring, failed, logger, notes: list[str]) -> list[tuple[pd.DataFrame, pd.DataFrame] | None]:
     """Score all jobs on Dask at once; if that fails, job by job so one bad group is isolated."""
     from srae.scoring import dask_client, score
 
@@ -89,6 +91,7 @@ def _score_each(specs, index, scoring, failed, logger) -> list[tuple[pd.DataFram
                      int(scoring.get("threads_per_worker", 1))) as client:
         try:
             res = score(specs, index, client=client)
+            notes.extend(res.notes)
             return [(_rows_of(res.metrics, s), _rows_of(res.concepts, s)) for s in specs]
         except Exception as exc:
             logger.warning("scoring all groups together failed (%s); scoring one by one", exc)
@@ -96,6 +99,7 @@ def _score_each(specs, index, scoring, failed, logger) -> list[tuple[pd.DataFram
         for s in specs:
             try:
                 res = score([s], index, client=client)
+                notes.extend(res.notes)
                 out.append((res.metrics, res.concepts))
             except Exception as exc:
                 failed.append({"category": s.category, "stage": "scoring", "method": s.method,

@@ -13,7 +13,9 @@ from srae.metrics.concepts import (
     concept_recovery,
     evidence_columns,
     evidence_mass,
+    concept_summary,
     top_part_table,
+    with_evidence_columns,
 )
 
 NAMES = ["beak", "crown", "wing", "tail", "context"]
@@ -54,3 +56,19 @@ def test_top_part_table() -> None:
     assert table["on_evidence"].tolist() == [True, False, False, True]
     with pytest.raises(InputError, match="column_names"):
         top_part_table(HIST, NAMES[:-1], [0])
+
+
+def test_absent_known_evidence_is_a_zero_column() -> None:
+    names = ["bed", "lamp"]
+    hist = np.array([[3.0, 1.0], [0.0, 2.0]])
+    q, out_names, cols = with_evidence_columns(hist, names, ["Bed", "pillow"], known=["bed", "lamp", "Pillow"])
+    assert out_names == ["bed", "lamp", "pillow"] and cols == [0, 2]
+    np.testing.assert_array_equal(q, [[3.0, 1.0, 0.0], [0.0, 2.0, 0.0]])
+    values, table = concept_summary(hist, names, ["bed", "pillow"], known=["pillow"])
+    assert values["concept_recovery"] == pytest.approx((0.75 + 0.0) / 2)
+    assert values["concept_coverage"] == 0.5  # bed is found, pillow never
+    assert table["top_part"].tolist() == ["bed", "lamp"]
+    with pytest.raises(InputError, match="pilow"):
+        with_evidence_columns(hist, names, ["pilow"], known=["pillow"])
+    with pytest.raises(InputError, match="column_names"):
+        with_evidence_columns(hist, names[:1], ["bed"])

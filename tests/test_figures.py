@@ -1,4 +1,4 @@
-"""Fig. 4 grid (srae.figures): sorting, colour scale, panel titles and the PNG."""
+"""Fig. 4 grid (srae.figures): sorting, per-map normalisation, panel titles and the PNG."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from srae.errors import InputError
-from srae.figures import excitation_grid, order_features, row_scales, save_excitation_grid
+from srae.figures import excitation_grid, map_scales, order_features, save_excitation_grid
 
 
 def test_order_and_scales() -> None:
@@ -19,7 +19,8 @@ def test_order_and_scales() -> None:
     ebp[0, 0, 0] = 7.0
     xm = np.zeros((3, 2, 2, 2))
     xm[0, 1, 1, 1], xm[1, 0, 0, 1] = 2.0, 3.0
-    np.testing.assert_array_equal(row_scales(ebp, xm), [7.0, 3.0, 1.0])
+    np.testing.assert_array_equal(map_scales(ebp), [7.0, 1.0, 1.0])
+    np.testing.assert_array_equal(map_scales(xm), [[1.0, 2.0], [3.0, 1.0], [1.0, 1.0]])
     with pytest.raises(InputError, match="sort"):
         order_features(c, "sideways")
 
@@ -50,3 +51,17 @@ def test_png_is_written_and_not_blank(tmp_path) -> None:
     assert arr.reshape(-1, 3).std(axis=0).min() > 10
     with pytest.raises(InputError, match="disagree"):
         excitation_grid(images, ebp, xm, contrib[:, :2])
+
+
+def test_each_map_is_drawn_relative_to_its_own_max() -> None:
+    images, ebp, xm, _ = _data(r=1, n=3)
+    xm[0, 1] = xm[0, 0] * 0.01  # the same pattern, 100x weaker
+    xm[0, 2] = xm[0, 0] * 50.0  # and 50x stronger
+    fig = excitation_grid(images, ebp * 1e-3, xm, np.array([[3.0, 2.0, 1.0]]), title="cat 0")
+    panels = {ax.get_title().split(":")[0]: ax.images[0].get_array() for ax in fig.axes if ax.images}
+    np.testing.assert_allclose(panels["x2"], panels["x1"], atol=1e-12)  # not faint: same picture
+    np.testing.assert_allclose(panels["x3"], panels["x1"], atol=1e-12)
+    ref = excitation_grid(images, ebp, xm[:, :1].repeat(3, axis=1), np.array([[3.0, 2.0, 1.0]]))
+    ref_panels = {ax.get_title().split(":")[0]: ax.images[0].get_array() for ax in ref.axes if ax.images}
+    np.testing.assert_allclose(panels["ExcitationBP"], ref_panels["ExcitationBP"], atol=1e-6)  # float32 resize
+    assert "normalised to its own max" in fig.get_suptitle() and "cat 0" in fig.get_suptitle()

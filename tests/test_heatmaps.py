@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,15 @@ from torch import nn
 from srae.errors import InputError, SraeError
 from srae.excitation import excitation_maps
 from srae.gradcam import gradcam_maps
-from srae.heatmaps import HeatmapJob, compute_heatmaps, is_complete, open_heatmaps, pending_image_ids
+from srae.heatmaps import (
+    HeatmapJob,
+    compute_heatmaps,
+    explainer_head,
+    is_complete,
+    open_heatmaps,
+    pending_image_ids,
+    selected_z_dims,
+)
 
 IDS = np.array([11, 5, 7, 20, 3, 9])
 
@@ -48,8 +58,8 @@ def test_store_matches_direct_maps_and_resumes(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="interrupted"):
         compute_heatmaps(trunk, jobs, _batches(x, IDS, fail_after=1), IDS, readout=2, output_size=16)
     assert not is_complete(jobs[0].store)
-    np.testing.assert_array_equal(pending_image_ids(jobs[0].store, IDS), IDS[2:])
-    pend = pending_image_ids(jobs[1].store, IDS)
+    np.testing.assert_array_equal(pending_image_ids(jobs[0], IDS, readout=2, output_size=16), IDS[2:])
+    pend = pending_image_ids(jobs[1], IDS, readout=2, output_size=16)
     sel = np.isin(IDS, pend)
     compute_heatmaps(trunk, jobs, _batches(x[torch.from_numpy(sel)], pend, size=3), IDS, readout=2,
                      output_size=16)
@@ -76,7 +86,7 @@ def test_changed_request_rebuilds_and_missing_images_fail(tmp_path) -> None:
     x = _images()
     compute_heatmaps(trunk, _jobs(tmp_path, head, enc), _batches(x, IDS), IDS, readout=2, output_size=8)
     jobs = _jobs(tmp_path, head, enc, units=(1,))
-    np.testing.assert_array_equal(pending_image_ids(jobs[0].store, IDS[:3]), IDS[:3])
+    np.testing.assert_array_equal(pending_image_ids(jobs[0], IDS[:3], readout=2, output_size=8), IDS[:3])
     compute_heatmaps(trunk, jobs[:1], _batches(x, IDS), IDS, readout=2, output_size=8)
     hs = open_heatmaps(jobs[0].store)
     assert hs.maps.shape == (6, 1, 8, 8) and hs.attrs["units"] == [1]
@@ -103,3 +113,65 @@ def test_gradcam_and_uint8_inputs(tmp_path) -> None:
     with pytest.raises(InputError, match="need mean and std"):
         compute_heatmaps(trunk, [HeatmapJob(tmp_path / "u.zarr", head, [0])], _batches(raw, IDS), IDS,
                          readout=5, output_size=16)
+
+
+def test_pending_compares_the_whole_request(tmp_path) -> None:
+    trunk, head, enc = _models()
+    x = _images()
+    jobs = _jobs(tmp_path, head, enc)
+    compute_heatmaps(trunk, jobs[:1], _batches(x, IDS), IDS, readout=2, output_size=8)
+    job = jobs[0]
+    assert pending_image_ids(job, IDS, readout=2, output_size=8).size == 0
+    # same images (same image-ids hash), but another request: every image is pending
+    other_attrs = HeatmapJob(job.store, enc, [0, 1], {**job.attrs, "explainer_sha256": "new"})
+    for j, kw in ((HeatmapJob(job.store, enc, [1], job.attrs), {}), (other_attrs, {}), (job, {"readout": 5}),
+                  (job, {"kind": "MWP"}), (job, {"output_size": 16})):
+        args = {"readout": 2, "output_size": 8} | kw
+        np.testing.assert_array_equal(pending_image_ids(j, IDS, **args), IDS)
+
+
+def _lasso(dims: list[int], d: int = 16):
+    """A Lasso explainer selecting ``dims`` of a ``d``-dim Z (srae.baselines.lasso_explainer)."""
+    from srae.baselines import lasso_explainer
+
+    coef = np.zeros(d)
+    coef[dims] = np.linspace(0.5, 2.0, len(dims))
+    return lasso_explainer(SimpleNamespace(coef_=coef, intercept_=0.25), 2, {})
+
+
+def test_lasso_x_features_are_drawn_as_z_units(tmp_path) -> None:
+    trunk, _, enc = _models()
+    x = _images()
+    base, tail = nn.Sequential(*list(trunk)[:7]), list(trunk)[7:]  # Z = fc6 after its ReLU
+    with torch.no_grad():
+        z = trunk(x).numpy()
+    dead = int(np.flatnonzero(z[0] == 0)[0])  # a dim that is 0 on image 0
+    live = [int(d) for d in np.flatnonzero(z.min(axis=0) > 0)[:2]]
+    dims = sorted({dead, *live})
+    expl = _lasso(dims)
+    head, units, extra = explainer_head(expl, tail)
+    assert units == dims and extra == {"x_units": "Z"} and selected_z_dims(expl) == dims
+    job = HeatmapJob(tmp_path / "lasso.zarr", head, units, {"method": "Lasso", **extra})
+    compute_heatmaps(base, [job], _batches(x, IDS), IDS, readout=2, output_size=16)
+    got = open_heatmaps(job.store).maps[:]
+    # the reference: c-MWP of the same Z units, contrasted at fc6 (the "Z" column)
+    cmwp = excitation_maps(trunk, x, dims, readout=2, output_size=16).numpy()
+    mwp = excitation_maps(trunk, x, dims, readout=2, output_size=16, contrastive=False).numpy()
+    np.testing.assert_allclose(got, cmwp, rtol=1e-5, atol=1e-7)
+    assert np.abs(cmwp - mwp).max() > 1e-3 * np.abs(mwp).max()
+    assert got[0, dims.index(dead)].sum() > 0  # an inactive dim still has a map
+    # a neural explainer keeps its encoder on top, x-features 0..n-1
+    neural = SimpleNamespace(method="SRAE", meta={}, n_features=2, encoder=lambda: enc)
+    n_head, n_units, n_extra = explainer_head(neural, tail)
+    assert n_units == [0, 1] and n_extra == {} and len(n_head) == len(tail) + len(enc)
+
+
+def test_selection_encoder_is_checked() -> None:
+    expl = _lasso([1, 4])
+    expl.meta["selected_dims"] = [1, 5]
+    with pytest.raises(SraeError, match="disagree"):
+        selected_z_dims(expl)
+    expl = _lasso([1, 4])
+    expl.weights[0][0, 2] = 0.5
+    with pytest.raises(SraeError, match="not a one-hot selection"):
+        selected_z_dims(expl)

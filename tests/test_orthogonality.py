@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from srae.errors import InputError
+
 from srae.metrics.orthogonality import OrthogonalityStats, orthogonality
 
 
@@ -84,3 +86,10 @@ def test_streaming_merge_matches_one_shot(rng) -> None:
     right = OrthogonalityStats(n=4, pixels=25).add(maps[2:])
     merged = left.merge(right).result()
     np.testing.assert_allclose(merged, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_no_x_features_is_a_clear_error() -> None:
+    with pytest.raises(InputError, match="at least one x-feature, got n=0"):
+        orthogonality(np.zeros((3, 0, 4, 4)))
+    with pytest.raises(InputError, match="n=0"):
+        OrthogonalityStats(n=0, pixels=16)

@@ -198,3 +198,31 @@ def test_top_parts_table_names_the_part_each_x_feature_lands_on():
     assert wide.loc[("finch", "SRAE"), "x2"] == "-"
     assert wide.loc[("sparrow", "NN"), "x1"] == "left wing (0.50)"
     assert table_top_parts(pd.DataFrame()).empty
+
+
+def test_infinite_o2_category_is_left_out_and_counted(tmp_path, long_table):
+    inf_rows = [row(0, "SRAE", "O2", "test", 2.0), row(1, "SRAE", "O2", "test", math.inf),
+                row(2, "SRAE", "O2", "test", 3.0), row(0, "NN", "O2", "test", 4.0), row(1, "NN", "O2", "test", 5.0),
+                row(0, "SAE", "O2", "test", math.inf), row(1, "SAE", "O2", "test", math.inf),
+                row(0, "NN", "O1", "test", 0.9), row(0, "SAE", "O1", "test", 0.8)]
+    df = pd.concat([long_table, pd.DataFrame(inf_rows)], ignore_index=True)
+    t = R.table_main(df)
+    assert t.loc[("O2", "test"), "SRAE"] == pytest.approx(2.5)  # mean of the finite categories 0 and 2
+    assert t.loc[("O2", "test"), "NN"] == pytest.approx(4.5)
+    assert t.loc[("O2", "test"), "SAE"] == math.inf  # every category infinite: the cell stays inf
+    assert R.infinite_categories(t) == {("O2", "test", "SRAE"): (1, 3), ("O2", "test", "SAE"): (2, 2)}
+    shown = R.main_display(t)
+    assert shown.loc[("O2", "test"), "SRAE"] == "2.5000 (1 of 3 inf)"
+    assert shown.loc[("O2", "test"), "SAE"] == "inf (2 of 2 inf)"
+    assert shown.loc[("O2", "test"), "NN"] == pytest.approx(4.5)
+    orth = R.qualitative_findings(t)[2]
+    assert orth.holds is True  # finite means: O2 SRAE 2.5 < min(NN 4.5, SAE inf); O1 SRAE 0.6 < min(0.9, 0.8)
+    assert "O2: SRAE 2.5" in orth.evidence and "SRAE 1 of 3, SAE 2 of 2" in orth.evidence
+    path = build_report(ReportInputs("exp", df, tmp_path / "rep"))
+    html = path.read_text()
+    assert "2.5000 (1 of 3 inf)" in html and "O2 test SRAE: 1 of 3" in html
+    assert "| O2 | test | 2.5000 (1 of 3 inf) | 4.5000 | inf (2 of 2 inf) |" in (tmp_path / "rep" / "table_main.md").read_text()
+    assert list(R.table_concepts(df).index) == ["0", "1", "mean"]  # no class names: still writable
+    assert (tmp_path / "rep" / "table_concepts.parquet").is_file()
+    back = pd.read_parquet(tmp_path / "rep" / "table_main.parquet").set_index(["metric", "split"])
+    assert back.loc[("O2", "test"), "SRAE"] == pytest.approx(2.5)

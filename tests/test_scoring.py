@@ -141,8 +141,14 @@ def test_object_scoring_with_masks(tmp_path, rng, client) -> None:
     hist = np.mean([object_probabilities(maps[k].astype(np.float64), fine[k], 301) for k in range(5)], axis=0)
     loc = entropy(hist[:, [3, 7, 300]])  # unlabeled (0) is not an object
     assert value(serial.metrics, "SRAE", "locality") == pytest.approx(loc.mean(), abs=1e-12)
-    rec = concept_recovery(hist[:, [0, 3, 7, 300]], [1, 3])
+    # concept statistics leave unlabeled out too: bed and pillow among [bed, lamp, pillow]
+    rec = concept_recovery(hist[:, [3, 7, 300]], [0, 2])
     assert value(serial.metrics, "SRAE", "concept_recovery") == pytest.approx(rec, abs=1e-12)
+    q = hist[:, [3, 7, 300]]
+    share = q[:, [0, 2]].sum(axis=1) / q.sum(axis=1)
+    assert rec == pytest.approx(share.mean(), abs=1e-12) and rec < 1.0
+    assert set(serial.concepts["top_part"]) <= {"bed", "lamp", "pillow"}
+    np.testing.assert_allclose(serial.concepts["evidence_mass"], share, atol=1e-12)
     assert serial.histograms[0][0] == ["unlabeled", "bed", "lamp", "pillow"]
     dask = score([job], index, client=client)
     pd.testing.assert_frame_equal(dask.metrics, serial.metrics, check_exact=True)
@@ -162,3 +168,47 @@ def test_bad_inputs_name_the_problem(tmp_path, rng) -> None:
         score_serial([ScoreJob(good, "c", "SRAE", class_index=5)], index)
     with pytest.raises(InputError, match="not a heatmap group"):
         score_serial([ScoreJob(str(tmp_path / "missing.zarr"), "a", "SRAE")], index)
+
+
+def _rooms(tmp_path: Path, rng: np.random.Generator, evidence: list[str], root: Path | None = None):
+    """Five images of objects 0 (unlabeled), 3 and 7; "pillow" (300) is a known object in none."""
+    rows = []
+    for k in range(5):
+        write_seg(tmp_path / f"r{k}_seg.png", rng.choice([0, 3, 7], size=(H, W)))
+        rows.append({"image_id": k, "path": f"r{k}.jpg", "label": 0, "split": "test", "width": 32.0,
+                     "height": 24.0, "bbox": None, "parts": None, "mask_path": f"r{k}_seg.png"})
+    return DatasetIndex("rooms", root or tmp_path, ["bedroom"], pd.DataFrame(rows),
+                        object_names={3: "bed", 7: "lamp", 300: "pillow"}, evidence={0: evidence})
+
+
+def test_absent_evidence_object_is_missed_and_unknown_drops_only_concepts(tmp_path, rng) -> None:
+    maps = (rng.random((5, 3, H, W)) ** 2).astype(np.float32)
+    group = write_group(tmp_path / "r.zarr", maps, np.arange(5), 2)
+    job = ScoreJob(group, "bedroom", "SRAE", class_index=0)
+    res = score_serial([job], _rooms(tmp_path, rng, ["bed", "pillow"]))
+    names, mean = res.histograms[0]
+    q = mean[:, [names.index("bed"), names.index("lamp")]]
+    bed = q[:, 0] / q.sum(axis=1)
+    assert value(res.metrics, "SRAE", "concept_recovery") == pytest.approx(bed.mean(), abs=1e-12)
+    assert value(res.metrics, "SRAE", "concept_coverage") <= 0.5  # pillow is never found
+    assert {"locality", "O1", "O2"} <= set(res.metrics["metric"]) and res.notes == []
+    # a typo in the ground truth: locality and orthogonality are still scored, concepts dropped + noted
+    bad = score_serial([job], _rooms(tmp_path, rng, ["bed", "pilow"]))
+    assert {"locality", "O1", "O2"} <= set(bad.metrics["metric"])
+    assert not bad.metrics["metric"].str.startswith("concept").any() and bad.concepts.empty
+    assert len(bad.notes) == 1 and "pilow" in bad.notes[0]
+
+
+def test_chunk_specs_carry_absolute_paths(tmp_path, rng, monkeypatch) -> None:
+    from srae.scoring import plan
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    index = _rooms(tmp_path / "data", rng, ["bed"], root=Path("data"))  # a relative dataset root
+    write_group(tmp_path / "h.zarr", rng.random((5, 2, H, W)).astype(np.float32), np.arange(5), 2)
+    specs = plan([ScoreJob("h.zarr", "bedroom", "SRAE", class_index=0)], index)
+    assert specs and all(Path(s.path).is_absolute() for s in specs)
+    assert all(Path(s.path).samefile(tmp_path / "h.zarr") for s in specs)
+    masks = [m for s in specs for m in s.mask_paths]
+    assert len(masks) == 5 and all(Path(m).is_absolute() for m in masks)
+    assert [Path(m).resolve() for m in masks] == [(tmp_path / "data" / f"r{k}_seg.png").resolve() for k in range(5)]

@@ -11,6 +11,8 @@ x-features' located mass falls on those evidence columns:
 - ``concept_coverage``: the fraction of evidence columns that are the top column of at least
   one x-feature (do the x-features find *all* the evidence, not just one part?).
 - ``top_part_table``: per x-feature, the column it lands on most.
+- ``concept_summary``: all of these for one histogram, with evidence objects absent from the
+  scored images counted as missed (``with_evidence_columns``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,31 @@ def evidence_columns(column_names: Sequence[str], evidence: Sequence[str]) -> li
     return sorted(set(out))
 
 
+def with_evidence_columns(hist: Any, column_names: Sequence[str], evidence: Sequence[str],
+                          known: Sequence[str] = ()) -> tuple[np.ndarray, list[str], list[int]]:
+    """``(hist, names, evidence columns)`` ready for the concept statistics.
+
+    An evidence name that is no column but one of the ``known`` names (e.g. an object of the
+    dataset that appears in none of the scored images) gets a zero column, so recovery and
+    coverage count it as missed instead of failing. A name that is neither a column nor known
+    still raises InputError (a typo in the ground truth)."""
+    q = as_numpy(hist, "hist").astype(np.float64)
+    if q.ndim != 2 or q.shape[1] != len(column_names):
+        raise InputError(f"column_names: {len(column_names)} names for a histogram of shape {q.shape}")
+    names = [str(c) for c in column_names]
+    have = {n.strip().lower() for n in names}
+    lookup = {str(k).strip().lower() for k in known}
+    absent = []
+    for name in evidence:
+        key = str(name).strip().lower()
+        if key not in have and key in lookup:
+            absent.append(str(name).strip())
+            have.add(key)
+    if absent:
+        log.info("evidence %s: in none of the scored images; counted as missed", absent)
+        q = np.concatenate([q, np.zeros((q.shape[0], len(absent)))], axis=1)
+        names += absent
+    return q, names, evidence_columns(names, evidence)
 
 
 def _check_columns(columns: Sequence[int], k: int) -> np.ndarray:
@@ -112,3 +139,13 @@ def top_part_table(hist: Any, column_names: Sequence[str], columns: Sequence[int
             "on_evidence": [bool(m and t in set(cols.tolist())) for t, m in zip(top, has_mass)],
         }
     )
+
+
+def concept_summary(hist: Any, column_names: Sequence[str], evidence: Sequence[str],
+                    known: Sequence[str] = ()) -> tuple[dict[str, float], pd.DataFrame]:
+    """``concept_recovery`` and ``concept_coverage`` (NaN ones left out) and the
+    :func:`top_part_table` of one mean histogram, with absent ``known`` evidence names as zero
+    columns (:func:`with_evidence_columns`)."""
+    q, names, cols = with_evidence_columns(hist, column_names, evidence, known)
+    values = {"concept_recovery": concept_recovery(q, cols), "concept_coverage": concept_coverage(q, cols)}
+    return {k: v for k, v in values.items() if not np.isnan(v)}, top_part_table(q, names, cols)

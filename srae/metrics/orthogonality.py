@@ -41,6 +41,8 @@ class OrthogonalityStats:
     gram: np.ndarray | None = None  # (n, n) sum of products of shifted values
 
     def __post_init__(self) -> None:
+        if int(self.n) < 1:
+            raise InputError(f"orthogonality: needs at least one x-feature, got n={self.n}")
         if self.total is None:
             self.total = np.zeros(self.n)
         if self.gram is None:
