@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,9 +101,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> cuda when available, else cpu; anything else is checked and returned."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", str(device)):
+        raise InputError(f"device {str(device)!r}: expected auto, cpu, cuda, cuda:N or mps")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device!r}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device {device!r}: MPS is not available on this machine")
     return dev
 
 
@@ -139,7 +146,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # many formats, many failure types: report them as one line
-        raise InputError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc})") from exc
+        raise InputError(f"checkpoint {path}: cannot be read ({_one_line_reason(exc)})") from None
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -151,6 +158,16 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             k = k[len("module."):]
         out[k] = v
     return out
+
+
+def _one_line_reason(exc: BaseException) -> str:
+    """The gist of a loader error in one line: torch's weights-only failures carry
+    paragraphs of advice around the actual reason, which is kept alone."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        detail = next((ln for ln in lines[1:] if not ln.startswith(("Please file", "Check the documentation"))), "")
+        return f"not a weights-only torch file: {detail}" if detail else "not a weights-only torch file"
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _split(name: str, net: nn.Module, layers: list[tuple[str, nn.Module]], n_trunk: int,

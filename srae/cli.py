@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from srae import __version__
 from srae.errors import SraeError
 
+log = logging.getLogger(__name__)
+
 # Modules that add subcommands, in the order they appear in --help.
 COMMAND_MODULES: tuple[str, ...] = (
     "srae.run_cli",
@@ -34,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for subparser in sub.choices.values():
+        # `srae run -v` as well as `srae -v run`: SUPPRESS keeps the subcommand from
+        # resetting a -v given before it.
+        if "-v" not in subparser._option_string_actions:
+            subparser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                   help="debug logging (same as srae -v)")
     return parser
 
 
@@ -49,16 +57,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         result = args.func(args)
-    except SraeError as exc:
-        print(f"srae {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"srae {args.command}: error: {exc}", file=sys.stderr)
+    except (SraeError, OSError, UnicodeDecodeError) as exc:
+        # SraeError is the user error proper; the others are last resorts (a file that
+        # cannot be read or written), reported the same way. `srae -v` shows the traceback.
+        log.debug("srae %s failed", args.command, exc_info=True)
+        print(f"srae {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"srae {args.command}: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (the type name added for OS-level errors)."""
+    text = str(exc).strip().replace("\n", " ") or type(exc).__name__
+    return text if isinstance(exc, SraeError) else f"{type(exc).__name__}: {text}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,13 +28,25 @@ METHODS: tuple[str, ...] = ("SRAE", "NN", "SAE", "CAE", "Lasso")
 DatasetKind = Literal["synthbirds", "synthrooms", "cub", "places"]
 
 
-def _check_device(v: str) -> str:
+# Limits the generators and backbones impose, checked here so `srae run --check` catches them
+# without importing torch (tests compare them with the code that imposes them).
+SYNTH_MIN_SIZE = 32  # srae.datasets.synthetic._check_sizes
+SYNTH_MAX_SIZE = 1024  # srae.datasets.synthetic.MAX_SIZE
+SYNTHROOMS_MAX_CLASSES = 10  # len(srae.datasets.ade20k.PAPER_ROOMS)
+DEMO_CNN_STRIDE = 16  # 2 ** len(srae.backbones.DEMO_WIDTHS): the demo CNN's input side must divide by it
+VGG_MIN_INPUT = 32  # five 2x2 max-pools
+FEATURE_LAYERS: tuple[str, ...] = ("fc6",)  # Z of every backbone (Backbone.z_layer)
+MAX_CATEGORY_ID = 100_000  # --categories: larger ids are typos (CUB has 200 classes, Places365 365)
+
+
+def check_device(v: str) -> str:
+    """``v`` when it names a device (auto, cpu, mps, cuda, cuda:N), else ValueError."""
     if v in ("auto", "cpu", "mps") or re.match(r"^cuda(:\d+)?$", v):
         return v
     raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
 
 
-Device = Annotated[str, AfterValidator(_check_device)]
+Device = Annotated[str, AfterValidator(check_device)]
 MethodName = Literal["SRAE", "NN", "SAE", "CAE", "Lasso"]
 
 
@@ -50,14 +62,23 @@ class DatasetConfig(_Model):
     kind: DatasetKind = "synthbirds"
     root: Path = Path("data/datasets/synthbirds")
     download: bool = Field(True, description="fetch/generate the data when root is missing")
-    url: str | None = Field(None, description="archive URL for cub/places (None: the reader's default)")
+    url: str | None = Field(None, description="archive URL: cub: the CUB_200_2011.tgz link (None: the "
+                                              "built-in one); places: your ADE20K zip link (registration "
+                                              "needed; None: a zip placed in root)")
     classes: int = Field(4, ge=2, description="synthetic only: number of classes")
     per_class: int = Field(96, ge=4, description="synthetic only: images per class")
-    size: int = Field(64, ge=16, description="synthetic only: image side in pixels")
+    size: int = Field(64, ge=SYNTH_MIN_SIZE, le=SYNTH_MAX_SIZE, description="synthetic only: image side in pixels")
     seed: int = Field(0, description="synthetic only: generator seed (default: the top-level seed)")
     class_names: list[str] | None = Field(None, description="places only: which scene classes, in order")
     places_root: Path | None = Field(None, description="places only: Places365 lists/images added for training")
     places_per_class: int | None = Field(None, ge=1, description="places only: Places365 images per class and split")
+
+    @model_validator(mode="after")
+    def _generator_limits(self) -> DatasetConfig:
+        if self.kind == "synthrooms" and self.classes > SYNTHROOMS_MAX_CLASSES:
+            raise ValueError(f"classes: synthrooms has at most {SYNTHROOMS_MAX_CLASSES} room classes, "
+                             f"got {self.classes}")
+        return self
 
 
 class FitConfig(_Model):
@@ -87,13 +108,19 @@ class BackboneConfig(_Model):
     def _usable(self) -> BackboneConfig:
         if self.fit.epochs == 0 and self.name == "demo_cnn" and self.checkpoint is None:
             raise ValueError("demo_cnn with fit.epochs 0 needs a checkpoint")
+        if self.input_size is not None:
+            if self.name == "demo_cnn" and self.input_size % DEMO_CNN_STRIDE:
+                raise ValueError(f"input_size: demo_cnn needs a multiple of {DEMO_CNN_STRIDE}, got {self.input_size}")
+            if self.name != "demo_cnn" and self.input_size < VGG_MIN_INPUT:
+                raise ValueError(f"input_size: {self.name} needs at least {VGG_MIN_INPUT}, got {self.input_size}")
         return self
 
 
 class FeaturesConfig(_Model):
     """Extraction of the Z layer into the Zarr feature store."""
 
-    layer: str = "fc6"
+    layer: Literal["fc6"] = Field("fc6", description="the Z layer stored (fc6 after its ReLU; the only one "
+                                                     "every backbone exposes)")
     batch_size: int = Field(64, ge=1)
     num_workers: int = Field(0, ge=0)
     device: Device = "auto"
@@ -261,6 +288,8 @@ class ExperimentConfig(_Model):
             raise ValueError("empty list (use null for all categories)")
         if any(c < 1 for c in v):
             raise ValueError("class ids count from 1")
+        if max(v) > MAX_CATEGORY_ID:
+            raise ValueError(f"class id {max(v)} is larger than {MAX_CATEGORY_ID}")
         return sorted(set(v))
 
     @model_validator(mode="after")
@@ -362,7 +391,16 @@ def load_config(path: str | Path) -> ExperimentConfig:
     if not p.is_file():
         raise SraeError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise SraeError(f"{p}: cannot read the config ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SraeError(f"{p}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
@@ -398,6 +436,8 @@ def parse_categories(spec: str) -> list[int]:
         hi = int(m.group(2)) if m.group(2) else lo
         if lo < 1 or hi < lo:
             raise SraeError(f"--categories: bad range {part!r} (ids count from 1, low-high)")
+        if hi > MAX_CATEGORY_ID:
+            raise SraeError(f"--categories: {part!r} goes beyond class id {MAX_CATEGORY_ID}")
         out.update(range(lo, hi + 1))
     if not out:
         raise SraeError("--categories: no category given")

@@ -3,6 +3,9 @@
 This runs the feature stage on its own, for a dataset already on disk and a backbone
 checkpoint already trained (``srae run`` does every stage, fitting the demo CNN and
 generating or downloading the data as needed). Options override the config's values.
+The dataset is looked up where ``srae run`` keeps it (:func:`srae.datasets.common.dataset_dir`:
+``<dataset.root>/<kind>-<hash>`` for synthetic data), and ``srae run`` leaves the fitted
+backbone in ``<cache_dir>/backbones/<name>-<key>/model.safetensors``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import logging
 from pathlib import Path
 
 from srae.errors import InputError
+
+CHECKPOINT_HINT = "<cache_dir>/backbones/<name>-<key>/model.safetensors"
 
 log = logging.getLogger(__name__)
 
@@ -29,26 +34,73 @@ def read_dataset(kind: str, root: Path, *, class_names: list[str] | None = None,
                               places_per_class=places_per_class, name=kind)
 
 
+def config_dataset_root(ds) -> Path:
+    """The dataset directory of a :class:`~srae.config.DatasetConfig`: where ``srae run``
+    generated or downloaded it; ``dataset.root`` itself when a dataset sits directly there
+    (e.g. one written by ``srae synth``). A missing generated dataset is a one-line error."""
+    from srae.datasets.common import dataset_dir
+
+    path = dataset_dir(ds)
+    if path.exists() or not ds.kind.startswith("synth"):
+        return path
+    root = Path(ds.root)
+    if root.is_dir() and _holds_dataset(ds.kind, root):
+        return root
+    raise InputError(f"features: no generated {ds.kind} dataset at {path} (for these dataset.classes/per_class/"
+                     "size/seed); `srae run CONFIG` generates it, or pass --dataset-root")
+
+
+def _holds_dataset(kind: str, root: Path) -> bool:
+    from srae.errors import SraeError
+
+    try:
+        if kind in ("synthbirds", "cub"):
+            from srae.datasets.cub import find_cub_dir
+
+            find_cub_dir(root)
+        else:
+            from srae.datasets.ade20k import find_ade_dir
+
+            find_ade_dir(root)
+    except SraeError:
+        return False
+    return True
+
+
 def features_from_config(config, *, dataset_root: Path | None = None, checkpoint: Path | None = None,
                          store_root: Path | None = None, device: str | None = None,
                          batch_size: int | None = None, num_workers: int | None = None,
                          precision: str = "fp32", progress: bool = True) -> Path:
     """Extract the features described by an :class:`~srae.config.ExperimentConfig`.
 
-    The dataset is read from ``dataset_root`` (default ``config.dataset.root``); the
-    weights come from ``checkpoint`` (default ``config.backbone.checkpoint``; VGG without
-    one uses the ImageNet weights of the torch hub cache). Returns the store's path.
+    The dataset is read from ``dataset_root`` (default: :func:`config_dataset_root`, where
+    ``srae run`` put it); the weights come from ``checkpoint`` (default
+    ``config.backbone.checkpoint``; VGG without one uses the ImageNet weights of the torch
+    hub cache). Returns the store's path.
     """
     from srae.backbones import build_backbone, load_backbone
+    from srae.config import check_device
     from srae.features import extract_features
 
     ds, bb_cfg, feat = config.dataset, config.backbone, config.features
-    index = read_dataset(ds.kind, Path(dataset_root or ds.root), class_names=ds.class_names,
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"features: batch size {batch_size} must be >= 1")
+    if num_workers is not None and num_workers < 0:
+        raise InputError(f"features: workers {num_workers} must be >= 0")
+    if device is not None:
+        try:
+            check_device(device)
+        except ValueError as exc:
+            raise InputError(f"features: device {device!r} {exc}") from None
+    if store_root is not None and Path(store_root).exists() and not Path(store_root).is_dir():
+        raise InputError(f"features: store root {store_root} is a file, not a directory")
+    root = Path(dataset_root) if dataset_root is not None else config_dataset_root(ds)
+    index = read_dataset(ds.kind, root, class_names=ds.class_names,
                          places_root=ds.places_root, places_per_class=ds.places_per_class)
     ckpt = checkpoint or bb_cfg.checkpoint
     if ckpt is None and bb_cfg.name == "demo_cnn":
         raise InputError("features: demo_cnn needs a trained checkpoint: pass --checkpoint or set "
-                         "backbone.checkpoint (`srae run CONFIG` trains it)")
+                         f"backbone.checkpoint (`srae run CONFIG` trains it into {CHECKPOINT_HINT})")
     if ckpt is not None and Path(ckpt).suffix == ".safetensors":
         backbone = load_backbone(ckpt)
         if backbone.name != bb_cfg.name or backbone.num_classes != index.num_classes:
@@ -59,7 +111,8 @@ def features_from_config(config, *, dataset_root: Path | None = None, checkpoint
                                   input_size=bb_cfg.input_size, seed=bb_cfg.fit.seed)
     return extract_features(
         index, backbone, Path(store_root or Path(config.cache_dir) / "features"), layer=feat.layer,
-        device=device or config.stage_device(feat.device), batch_size=batch_size or feat.batch_size,
+        device=device or config.stage_device(feat.device),
+        batch_size=feat.batch_size if batch_size is None else batch_size,
         num_workers=feat.num_workers if num_workers is None else num_workers, precision=precision,
         progress=progress)
 
@@ -79,6 +132,29 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+    return parse
+
+
+def _device(text: str) -> str:
+    """argparse type: a device string (auto, cpu, mps, cuda, cuda:N)."""
+    from srae.config import check_device
+
+    try:
+        return check_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} {exc}") from None
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``features`` subcommand."""
     p = subparsers.add_parser(
@@ -86,14 +162,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run the CNN over every image of the config's dataset and store Z (fc6 after its ReLU) "
                     "and the logits in <cache_dir>/features/<fingerprint>.zarr. An interrupted run resumes "
                     "where it stopped; a finished store is reused. Needs the dataset on disk and, for the "
-                    "demo CNN, a trained checkpoint (`srae run` does all stages).")
+                    "demo CNN, a trained checkpoint (`srae run` does all stages). The dataset is read where "
+                    "`srae run` keeps it (<dataset.root>/<kind>-<hash> for synthetic data), and `srae run` leaves "
+                    f"the fitted demo CNN in {CHECKPOINT_HINT} (e.g. data/cache/backbones/demo_cnn-<key>/"
+                    "model.safetensors): pass that file as --checkpoint.")
     p.add_argument("config", type=Path, help="experiment YAML file")
-    p.add_argument("--dataset-root", type=Path, default=None, help="dataset directory (default: dataset.root)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="backbone weights (default: backbone.checkpoint)")
+    p.add_argument("--dataset-root", type=Path, default=None,
+                   help="dataset directory (default: where `srae run` keeps the config's dataset)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help=f"backbone weights (default: backbone.checkpoint; `srae run` writes {CHECKPOINT_HINT})")
     p.add_argument("--store-root", type=Path, default=None, help="where stores go (default: <cache_dir>/features)")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: features.device)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: features.batch_size)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: features.num_workers)")
+    p.add_argument("--device", type=_device, default=None, help="auto, cpu, cuda, cuda:N, mps (default: features.device)")
+    p.add_argument("--batch-size", type=_count(1), default=None, help="images per batch (default: features.batch_size)")
+    p.add_argument("--workers", type=_count(0), default=None, help="DataLoader workers (default: features.num_workers)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="compute precision (stored as float32; part of the fingerprint)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -64,7 +64,7 @@ def run_command(args: argparse.Namespace) -> int:
         report = pipeline_mod.pipeline(cfg.model_dump(mode="json"))
     except SraeError:
         raise
-    except Exception as exc:  # one readable line; `srae -v run` shows the tracebacks
+    except Exception as exc:  # one readable line; `srae run -v` shows the tracebacks
         raise SraeError(f"{type(exc).__name__}: {exc} (rerun with -v for details)") from None
     print(report)
     return 0

@@ -1,6 +1,7 @@
 """Stage 1: get the dataset onto disk (download or generate) and read its index.
 
-Synthetic datasets are generated into ``<root>/<kind>-<hash of generation params>`` so two
+Synthetic datasets are generated into ``<root>/<kind>-<hash of generation params>``
+(:func:`srae.datasets.common.dataset_dir`, shared with ``srae features``) so two
 configs never share (or overwrite) one another's images. Real datasets are downloaded by
 :func:`srae.datasets.download.download` (resumable, checksummed) when ``download`` is on.
 
@@ -23,19 +24,9 @@ from typing import Any
 from prefect import task
 
 from srae.config import DatasetConfig, stable_hash
-from srae.datasets.common import DatasetIndex
+from srae.datasets.common import GEN_PARAMS, DatasetIndex, dataset_dir  # noqa: F401 - re-exported
 from srae.errors import SraeError
 from tasks.common import retry_unless_user_error, TASK_DEFAULTS, record_work, run_logger, stage_cache, timed
-
-GEN_PARAMS = ("classes", "per_class", "size", "seed")
-
-
-def dataset_dir(ds: DatasetConfig) -> Path:
-    """Where the reader finds the dataset for this config."""
-    if ds.kind.startswith("synth"):
-        params = {k: getattr(ds, k) for k in GEN_PARAMS}
-        return Path(ds.root) / f"{ds.kind}-{stable_hash(params, 10)}"
-    return Path(ds.root)
 
 
 def _lib(module: str, name: str):

@@ -164,3 +164,63 @@ def test_top_level_seed_is_the_default_of_the_section_seeds(tmp_path):
 def test_shipped_configs_keep_their_seeds(name):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     assert (cfg.seed, cfg.dataset.seed, cfg.backbone.fit.seed, cfg.explainer.seed) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"dataset": {"size": 24}}, "bad.yaml: dataset.size: Input should be greater than or equal to 32"),
+        ({"dataset": {"size": 2048}}, "bad.yaml: dataset.size: Input should be less than or equal to 1024"),
+        ({"dataset": {"kind": "synthrooms", "classes": 11}},
+         "bad.yaml: dataset: classes: synthrooms has at most 10 room classes, got 11"),
+        ({"features": {"layer": "fc7"}}, "bad.yaml: features.layer: Input should be 'fc6'"),
+        ({"backbone": {"input_size": 40}}, "bad.yaml: backbone: input_size: demo_cnn needs a multiple of 16, got 40"),
+        ({"backbone": {"name": "vgg16", "input_size": 16}}, "bad.yaml: backbone: input_size: vgg16 needs at least 32"),
+        ({"categories": [1, 200001], "dataset": {"kind": "cub"}},
+         "bad.yaml: categories: class id 200001 is larger than 100000"),
+    ],
+)
+def test_check_catches_what_the_generators_and_backbones_refuse(data, expected):
+    with pytest.raises(SraeError) as info:
+        config_from_dict(data, "bad.yaml")
+    assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_config_limits_match_the_code_that_imposes_them(tmp_path):
+    from srae import config as C
+    from srae.backbones import DEMO_WIDTHS, build_backbone
+    from srae.datasets import synthetic
+    from srae.datasets.ade20k import PAPER_ROOMS
+    from srae.errors import InputError
+
+    assert C.DEMO_CNN_STRIDE == 2 ** len(DEMO_WIDTHS) and C.SYNTHROOMS_MAX_CLASSES == len(PAPER_ROOMS)
+    assert C.SYNTH_MAX_SIZE == synthetic.MAX_SIZE
+    assert build_backbone("demo_cnn", 2, input_size=48).z_layer == "fc6" and C.FEATURE_LAYERS == ("fc6",)
+    with pytest.raises(InputError):
+        build_backbone("demo_cnn", 2, input_size=40)  # what the config refuses, the builder refuses
+    with pytest.raises(InputError, match="at least 32"):
+        synthetic.make_synthbirds(tmp_path, classes=2, per_class=2, size=C.SYNTH_MIN_SIZE - 1)
+    config_from_dict({"dataset": {"size": C.SYNTH_MIN_SIZE}, "backbone": {"input_size": 48}})  # accepted
+
+
+def test_non_utf8_config_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    data = "name: demo\nreport:\n  title: Café\n".encode("latin-1")
+    bad.write_bytes(data)
+    offset = len(b"name: demo\nreport:\n  title: Caf")
+    assert data[offset] == 0xE9
+    with pytest.raises(SraeError, match=rf"latin1\.yaml:3: not UTF-8 text \(byte 0xe9 at offset {offset}\)$"):
+        load_config(bad)
+
+
+def test_categories_ranges_are_capped():
+    assert parse_categories("99999-100000") == [99999, 100000]
+    with pytest.raises(SraeError, match="'1-100001' goes beyond class id 100000"):
+        parse_categories("1-100001")
+
+
+def test_dataset_url_help_names_the_ade20k_link_for_places():
+    from srae.config import DatasetConfig
+
+    text = DatasetConfig.model_fields["url"].description
+    assert "ADE20K" in text and "CUB_200_2011.tgz" in text

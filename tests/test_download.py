@@ -323,3 +323,82 @@ def test_cli_parses_download_and_synth():
     assert (args.kind, args.out, args.classes, args.per_class, args.size, args.seed) == ("rooms", "o", 3, 5, 40, 0)
     with pytest.raises(SystemExit):
         parser.parse_args(["download", "imagenet"])
+
+
+# ------------------------------------------------------------- chained links, corrupt archives
+def _zip_symlink(zf: zipfile.ZipFile, name: str, link: str) -> None:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (0o120777 << 16)  # S_IFLNK | rwx
+    zf.writestr(info, link)
+
+
+def _files_under(path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_zip_chained_symlinks_are_refused_and_nothing_escapes(tmp_path):
+    # q -> "." and p -> "q/.." each look inside, but p resolves to the target's parent.
+    arc = tmp_path / "arc" / "chain.zip"
+    arc.parent.mkdir()
+    with zipfile.ZipFile(arc, "w") as zf:
+        _zip_symlink(zf, "q", ".")
+        _zip_symlink(zf, "p", "q/..")
+        zf.writestr("p/escaped.txt", "pwned")
+    out = tmp_path / "box" / "out"
+    with pytest.raises(UnsafeArchiveError, match=r"member 'q' is a symlink"):
+        safe_extract(arc, out)
+    assert _files_under(tmp_path / "box") == ["out"]  # nothing in the target, nothing beside it
+    assert not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_tar_chained_symlinks_are_refused_and_target_untouched(tmp_path):
+    arc = tmp_path / "arc" / "chain.tar"
+    arc.parent.mkdir()
+    arc.write_bytes(_tar([("first.txt", b"1"), _link("q", "."), _link("p", "q/.."), ("p/escaped.txt", b"x")],
+                         mode="w"))
+    out = tmp_path / "box" / "out"
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UnsafeArchiveError, match="member 'p'") as exc:
+        safe_extract(arc, out)
+    assert "\n" not in str(exc.value)
+    assert _files_under(tmp_path / "box") == ["out", "out/keep.txt"]
+    assert not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_truncated_tgz_is_one_line_error_and_leaves_no_files(tmp_path):
+    data = _tar([("d/a.bin", np.random.default_rng(0).bytes(200_000)), ("d/b.bin", b"x" * 50_000)])
+    arc = tmp_path / "t.tgz"
+    arc.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SraeError, match=r"archive .*t\.tgz: corrupt or truncated") as exc:
+        safe_extract(arc, tmp_path / "out")
+    assert "\n" not in str(exc.value)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_corrupt_zip_data_is_one_line_error_and_leaves_no_files(tmp_path):
+    arc = tmp_path / "c.zip"
+    with zipfile.ZipFile(arc, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("ok.txt", "fine")
+        zf.writestr("big.bin", np.random.default_rng(1).bytes(100_000))
+    raw = bytearray(arc.read_bytes())
+    start = raw.index(b"big.bin") + 7 + 1000  # inside big.bin's compressed data
+    raw[start:start + 64] = bytes(64)
+    arc.write_bytes(bytes(raw))
+    with pytest.raises(SraeError, match=r"archive .*c\.zip: corrupt or truncated"):
+        safe_extract(arc, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_extraction_merges_into_an_existing_target_and_drops_stale_staging(tmp_path):
+    out = tmp_path / "out"
+    (out / "d").mkdir(parents=True)
+    (out / "d" / "old.txt").write_text("old")
+    (out / "d" / "x.txt").write_text("stale")
+    stale = out / ".a.tgz.extracting-999999999"  # a pid no process has
+    stale.mkdir()
+    arc = tmp_path / "a.tgz"
+    arc.write_bytes(_tar([("d/x.txt", b"new"), ("d/s/y.txt", b"y")]))
+    safe_extract(arc, out)
+    assert _files_under(out) == ["d", "d/old.txt", "d/s", "d/s/y.txt", "d/x.txt"]
+    assert (out / "d/x.txt").read_text() == "new"

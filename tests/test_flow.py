@@ -40,8 +40,13 @@ def test_end_to_end_report_schema_methods_and_faithfulness(tiny_run):
     again = R.table_main(df)
     assert again.loc[("F_cls", "test"), "SRAE"] == pytest.approx(main.loc[("F_cls", "test"), "SRAE"])
     # F_cls of SRAE equals the mean over categories of the explainers' own test F_cls
-    metas = [json.loads(p.read_text()) for p in
-             sorted((Path(tiny_run["config"]["cache_dir"]) / "explainers").glob("*/SRAE/*/cat*/meta.json"))]
+    # (only this run's explainers: the shared cache may also hold other tests' categories and etas)
+    cats = {int(c) for c in df.loc[df["method"] == "SRAE", "category"]}
+    etas = set(tiny_run["config"]["explainer"]["grid"]["eta"])
+    metas = [m for m in (json.loads(p.read_text()) for p in
+             sorted((Path(tiny_run["config"]["cache_dir"]) / "explainers").glob("*/SRAE/*/cat*/meta.json"))
+             if int(p.parent.name[3:]) in cats) if m["hparams"]["eta"] in etas]
+    assert len(metas) == len(cats)
     assert main.loc[("F_cls", "test"), "SRAE"] == pytest.approx(np.mean([m["F_cls_test"] for m in metas]))
     masking = pd.read_parquet(out / "table_masking.parquet")
     assert list(masking["gamma"]) == [0.05, 0.3]

@@ -255,3 +255,26 @@ def test_ade_index_refuses_foreign_pickles(tmp_path):
     (ade / "index_ade20k.pkl").write_bytes(pickle.dumps({"filename": ["a.jpg"], "folder": [], "scene": []}))
     with pytest.raises(InputError, match="'folder' has 0 entries, filename has 1"):
         read_places_ade20k(tmp_path)
+
+
+def test_manifest_fingerprint_sees_regenerated_images_under_the_same_names(cub):
+    before = read_cub(cub).manifest_fingerprint()
+    assert read_cub(cub).manifest_fingerprint() == before  # stable when nothing changed
+    path = cub / "images/002.Laysan_Albatross/Laysan_Albatross_0002_1027.jpg"
+    noisy = np.random.default_rng(3).integers(0, 255, (30, 30, 3), dtype=np.uint8)  # same name, same 30x30 size
+    Image.fromarray(noisy).save(path, quality=95)
+    after = read_cub(cub)
+    assert (after.images["width"].tolist(), after.images["height"].tolist()) == ([50, 60, 30], [40, 45, 30])
+    assert after.manifest_fingerprint() != before
+
+
+def test_manifest_fingerprint_follows_the_synthetic_generator_version(tmp_path, monkeypatch):
+    from srae.datasets import synthetic
+
+    root = synthetic.make_synthbirds(tmp_path, classes=2, per_class=2, size=32)
+    v1 = read_cub(root, name="synthbirds").manifest_fingerprint()
+    monkeypatch.setattr(synthetic, "GENERATOR_VERSION", synthetic.GENERATOR_VERSION + 1)
+    synthetic.make_synthbirds(tmp_path, classes=2, per_class=2, size=32)  # same drawing, new version
+    stamp = json.loads((root / "synth.json").read_text())
+    assert stamp["params"]["version"] == synthetic.GENERATOR_VERSION
+    assert read_cub(root, name="synthbirds").manifest_fingerprint() != v1

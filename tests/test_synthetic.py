@@ -241,3 +241,53 @@ def test_cli_synth_writes_and_prints_the_root(tmp_path, capsys):
     assert args.func(args) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "CUB_200_2011")
     assert len(read_cub(tmp_path).images) == 6
+
+
+def _hidden(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk on fire"), KeyboardInterrupt()])
+def test_a_failed_generation_removes_its_temporary_directory(tmp_path, monkeypatch, error):
+    calls = {"n": 0}
+    real = sb.draw_sample
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sb, "draw_sample", flaky)
+    with pytest.raises(type(error)):
+        make_synthbirds(tmp_path, classes=2, per_class=2, size=32)
+    assert calls["n"] == 3 and list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_synthrooms_generation_removes_its_temporary_directory(tmp_path, monkeypatch):
+    from srae.datasets import synthrooms
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("no paint")
+
+    monkeypatch.setattr(synthrooms, "draw_room", broken)
+    with pytest.raises(RuntimeError, match="no paint"):
+        make_synthrooms(tmp_path, classes=2, per_class=2, size=32)
+    assert _hidden(tmp_path) == []
+
+
+def test_temporary_directories_of_dead_runs_are_cleaned_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(child.stdout)  # a process that has exited
+    live = os.getppid()  # pytest's parent: running
+    for name in (f".CUB_200_2011.tmp-{dead}", f".CUB_200_2011.old-{dead}", f".CUB_200_2011.tmp-{live}",
+                 ".other.tmp-1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "junk.jpg").write_bytes(b"x")
+    root = make_synthbirds(tmp_path, classes=2, per_class=2, size=32)
+    assert _hidden(tmp_path) == sorted([f".CUB_200_2011.tmp-{live}", ".other.tmp-1"])
+    assert len(read_cub(root).images) == 4

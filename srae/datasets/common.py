@@ -13,10 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from srae.config import DatasetConfig
+
+# The generation parameters that name a synthetic dataset's directory (see dataset_dir).
+GEN_PARAMS: tuple[str, ...] = ("classes", "per_class", "size", "seed")
 
 IMAGE_COLUMNS = ("image_id", "path", "label", "split", "width", "height", "bbox", "parts", "mask_path")
 
@@ -52,13 +60,42 @@ class DatasetIndex:
         return self.images[self.images["split"] == split]
 
     def manifest_fingerprint(self) -> str:
-        """sha256 of what the features depend on: ids, paths, labels, splits, sizes."""
+        """sha256 of what the features depend on: ids, paths, labels, splits, sizes, each
+        image file's byte size (-1 when unreadable) and, for synthetic data, the generator
+        stamp (``synth.json``: parameters and generator version).
+
+        Cheap: one ``stat`` per image, no image is read. Images regenerated under the
+        same names almost always change size; a new generator version always changes
+        the stamp."""
         cols = self.images[["image_id", "path", "label", "split", "width", "height"]]
         payload = json.dumps(
-            {"name": self.name, "classes": self.class_names, "rows": cols.astype(str).values.tolist()},
+            {"name": self.name, "classes": self.class_names, "rows": cols.astype(str).values.tolist(),
+             "bytes": [_file_size(self.abspath(p)) for p in self.images["path"]],
+             "generator": _synth_stamp(Path(self.root))},
             sort_keys=True,
         ).encode()
         return hashlib.sha256(payload).hexdigest()
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
+def _synth_stamp(root: Path) -> object:
+    """The parsed ``synth.json`` of a synthetic dataset at ``root`` (None for real data;
+    the raw text when it is not valid JSON)."""
+    stamp = root / "synth.json"
+    try:
+        text = stamp.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 # --------------------------------------------------------------------------- reader helpers
@@ -142,3 +179,16 @@ def synthetic_generator(directory: Path) -> str | None:
         return str(json.loads(stamp.read_text())["params"]["generator"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def dataset_dir(ds: DatasetConfig) -> Path:
+    """Where the pipeline keeps the dataset of a config: ``dataset.root`` for real data;
+    ``<root>/<kind>-<hash of generation params>`` for synthetic data, so two configs never
+    share (or overwrite) one another's images. ``srae run`` generates there and
+    ``srae features`` reads from there."""
+    if ds.kind.startswith("synth"):
+        from srae.config import stable_hash
+
+        params = {k: getattr(ds, k) for k in GEN_PARAMS}
+        return Path(ds.root) / f"{ds.kind}-{stable_hash(params, 10)}"
+    return Path(ds.root)

@@ -130,7 +130,7 @@ def encode_seg(cls: np.ndarray, inst: np.ndarray) -> np.ndarray:
 
 def write_synthrooms(out: Path, classes: int, per_class: int, size: int, seed: int, train_fraction: float) -> Path:
     """Write ``synthrooms`` under ``out``; return ``out/ADE20K_2021_17_01`` (see module doc)."""
-    from srae.datasets.synthetic import GENERATOR_VERSION, STAMP, prepare_target, publish, save_jpeg
+    from srae.datasets.synthetic import GENERATOR_VERSION, STAMP, publish, save_jpeg, staged
 
     if classes > len(PAPER_ROOMS):
         raise InputError(f"synthrooms: at most {len(PAPER_ROOMS)} room classes, asked for {classes}")
@@ -139,39 +139,39 @@ def write_synthrooms(out: Path, classes: int, per_class: int, size: int, seed: i
     final = out / ADE_DIRNAME
     rooms = list(PAPER_ROOMS[:classes])
     places = out / "places365"
-    tmp = prepare_target(final, params)
-    if tmp is not None:
-        n_train = min(per_class - 1, max(1, round(train_fraction * per_class)))
-        index: dict = {"filename": [], "folder": [], "scene": [], "objectnames": list(OBJECT_NAMES)}
-        presence: list[np.ndarray] = []
-        counters = {"train": 0, "val": 0}
-        for c, room in enumerate(rooms):
-            train = set(np.random.default_rng([seed, c, 104729]).permutation(per_class)[:n_train].tolist())
-            for j in range(per_class):
-                pixels, cls, inst = draw_room(np.random.default_rng([seed, c, j, 1]), room, size)
-                split = "train" if j in train else "val"
-                counters[split] += 1
-                folder = (f"{ADE_DIRNAME}/images/ADE/{'training' if split == 'train' else 'validation'}/"
-                          f"{_GROUP.get(room, 'home_or_hotel')}/{room.replace(' ', '_')}")
-                stem = f"ADE_{split}_{counters[split]:08d}"
-                rel = Path(folder).relative_to(ADE_DIRNAME)
-                save_jpeg(tmp / rel / f"{stem}.jpg", pixels)
-                Image.fromarray(encode_seg(cls, inst)).save(tmp / rel / f"{stem}_seg.png")
-                index["filename"].append(f"{stem}.jpg")
-                index["folder"].append(folder)
-                index["scene"].append("/" + room.replace(" ", "_"))
-                counts = np.zeros(len(OBJECT_NAMES), dtype=np.int32)
-                for k in np.unique(inst[inst > 0]):
-                    counts[cls[inst == k][0] - 1] += 1
-                presence.append(counts)
-        index["objectPresence"] = np.stack(presence, axis=1)
-        index["description"] = {"generator": "srae synthrooms",
-                                "objectnames": "class k of *_seg.png is objectnames[k-1]"}
-        with open(tmp / ADE_INDEX_FILE, "wb") as fh:
-            pickle.dump(index, fh, protocol=4)
-        evidence = {room: list(ROOM_OBJECTS[room]) for room in rooms}
-        (tmp / EVIDENCE_FILE).write_text(json.dumps(evidence, indent=1))
-        publish(tmp, final, params, {})
+    with staged(final, params) as tmp:
+        if tmp is not None:
+            n_train = min(per_class - 1, max(1, round(train_fraction * per_class)))
+            index: dict = {"filename": [], "folder": [], "scene": [], "objectnames": list(OBJECT_NAMES)}
+            presence: list[np.ndarray] = []
+            counters = {"train": 0, "val": 0}
+            for c, room in enumerate(rooms):
+                train = set(np.random.default_rng([seed, c, 104729]).permutation(per_class)[:n_train].tolist())
+                for j in range(per_class):
+                    pixels, cls, inst = draw_room(np.random.default_rng([seed, c, j, 1]), room, size)
+                    split = "train" if j in train else "val"
+                    counters[split] += 1
+                    folder = (f"{ADE_DIRNAME}/images/ADE/{'training' if split == 'train' else 'validation'}/"
+                              f"{_GROUP.get(room, 'home_or_hotel')}/{room.replace(' ', '_')}")
+                    stem = f"ADE_{split}_{counters[split]:08d}"
+                    rel = Path(folder).relative_to(ADE_DIRNAME)
+                    save_jpeg(tmp / rel / f"{stem}.jpg", pixels)
+                    Image.fromarray(encode_seg(cls, inst)).save(tmp / rel / f"{stem}_seg.png")
+                    index["filename"].append(f"{stem}.jpg")
+                    index["folder"].append(folder)
+                    index["scene"].append("/" + room.replace(" ", "_"))
+                    counts = np.zeros(len(OBJECT_NAMES), dtype=np.int32)
+                    for k in np.unique(inst[inst > 0]):
+                        counts[cls[inst == k][0] - 1] += 1
+                    presence.append(counts)
+            index["objectPresence"] = np.stack(presence, axis=1)
+            index["description"] = {"generator": "srae synthrooms",
+                                    "objectnames": "class k of *_seg.png is objectnames[k-1]"}
+            with open(tmp / ADE_INDEX_FILE, "wb") as fh:
+                pickle.dump(index, fh, protocol=4)
+            evidence = {room: list(ROOM_OBJECTS[room]) for room in rooms}
+            (tmp / EVIDENCE_FILE).write_text(json.dumps(evidence, indent=1))
+            publish(tmp, final, params, {})
     places.mkdir(parents=True, exist_ok=True)
     cat = places / PLACES_CATEGORIES
     if cat.exists() and not (places / STAMP).exists():

@@ -1,0 +1,216 @@
+"""The CLI turns bad input into one line and exit status 2 (no traceback), and `srae features`
+reads the data and checkpoint where `srae run` leaves them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from srae.cli import build_parser, main
+from srae.errors import InputError, SraeError
+
+CLASSES, PER_CLASS, SIZE = 2, 4, 32
+
+
+def _config(base: Path) -> Path:
+    cfg = {"name": "tiny", "cache_dir": str(base / "cache"), "device": "cpu",
+           "dataset": {"kind": "synthbirds", "root": str(base / "data"), "classes": CLASSES,
+                       "per_class": PER_CLASS, "size": SIZE},
+           "backbone": {"name": "demo_cnn", "input_size": SIZE},
+           "features": {"batch_size": 4}}
+    path = base / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def made(tmp_path):
+    """A config, its synthetic data where `srae run` generates it, and a demo CNN checkpoint
+    where `srae run` saves it."""
+    from srae.backbones import build_backbone, save_backbone
+    from srae.config import load_config
+    from srae.datasets.common import dataset_dir
+    from srae.datasets.synthetic import make_synthbirds
+
+    path = _config(tmp_path)
+    cfg = load_config(path)
+    out = dataset_dir(cfg.dataset)
+    out.mkdir(parents=True)
+    make_synthbirds(out, classes=CLASSES, per_class=PER_CLASS, size=SIZE, seed=cfg.dataset.seed)
+    ckpt = tmp_path / "cache" / "backbones" / "demo_cnn-k" / "model.safetensors"
+    save_backbone(build_backbone("demo_cnn", CLASSES, input_size=SIZE, seed=0), ckpt)
+    return {"config": path, "cfg": cfg, "checkpoint": ckpt, "base": tmp_path}
+
+
+def _fails_in_one_line(capsys, argv: list[str]) -> str:
+    """Run the CLI; assert exit 2 with one stderr line (argparse: usage + one error line)."""
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        rc = exc.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and err and err[-1].startswith(f"srae {argv[0]}: error: argument ")
+        return err[-1]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith(f"srae {argv[0]}: error: "), err
+    return err[0]
+
+
+# ----------------------------------------------------------------------------- srae features
+def test_features_reads_the_data_and_checkpoint_srae_run_made(made, capsys, tmp_path):
+    from tasks.download import dataset_dir as pipeline_dataset_dir
+
+    from srae.datasets.common import dataset_dir
+
+    assert pipeline_dataset_dir is dataset_dir  # one definition for the pipeline and the CLI
+    store = tmp_path / "stores"
+    rc = main(["features", str(made["config"]), "--checkpoint", str(made["checkpoint"]),
+               "--store-root", str(store), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"({CLASSES * PER_CLASS} images, Z 256-d, {CLASSES} classes)" in out
+    assert len(list(store.glob("*.zarr"))) == 1
+
+
+def test_features_help_says_where_srae_run_leaves_the_checkpoint(capsys):
+    with pytest.raises(SystemExit):
+        main(["features", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "backbones/<name>-<key>/model.safetensors" in text and "srae run" in text
+
+
+def test_features_without_generated_data_names_where_it_looked(tmp_path, capsys):
+    line = _fails_in_one_line(capsys, ["features", str(_config(tmp_path))])
+    assert "no generated synthbirds dataset at" in line and "synthbirds-" in line and "srae run" in line
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--device", "foo"], "--device"),
+    (["--device", "cuda:x"], "--device"),
+    (["--workers", "-1"], "--workers"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "two"], "--batch-size"),
+])
+def test_features_bad_options_are_argparse_errors(tmp_path, capsys, args, word):
+    line = _fails_in_one_line(capsys, ["features", str(_config(tmp_path)), *args])
+    assert word in line
+
+
+def test_features_library_rejects_bad_values_instead_of_ignoring_them(made):
+    from srae.features_cli import features_from_config
+
+    kw = {"checkpoint": made["checkpoint"], "store_root": made["base"] / "s", "progress": False}
+    with pytest.raises(InputError, match="batch size 0 must be >= 1"):
+        features_from_config(made["cfg"], batch_size=0, **kw)
+    with pytest.raises(InputError, match="device 'foo'"):
+        features_from_config(made["cfg"], device="foo", **kw)
+    assert not (made["base"] / "s").exists()
+
+
+def test_resolve_device_rejects_garbage_in_one_line():
+    from srae.backbones import resolve_device
+
+    with pytest.raises(InputError, match="device 'foo': expected auto, cpu, cuda"):
+        resolve_device("foo")
+    assert str(resolve_device("cpu")) == "cpu"
+
+
+def test_features_store_root_that_is_a_file(made, capsys):
+    afile = made["base"] / "afile"
+    afile.write_text("x")
+    line = _fails_in_one_line(capsys, ["features", str(made["config"]), "--checkpoint", str(made["checkpoint"]),
+                                       "--store-root", str(afile), "--no-progress"])
+    assert "afile is a file, not a directory" in line
+
+
+def test_truncated_store_metadata_says_delete_it(made, capsys, tmp_path):
+    argv = ["features", str(made["config"]), "--checkpoint", str(made["checkpoint"]),
+            "--store-root", str(tmp_path / "st"), "--no-progress"]
+    assert main(argv) == 0
+    store = next((tmp_path / "st").glob("*.zarr"))
+    meta = store / "zarr.json"
+    meta.write_bytes(meta.read_bytes()[:30])
+    capsys.readouterr()
+    line = _fails_in_one_line(capsys, argv)
+    assert line.endswith(f"store metadata unreadable: {store}; delete it to rebuild (JSONDecodeError in zarr.json)")
+
+
+def test_root_attrs_reports_unreadable_metadata(tmp_path):
+    from srae.stores import root_attrs
+
+    assert root_attrs(tmp_path / "none.zarr") is None
+    (tmp_path / "a.zarr").mkdir()
+    (tmp_path / "a.zarr" / "zarr.json").write_bytes(b'{"attributes": {"compl')
+    with pytest.raises(SraeError, match=r"store metadata unreadable: .*a\.zarr; delete it to rebuild"):
+        root_attrs(tmp_path / "a.zarr")
+    (tmp_path / "a.zarr" / "zarr.json").write_bytes(b'{"attributes": {"complete": true}}')
+    assert root_attrs(tmp_path / "a.zarr") == {"complete": True}
+
+
+def test_garbage_checkpoint_is_one_short_line(made, capsys, tmp_path):
+    from srae.backbones import load_state_dict_file
+
+    bad = tmp_path / "garbage.pth"
+    bad.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(InputError) as exc:
+        load_state_dict_file(bad)
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith(f"checkpoint {bad}: cannot be read (") and "weights_only" not in msg
+    line = _fails_in_one_line(capsys, ["features", str(made["config"]), "--checkpoint", str(bad), "--no-progress"])
+    assert f"checkpoint {bad}: cannot be read" in line
+
+
+# ----------------------------------------------------------------------------- config files
+def test_non_utf8_yaml_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"name: demo\n# caf\xe9\n")
+    for argv in (["features", str(bad)], ["run", str(bad), "--check"]):
+        line = _fails_in_one_line(capsys, argv)
+        assert line.endswith(f"{bad}:2: not UTF-8 text (byte 0xe9 at offset 16)")
+
+
+def test_categories_range_is_capped(tmp_path, capsys):
+    line = _fails_in_one_line(capsys, ["run", str(_config(tmp_path)), "--categories", "1-200000", "--check"])
+    assert "goes beyond class id 100000" in line
+
+
+# ----------------------------------------------------------------------------- srae synth
+def test_synth_out_is_a_file(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    line = _fails_in_one_line(capsys, ["synth", "birds", "--out", str(afile)])
+    assert line.endswith(f"output {afile} is a file, not a directory")
+
+
+def test_synth_size_has_an_upper_bound(tmp_path, capsys):
+    line = _fails_in_one_line(capsys, ["synth", "birds", "--out", str(tmp_path / "o"), "--size", "1100",
+                                       "--classes", "2", "--per-class", "2"])
+    assert line.endswith("image size must be at most 1024 pixels, got 1100")
+    assert not (tmp_path / "o" / "CUB_200_2011").exists()
+
+
+def test_os_errors_are_a_last_resort_one_liner(tmp_path, capsys, monkeypatch):
+    from srae.datasets import synthetic
+
+    def denied(*_a, **_k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "o"))
+
+    monkeypatch.setattr(synthetic, "make_synthbirds", denied)
+    line = _fails_in_one_line(capsys, ["synth", "birds", "--out", str(tmp_path / "o")])
+    assert line == f"srae synth: error: PermissionError: [Errno 13] Permission denied: '{tmp_path / 'o'}'"
+
+
+# ----------------------------------------------------------------------------- -v placement
+@pytest.mark.parametrize("argv, verbose", [
+    (["run", "c.yaml"], False),
+    (["run", "-v", "c.yaml"], True),
+    (["run", "c.yaml", "--verbose"], True),
+    (["-v", "run", "c.yaml"], True),
+    (["-v", "run", "-v", "c.yaml"], True),
+    (["features", "c.yaml", "-v"], True),
+])
+def test_verbose_is_accepted_before_and_after_the_subcommand(argv, verbose):
+    args = build_parser().parse_args(argv)
+    assert args.verbose is verbose and args.command == argv[argv.index("run") if "run" in argv else 0]
