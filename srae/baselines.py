@@ -48,12 +48,15 @@ def lasso_explainer(model: Lasso, category: int, meta: dict) -> Explainer:
                      torch.as_tensor(coef[sel]), float(model.intercept_), dict(meta, selected_dims=sel.tolist()))
 
 
-def lasso_sweep(z: np.ndarray, logits: np.ndarray, design: SampleDesign, alphas: list[float]) -> list[dict]:
-    """Table 2a/5: per alpha, the number of selected dims and F_reg/F_cls on train and test."""
+def lasso_sweep(z: np.ndarray, logits: np.ndarray, design: SampleDesign, alphas: list[float], *,
+                positive_factor: float = 1.0) -> list[dict]:
+    """Table 2a/5: per alpha, the number of selected dims and F_reg/F_cls on train and test
+    (positives weighted like :func:`train_lasso`)."""
     rows = []
     c = design.category
     for alpha in alphas:
-        model = fit_lasso(z[design.train_idx], logits[design.train_idx, c], design.train_pos, alpha)
+        model = fit_lasso(z[design.train_idx], logits[design.train_idx, c], design.train_pos, alpha,
+                          positive_factor=positive_factor)
         expl = lasso_explainer(model, c, {})
         rows.append({"alpha": float(alpha), "n_selected": expl.n_features} | faithfulness_summary(expl, z, logits, design))
     return rows

@@ -100,3 +100,13 @@ def test_explainer_roundtrip_and_encoder_export(planted, trained, tmp_path):
     np.testing.assert_allclose(feats, loaded.features(rows), rtol=1e-4, atol=1e-5)
     # contributions sum to the prediction (no predictor bias by default)
     np.testing.assert_allclose(loaded.contributions(rows).sum(1), loaded.predict(rows), rtol=1e-9, atol=1e-9)
+
+
+def test_lasso_sweep_weights_positives_like_train_lasso(planted, trained):
+    z, logits, _ = planted
+    d = trained["SRAE"].designs[0]
+    for factor in (1.0, 4.0):
+        row = lasso_sweep(z, logits, d, [0.1], positive_factor=factor)[0]
+        ref = train_lasso(z, logits, d, [0.1], folds=1, positive_factor=factor)
+        assert row["n_selected"] == ref.n_features
+        assert row["F_reg_test"] == pytest.approx(ref.meta["F_reg_test"], rel=1e-9)
