@@ -241,7 +241,7 @@ def read_places_ade20k(root: Path, *, class_names: list[str] | None = None, plac
     for entry in bad:
         entry["image_id"] = id_of[entry["path"]]
     masks = [r["mask_path"] for r in rows if r["mask_path"] and r["path"] in sizes]
-    mask_sizes, mask_bad = probe_images(base, masks, workers=workers)
+    mask_sizes, mask_bad = probe_images(base, masks, workers=workers, desc="checking masks")
     mask_reason = {m["path"]: m["reason"] for m in mask_bad}
     kept = []
     for r in rows:
