@@ -194,6 +194,14 @@ def test_hand_placed_file_is_picked_up_without_network(payload, tmp_path):
     assert fetch(_closed_port_url(), dest, size=len(payload), md5=_md5(payload), retries=0, **FAST) == dest
 
 
+def test_hand_placed_short_copy_is_resumed_not_deleted(server, payload, tmp_path):
+    dest = tmp_path / "blob.bin"
+    dest.write_bytes(payload[:100_000])  # an unfinished download placed by hand
+    fetch(f"{server.url}/normal/blob.bin", dest, size=len(payload), md5=_md5(payload), retries=0, **FAST)
+    assert dest.read_bytes() == payload and not (tmp_path / "blob.bin.part").exists()
+    assert server.requests == [("normal", "blob.bin", "bytes=100000-")]
+
+
 def test_hand_placed_bad_file_is_removed(payload, tmp_path):
     dest = tmp_path / "blob.bin"
     dest.write_bytes(payload[:-1] + b"x")

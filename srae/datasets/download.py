@@ -198,6 +198,13 @@ def fetch(urls: str | Sequence[str], dest: Path, *, size: int | None = None, md5
     dest.parent.mkdir(parents=True, exist_ok=True)
     check = {"size": size, "md5": md5, "sha256_prefix": sha256_prefix}
     notes: list[str] = []
+    part = dest.with_name(dest.name + ".part")
+    if dest.exists() and size is not None and dest.stat().st_size < size \
+            and (not part.exists() or part.stat().st_size < dest.stat().st_size):
+        # A short copy (e.g. a browser download placed by hand before it finished) is resumed
+        # from where it stops; the checksum of the whole file still decides.
+        log.info("%s has %d of %d bytes; resuming it", dest, dest.stat().st_size, size)
+        os.replace(dest, part)
     if dest.exists():
         try:
             verify_file(dest, **check)
@@ -209,7 +216,6 @@ def fetch(urls: str | Sequence[str], dest: Path, *, size: int | None = None, md5
             log.info("%s present and %s; skipping download", dest,
                      "verified" if md5 or sha256_prefix or size else "unverified (no published checksum)")
             return dest
-    part = dest.with_name(dest.name + ".part")
     if part.exists() and size is not None and part.stat().st_size >= size:
         part.unlink()  # complete-looking leftovers are re-fetched rather than trusted
     for url in urls:
