@@ -364,18 +364,26 @@ def qualitative_findings(t: pd.DataFrame, faithful_cls: float = 0.95, margin: fl
                        f"Z {_f(g('locality', hs, 'Z'))}"))
 
     vals = {(o, m): g(o, hs, m) for o in ("O1", "O2") for m in ("SRAE", "NN", "SAE")}
+    inf = infinite_categories(t)
+
+    def o2_key(m: str) -> tuple[int, float]:
+        # A category with O2 = inf (linearly dependent maps) is the worst O2 there is, and the
+        # table's means leave such categories out: compare their count first, then the means.
+        return inf.get(("O2", hs, m), (0, 0))[0], vals[("O2", m)]
+
     if any(math.isnan(v) for v in vals.values()):
         holds = None
-    else:  # the table's means are over the categories with a finite value
-        holds = all(vals[(o, "SRAE")] < min(vals[(o, "NN")], vals[(o, "SAE")]) for o in ("O1", "O2"))
-    inf = infinite_categories(t)
+    else:
+        holds = bool(vals[("O1", "SRAE")] < min(vals[("O1", "NN")], vals[("O1", "SAE")])
+                     and o2_key("SRAE") < o2_key("NN") and o2_key("SRAE") < o2_key("SAE"))
     inf_notes = [f"{m} {inf[('O2', hs, m)][0]} of {inf[('O2', hs, m)][1]}"
                  for m in ("SRAE", "NN", "SAE") if ("O2", hs, m) in inf]
     out.append(Finding("x-features are more orthogonal than NN and SAE", holds,
                        "; ".join(f"{o}: SRAE {_f(vals[(o, 'SRAE')])}, NN {_f(vals[(o, 'NN')])}, "
                                  f"SAE {_f(vals[(o, 'SAE')])}" for o in ("O1", "O2"))
                        + (f" (O2 means over finite categories; O2 = inf, a singular correlation, in "
-                          f"{', '.join(inf_notes)} categories)" if inf_notes else "")))
+                          f"{', '.join(inf_notes)} categories, which counts against a method before "
+                          f"its mean)" if inf_notes else "")))
 
     fs, fc, fl = g("F_reg", "test", "SRAE"), g("F_reg", "test", "CAE"), g("F_reg", "test", "Lasso")
     if any(math.isnan(v) for v in (fs, fc, fl)):

@@ -216,8 +216,15 @@ def test_infinite_o2_category_is_left_out_and_counted(tmp_path, long_table):
     assert shown.loc[("O2", "test"), "SAE"] == "inf (2 of 2 inf)"
     assert shown.loc[("O2", "test"), "NN"] == pytest.approx(4.5)
     orth = R.qualitative_findings(t)[2]
-    assert orth.holds is True  # finite means: O2 SRAE 2.5 < min(NN 4.5, SAE inf); O1 SRAE 0.6 < min(0.9, 0.8)
+    # SRAE's finite O2 mean (2.5) beats NN's (4.5), but SRAE has a singular category and NN none:
+    # the infinite count is compared first, so the finding does not hold
+    assert orth.holds is False
     assert "O2: SRAE 2.5" in orth.evidence and "SRAE 1 of 3, SAE 2 of 2" in orth.evidence
+    # with as many infinite categories as NN (1) and fewer than SAE (2), the finite means decide
+    df_nn = df.copy()
+    df_nn.loc[(df_nn["method"] == "NN") & (df_nn["metric"] == "O2") & (df_nn["category"] == 1), "value"] = math.inf
+    orth_nn = R.qualitative_findings(R.table_main(df_nn))[2]
+    assert orth_nn.holds is True  # O2: (1, 2.5) < (1, 4.0) and < (2, inf); O1 SRAE 0.6 < min(0.9, 0.8)
     path = build_report(ReportInputs("exp", df, tmp_path / "rep"))
     html = path.read_text()
     assert "2.5000 (1 of 3 inf)" in html and "O2 test SRAE: 1 of 3" in html
