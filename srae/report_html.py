@@ -145,9 +145,9 @@ def summary_line(findings: list[R.Finding]) -> str:
     na = [f.claim for f in findings if f.holds is None]
     parts = [f"{len(held)} of {len(findings)} of the paper's qualitative findings hold on this data"]
     if failed:
-        parts.append("not holding: " + "; ".join(failed))
+        parts.append("Not holding: " + "; ".join(failed))
     if na:
-        parts.append("not evaluated: " + "; ".join(na))
+        parts.append("Not evaluated: " + "; ".join(na))
     return ". ".join(parts) + "."
 
 
