@@ -1,12 +1,13 @@
 """Stage 2: the CNN to explain: train the demo CNN / fine-tune VGG, or take a checkpoint as is.
 
-The fit lives in ``<cache>/backbones/<name>-<key>`` where the key is
-:func:`srae.fit.fit_key` of the very settings :func:`srae.fit.fit` compares before reusing a
-finished fit (dataset fingerprint, the starting weights' sha256, fit settings, package
-version): any change of those lands in a new directory, so fit never meets a finished fit
-made with other settings. :func:`srae.fit.fit` resumes an interrupted fit there and reuses a
-finished one. With ``fit.epochs: 0`` the weights are used as they are; the stage's identity
-then includes their sha256, so a checkpoint overwritten at the same path is noticed.
+The fit lives in ``<cache>/backbones/<name>-<key>``, the key naming everything
+:func:`srae.fit.fit` compares before reusing a finished fit (dataset fingerprint, starting
+weights, fit settings, package version) from cheap facts (:func:`start_identity`: no network
+is built and no checkpoint hashed to check the cache). Any change of those lands in a new
+directory, so fit never meets a finished fit made with other settings; fit resumes an
+interrupted fit there and reuses a finished one. With ``fit.epochs: 0`` the weights are used
+as they are; the stage's identity then includes the checkpoint's size and mtime, so a
+checkpoint overwritten at the same path is noticed (and its sha256 recomputed).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from prefect import task
 
-from srae.config import BackboneConfig
+from srae.config import BackboneConfig, stable_hash
 from srae.errors import SraeError
 from tasks.common import retry_unless_user_error, TASK_DEFAULTS, record_work, resolve_device, run_logger, stage_cache, timed
 from tasks.download import load_index
@@ -53,33 +54,56 @@ def initial_weights(backbone: dict[str, Any], num_classes: int) -> tuple[str, in
     return _built_identity(bb.name, int(num_classes), ckpt, sha, bb.pretrained, bb.input_size, bb.fit.seed)
 
 
-def backbone_fit_config(backbone: dict[str, Any], dataset_fingerprint: str, num_classes: int) -> dict[str, Any]:
-    """The :func:`srae.fit.fit_config` dict that :func:`srae.fit.fit` will compute for this
-    backbone section on the dataset with this manifest fingerprint."""
-    from srae.fit import fit_config
+def start_identity(backbone: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """What decides the weights a backbone starts from, from cheap facts only (no build, no
+    hashing): the architecture settings and seed, the checkpoint file's path, size and mtime,
+    and the torch/torchvision versions (random init and ImageNet weights come from them).
+    Raises :class:`SraeError` for a missing checkpoint."""
+    from importlib.metadata import PackageNotFoundError, version
 
     bb = BackboneConfig.model_validate(backbone)
-    init, size = initial_weights(backbone, num_classes)
-    f = bb.fit
-    return fit_config(backbone=bb.name, num_classes=num_classes, input_size=size, dataset=dataset_fingerprint,
-                      init=init, epochs=f.epochs, lr=f.lr, batch_size=f.batch_size, weight_decay=f.weight_decay,
-                      seed=f.seed, augment=f.augment)
+    ckpt = None
+    if bb.checkpoint is not None:
+        path = Path(bb.checkpoint)
+        if not path.is_file():
+            raise SraeError(f"backbone.checkpoint: {path} not found")
+        st = path.stat()
+        ckpt = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+    def ver(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "?"
+
+    return {"name": bb.name, "num_classes": int(num_classes), "input_size": bb.input_size,
+            "pretrained": bb.pretrained, "seed": bb.fit.seed, "checkpoint": ckpt,
+            "torch": ver("torch"), "torchvision": ver("torchvision")}
 
 
 def backbone_dir(cache_dir: str | Path, backbone: dict[str, Any], dataset: dict[str, Any]) -> Path:
     """Where the fitted backbone of this config section on ``dataset`` (the dataset stage's
-    result: ``fingerprint``, ``num_classes``) lives: named by the fit's own settings key."""
-    from srae.fit import fit_key
+    result: ``fingerprint``, ``num_classes``) lives.
 
-    cfg = backbone_fit_config(backbone, dataset["fingerprint"], int(dataset["num_classes"]))
-    return Path(cache_dir) / "backbones" / f"{cfg['backbone']}-{fit_key(cfg)}"
+    Named by everything :func:`srae.fit.fit` compares before reusing a finished fit (dataset,
+    starting weights, fit settings, package version), with the starting weights named by
+    :func:`start_identity` rather than their sha256, so that checking the cache never builds
+    a network or hashes a 500 MB checkpoint. Any change of those inputs gives a new
+    directory, so fit never meets a finished fit made with other settings."""
+    from srae import fit as F
+
+    bb = BackboneConfig.model_validate(backbone)
+    key = stable_hash({"start": start_identity(backbone, int(dataset["num_classes"])),
+                       "fit": bb.fit.model_dump(mode="json", exclude={"device"}),
+                       "dataset": dataset["fingerprint"], "version": F.__version__}, 16)
+    return Path(cache_dir) / "backbones" / f"{bb.name}-{key}"
 
 
 def _outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
     bb = BackboneConfig.model_validate(inputs["backbone"])
     if bb.fit.epochs == 0:
-        init, _ = initial_weights(inputs["backbone"], int(inputs["dataset"]["num_classes"]))
-        return [(str(bb.checkpoint or bb.name), True), (f"weights-sha256:{init}", True)]
+        start = start_identity(inputs["backbone"], int(inputs["dataset"]["num_classes"]))
+        return [(str(bb.checkpoint or bb.name), True), (f"weights:{stable_hash(start, 16)}", True)]
     d = backbone_dir(inputs["cache_dir"], inputs["backbone"], inputs["dataset"])
     return [(str(d), (d / MODEL_FILE).is_file() and (d / SUMMARY_FILE).is_file())]
 
@@ -98,12 +122,12 @@ def prepare_backbone(backbone: dict[str, Any], dataset: dict[str, Any], cache_di
         return {"name": bb.name, "checkpoint": str(bb.checkpoint) if bb.checkpoint else None,
                 "sha256": sha, "test_accuracy": None, "input_size": size,
                 "pretrained": bb.pretrained, "seed": bb.fit.seed}
-    from srae.fit import fit, fit_key
+    from srae.fit import fit
 
     index = load_index(dataset)
-    # keyed by the index fit itself is given, so the directory always matches fit's own check
-    cfg = backbone_fit_config(backbone, index.manifest_fingerprint(), index.num_classes)
-    out = Path(cache_dir) / "backbones" / f"{bb.name}-{fit_key(cfg)}"
+    # keyed by the index fit itself is given, so the directory matches what fit checks
+    out = backbone_dir(cache_dir, backbone, {"fingerprint": index.manifest_fingerprint(),
+                                             "num_classes": index.num_classes})
     done = (out / MODEL_FILE).is_file() and (out / SUMMARY_FILE).is_file()
     with timed() as t:
         res = fit(index, out, backbone=bb.name, checkpoint=bb.checkpoint, pretrained=bb.pretrained,

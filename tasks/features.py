@@ -28,8 +28,9 @@ def store_complete(path: str | Path) -> bool:
 
 
 def _key(dataset: dict[str, Any], backbone: dict[str, Any], features: dict[str, Any]) -> str:
+    # input_size: with fit.epochs 0 the weights (sha256) stay the same when only it changes
     return stable_hash({"dataset": dataset["fingerprint"], "backbone": backbone["sha256"],
-                        "layer": features["layer"]})
+                        "input_size": backbone.get("input_size"), "layer": features["layer"]})
 
 
 def _pointer(cache_dir: str, key: str) -> Path:

@@ -34,16 +34,15 @@ def group_complete(path: str | Path) -> bool:
 
 
 def _heat_key(cfg: ExperimentConfig, backbone: dict[str, Any], dataset: dict[str, Any] | None = None) -> str:
-    """Name of a heatmap set. Besides the settings and weights it names the dataset's
-    annotations (boxes, parts, masks): images are chosen by them and scores computed from them,
-    so an edited annotation file gives new heatmap and score files instead of stale ones."""
+    """Name of a heatmap set: its settings and weights. Annotations are not part of it: the
+    images a store holds are in its spec (a changed image set rebuilds it), and the scores
+    computed from annotations are named by them (:func:`tasks.scoring.scores_path`), so an
+    edited box or part redoes the scoring without redrawing the maps. ``dataset`` is unused
+    (kept for callers)."""
     h = cfg.heatmaps
-    key: dict[str, Any] = {"readout": h.readout, "max_images": h.max_images, "backbone": backbone["sha256"],
-                           "samples": {k: getattr(cfg.explainer, k) for k in ("n_pos", "n_neg", "n_test_neg",
-                                                                              "use_dataset_split", "seed")}}
-    if dataset is not None and dataset.get("annotations"):
-        key["annotations"] = dataset["annotations"]
-    return stable_hash(key, 12)
+    return stable_hash({"readout": h.readout, "max_images": h.max_images, "backbone": backbone["sha256"],
+                        "input_size": backbone.get("input_size"), "samples": {k: getattr(cfg.explainer, k) for k in ("n_pos", "n_neg", "n_test_neg",
+                                                                           "use_dataset_split", "seed")}}, 12)
 
 
 def heatmap_jobs(expl_results: list[dict[str, Any]], groups: list[list[int]], features: dict[str, Any],
@@ -54,6 +53,7 @@ def heatmap_jobs(expl_results: list[dict[str, Any]], groups: list[list[int]], fe
     from tasks.explainers import row_hparams
 
     key = _heat_key(cfg, backbone, dataset)
+    ann = str((dataset or {}).get("annotations") or "")[:12]  # names the score files
     root = Path(heat_root)
     per_cat: dict[int, list[dict[str, Any]]] = {}
     for res in expl_results:
@@ -68,7 +68,7 @@ def heatmap_jobs(expl_results: list[dict[str, Any]], groups: list[list[int]], fe
             for split in cfg.heatmaps.splits:
                 per_cat.setdefault(int(cat), []).append({
                     "method": res["method"], "category": int(cat), "split": split, "explainer": d, "hparams": hp,
-                    "heatmaps": str(root / rel / key / f"{split}.zarr"),
+                    "heatmaps": str(root / rel / key / f"{split}.zarr"), "annotations": ann,
                     "metrics": list(ALL_METRICS if int(meta.get("n_features", 0)) > 1 else LOCALITY_ONLY)})
     fp = features["fingerprint"][:16]
     out = []
@@ -79,12 +79,13 @@ def heatmap_jobs(expl_results: list[dict[str, Any]], groups: list[list[int]], fe
             for split in cfg.heatmaps.splits:
                 base = root / fp / "baselines" / key / f"cat{c:04d}"
                 jobs.append({"method": "ExcitationBP", "category": c, "split": split, "explainer": None, "hparams": {},
-                             "heatmaps": str(base / f"ExcitationBP-{split}.zarr"), "metrics": list(LOCALITY_ONLY)})
+                             "heatmaps": str(base / f"ExcitationBP-{split}.zarr"), "annotations": ann,
+                             "metrics": list(LOCALITY_ONLY)})
                 if cfg.heatmaps.z_dims > 0:
                     jobs.append({"method": "Z", "category": c, "split": split, "explainer": None,
                                  "hparams": {"z_dims": cfg.heatmaps.z_dims},
                                  "heatmaps": str(base / f"Z{cfg.heatmaps.z_dims}-{split}.zarr"),
-                                 "metrics": ["locality"]})
+                                 "annotations": ann, "metrics": ["locality"]})
         out.append((g, jobs))
     return out
 

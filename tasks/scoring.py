@@ -18,15 +18,26 @@ from tasks.common import TASK_DEFAULTS, atomic_write_parquet, record_work, run_l
 from tasks.download import load_index
 
 
-def scores_path(heatmap_group: str) -> Path:
+def _derived(heatmap_group: str, annotations: str | None, kind: str) -> Path:
     p = Path(heatmap_group)
-    return p.with_name(p.name + ".scores.parquet")
+    tag = f".a{annotations}" if annotations else ""
+    return p.with_name(f"{p.name}{tag}.{kind}.parquet")
 
 
-def concepts_path(heatmap_group: str) -> Path:
+def scores_path(heatmap_group: str, annotations: str | None = None) -> Path:
+    """Metric rows of one scored group, named by the annotations they were computed from (a
+    job's ``annotations``: the head of the dataset's annotation hash), so an edited box, part
+    or mask gives new scores while the heatmaps are reused."""
+    return _derived(heatmap_group, annotations, "scores")
+
+
+def concepts_path(heatmap_group: str, annotations: str | None = None) -> Path:
     """Per-x-feature "part it lands on most" table of one scored group (synthetic data only)."""
-    p = Path(heatmap_group)
-    return p.with_name(p.name + ".concepts.parquet")
+    return _derived(heatmap_group, annotations, "concepts")
+
+
+def _scores(j: dict[str, Any]) -> Path:
+    return scores_path(j["heatmaps"], j.get("annotations"))
 
 
 def unscored_failures(jobs: list[dict[str, Any]], exc: BaseException) -> list[dict[str, Any]]:
@@ -36,7 +47,7 @@ def unscored_failures(jobs: list[dict[str, Any]], exc: BaseException) -> list[di
     the rows of a crashed explainer or heatmap task; categories already scored are not listed."""
     unscored: dict[int, set[str]] = {}
     for j in jobs:
-        if not scores_path(j["heatmaps"]).is_file():
+        if not _scores(j).is_file():
             unscored.setdefault(int(j["category"]), set()).add(str(j["method"]))
     reason = short_error(exc)
     return [{"category": c, "stage": "scoring", "method": ", ".join(sorted(m)), "error": reason}
@@ -44,7 +55,7 @@ def unscored_failures(jobs: list[dict[str, Any]], exc: BaseException) -> list[di
 
 
 def _outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
-    return [(str(scores_path(j["heatmaps"])), scores_path(j["heatmaps"]).is_file()) for j in inputs["jobs"]]
+    return [(str(_scores(j)), _scores(j).is_file()) for j in inputs["jobs"]]
 
 
 @task(name="scoring", cache_policy=stage_cache(_outputs), **TASK_DEFAULTS)
@@ -57,7 +68,7 @@ def score_heatmaps(jobs: list[dict[str, Any]], dataset: dict[str, Any], scoring:
     from srae.scoring import ScoreJob
 
     logger = run_logger()
-    todo = [j for j in jobs if not scores_path(j["heatmaps"]).is_file()]
+    todo = [j for j in jobs if not _scores(j).is_file()]
     failed: list[dict[str, Any]] = []
     notes: list[str] = []
     if todo:
@@ -73,13 +84,13 @@ def score_heatmaps(jobs: list[dict[str, Any]], dataset: dict[str, Any], scoring:
                 continue
             rows, concepts = res
             if not concepts.empty:
-                atomic_write_parquet(concepts, concepts_path(j["heatmaps"]))
-            atomic_write_parquet(rows, scores_path(j["heatmaps"]))
+                atomic_write_parquet(concepts, concepts_path(j["heatmaps"], j.get("annotations")))
+            atomic_write_parquet(rows, _scores(j))
             record_work(cache_dir, "scoring", f"{j['method']}/{j['category']}", seconds / max(1, len(todo)),
                         method=j["method"], category=int(j["category"]))
         logger.info("scoring: %d groups scored, %d failed, %d reused", len(todo) - len(failed), len(failed),
                     len(jobs) - len(todo))
-    return {"scores": [str(scores_path(j["heatmaps"])) for j in jobs if scores_path(j["heatmaps"]).is_file()],
+    return {"scores": [str(_scores(j)) for j in jobs if _scores(j).is_file()],
             "failed": failed, "notes": notes}
 
 

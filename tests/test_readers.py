@@ -278,3 +278,18 @@ def test_manifest_fingerprint_follows_the_synthetic_generator_version(tmp_path, 
     stamp = json.loads((root / "synth.json").read_text())
     assert stamp["params"]["version"] == synthetic.GENERATOR_VERSION
     assert read_cub(root, name="synthbirds").manifest_fingerprint() != v1
+
+
+def test_synthrooms_manifest_includes_the_generator_stamp(tmp_path):
+    from srae.datasets.ade20k import read_places_ade20k
+    from srae.datasets.common import _synth_stamp
+    from srae.datasets.synthetic import make_synthrooms
+
+    ade = make_synthrooms(tmp_path, classes=2, per_class=3, size=40, seed=1)
+    idx = read_places_ade20k(tmp_path, places_root=tmp_path / "places365")
+    assert _synth_stamp(Path(idx.root)) == json.loads((ade / "synth.json").read_text())
+    before = idx.manifest_fingerprint()
+    stamp = json.loads((ade / "synth.json").read_text())
+    stamp["params"]["version"] = -1  # as if written by another generator version
+    (ade / "synth.json").write_text(json.dumps(stamp))
+    assert read_places_ade20k(tmp_path, places_root=tmp_path / "places365").manifest_fingerprint() != before

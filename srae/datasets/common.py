@@ -85,9 +85,13 @@ def _file_size(path: Path) -> int:
 
 
 def _synth_stamp(root: Path) -> object:
-    """The parsed ``synth.json`` of a synthetic dataset at ``root`` (None for real data;
-    the raw text when it is not valid JSON)."""
-    stamp = root / "synth.json"
+    """The parsed ``synth.json`` of a synthetic dataset at ``root`` or in one of its direct
+    subfolders (synthrooms keeps it inside ``ADE20K_2021_17_01/``); None for real data, the
+    raw text when it is not valid JSON."""
+    found = [p for p in [root / "synth.json", *sorted(root.glob("*/synth.json"))] if p.is_file()]
+    if not found:
+        return None
+    stamp = found[0]
     try:
         text = stamp.read_text(encoding="utf-8", errors="replace")
     except OSError:

@@ -199,7 +199,7 @@ def fetch(urls: str | Sequence[str], dest: Path, *, size: int | None = None, md5
     check = {"size": size, "md5": md5, "sha256_prefix": sha256_prefix}
     notes: list[str] = []
     part = dest.with_name(dest.name + ".part")
-    if dest.exists() and size is not None and dest.stat().st_size < size \
+    if dest.exists() and not dest.is_symlink() and size is not None and dest.stat().st_size < size \
             and (not part.exists() or part.stat().st_size < dest.stat().st_size):
         # A short copy (e.g. a browser download placed by hand before it finished) is resumed
         # from where it stops; the checksum of the whole file still decides.
@@ -254,6 +254,8 @@ def fetch(urls: str | Sequence[str], dest: Path, *, size: int | None = None, md5
     where = ", ".join(urls) if urls else "no public URL"
     how = f"; {manual}" if manual else ""
     tried = f" ({'; '.join(notes)})" if notes else ""
+    if part.exists():
+        tried += f" ({part.stat().st_size:,} bytes kept in {part.name}; the next try resumes from there)"
     raise DownloadError(
         f"could not download {dest.name} from {where}{tried}{how}. Without network, fetch it by hand "
         f"({_describe_check(size, md5, sha256_prefix)}) and place it at {dest}; it is picked up from there"
