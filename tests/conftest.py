@@ -24,34 +24,11 @@ def rng() -> np.random.Generator:
 
 # --------------------------------------------------------------------------- Prefect (pipeline tests)
 def tiny_pipeline_config(base, **changes) -> dict:
-    """A tiny synthetic experiment (3 classes of 32 px birds) that runs the whole flow fast.
-
+    """The tiny synthetic experiment (:func:`srae.tiny.tiny_experiment`) under ``base``;
     ``changes`` are dotted paths, e.g. ``{"explainer.grid.eta": [0.5]}``."""
-    from pathlib import Path
+    from srae.tiny import tiny_experiment
 
-    base = Path(base)
-    cfg = {
-        "name": "tiny", "cache_dir": str(base / "cache"), "categories": [1, 2], "device": "cpu",
-        "dataset": {"kind": "synthbirds", "root": str(base / "data"), "classes": 3, "per_class": 24, "size": 32},
-        "backbone": {"name": "demo_cnn", "input_size": 32,
-                     "fit": {"epochs": 4, "lr": 0.003, "batch_size": 16, "augment": False}},
-        "features": {"batch_size": 32},
-        "explainer": {"n": 3, "hidden": [16], "n_pos": 16, "n_neg": 32, "n_test_neg": 16, "folds": 1,
-                      "grid": {"beta": [0.1], "eta": [0.1], "q": [10.0], "lr": [0.01], "weight_decay": [0.0001]},
-                      "max_epochs": 60, "patience": 10, "batch_size": 32, "lasso_alphas": [0.5, 0.05],
-                      "group_size": 2},
-        "heatmaps": {"max_images": 4, "z_dims": 3, "batch_size": 8},
-        "scoring": {"n_workers": 1, "processes": False},
-        "masking": {"gammas": [0.05, 0.3], "max_images": 4},
-        "report": {"out_dir": str(base / "report"), "max_figure_categories": 1},
-    }
-    for path, value in changes.items():
-        node = cfg
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return cfg
+    return tiny_experiment(base, **changes)
 
 
 @pytest.fixture(scope="session")
