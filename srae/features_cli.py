@@ -51,17 +51,11 @@ def config_dataset_root(ds) -> Path:
 
 
 def _holds_dataset(kind: str, root: Path) -> bool:
+    from srae.datasets.common import find_dataset_dir
     from srae.errors import SraeError
 
     try:
-        if kind in ("synthbirds", "cub"):
-            from srae.datasets.cub import find_cub_dir
-
-            find_cub_dir(root)
-        else:
-            from srae.datasets.ade20k import find_ade_dir
-
-            find_ade_dir(root)
+        find_dataset_dir(kind, root)
     except SraeError:
         return False
     return True

@@ -24,7 +24,7 @@ from typing import Any
 from prefect import task
 
 from srae.config import DatasetConfig, stable_hash
-from srae.datasets.common import GEN_PARAMS, DatasetIndex, dataset_dir  # noqa: F401 - re-exported
+from srae.datasets.common import GEN_PARAMS, DatasetIndex, dataset_dir, find_dataset_dir  # noqa: F401 - re-exported
 from srae.errors import SraeError
 from tasks.common import retry_unless_user_error, TASK_DEFAULTS, record_work, run_logger, stage_cache, timed
 
@@ -53,18 +53,17 @@ def index_files(kind: str, root: str | Path, reader: dict[str, Any] | None = Non
     (optional ones included; empty when no dataset is there yet)."""
     reader = reader or {}
     try:
-        if kind in ("synthbirds", "cub"):
-            from srae.datasets import cub
-
-            base = cub.find_cub_dir(Path(root))
-            names = ["classes.txt", "images.txt", "image_class_labels.txt", "train_test_split.txt",
-                     "bounding_boxes.txt", "parts/parts.txt", "parts/part_locs.txt", cub.EVIDENCE_FILE, "synth.json"]
-            return [base / n for n in names]
-        from srae.datasets import ade20k
-
-        base = ade20k.find_ade_dir(Path(root))
+        base = find_dataset_dir(kind, root)
     except SraeError:
         return []
+    if kind in ("synthbirds", "cub"):
+        from srae.datasets import cub
+
+        names = ["classes.txt", "images.txt", "image_class_labels.txt", "train_test_split.txt",
+                 "bounding_boxes.txt", "parts/parts.txt", "parts/part_locs.txt", cub.EVIDENCE_FILE, "synth.json"]
+        return [base / n for n in names]
+    from srae.datasets import ade20k
+
     files = [base / n for n in (ade20k.ADE_INDEX_FILE, ade20k.EVIDENCE_FILE, "synth.json")]
     if reader.get("places_root"):
         places = Path(reader["places_root"])
@@ -151,9 +150,8 @@ def _fetch(ds: DatasetConfig, root: Path) -> Path:
 
 def _present(ds: DatasetConfig, path: Path) -> bool:
     """Whether a real dataset is on disk where its reader looks (CUB_200_2011 / ADE20K dir)."""
-    finder = ("srae.datasets.cub", "find_cub_dir") if ds.kind == "cub" else ("srae.datasets.ade20k", "find_ade_dir")
     try:
-        _lib(*finder)(path)
+        find_dataset_dir(ds.kind, path)
     except SraeError:
         return False
     return ds.places_root is None or Path(ds.places_root).exists()

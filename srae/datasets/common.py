@@ -192,6 +192,19 @@ def synthetic_generator(directory: Path) -> str | None:
         return None
 
 
+def find_dataset_dir(kind: str, root: str | Path) -> Path:
+    """The directory the reader of ``kind`` reads under ``root``: ``CUB_200_2011`` for
+    synthbirds/cub, the ADE20K directory for synthrooms/places. :class:`~srae.errors.SraeError`
+    when no such dataset is there."""
+    if kind in ("synthbirds", "cub"):
+        from srae.datasets.cub import find_cub_dir
+
+        return find_cub_dir(Path(root))
+    from srae.datasets.ade20k import find_ade_dir
+
+    return find_ade_dir(Path(root))
+
+
 def dataset_dir(ds: DatasetConfig) -> Path:
     """Where the pipeline keeps the dataset of a config: ``dataset.root`` for real data;
     ``<root>/<kind>-<hash of generation params>`` for synthetic data, so two configs never
