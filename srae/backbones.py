@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,8 +100,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> cuda when available, else cpu; anything else is checked and returned."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", str(device)):
-        raise InputError(f"device {str(device)!r}: expected auto, cpu, cuda, cuda:N or mps")
+    from srae.config import check_device
+
+    try:
+        check_device(str(device))
+    except ValueError:
+        raise InputError(f"device {str(device)!r}: expected auto, cpu, cuda, cuda:N or mps") from None
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device!r}: CUDA is not available on this machine")

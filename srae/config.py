@@ -41,7 +41,7 @@ MAX_CATEGORY_ID = 100_000  # --categories: larger ids are typos (CUB has 200 cla
 
 def check_device(v: str) -> str:
     """``v`` when it names a device (auto, cpu, mps, cuda, cuda:N), else ValueError."""
-    if v in ("auto", "cpu", "mps") or re.match(r"^cuda(:\d+)?$", v):
+    if v in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", v):
         return v
     raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
 

@@ -253,7 +253,9 @@ def extract_features(index: DatasetIndex, backbone: Backbone, store_root: str | 
     if is_complete(path):
         log.info("features: reusing finished store %s", path)
         return path
-    _make_store_root(Path(store_root))
+    from srae.datasets.staging import ensure_directory
+
+    ensure_directory(Path(store_root), "features: store root")  # a file in the way: one line
     row_bytes = 4 * (backbone.z_dim + index.num_classes)
     rows = chunk_rows or _chunk_rows(batch_size, row_bytes)
     if rows % batch_size:
@@ -270,13 +272,6 @@ def extract_features(index: DatasetIndex, backbone: Backbone, store_root: str | 
         root.attrs.update({"complete": True})
     log.info("features: wrote %s (%d images, D=%d)", path, n, backbone.z_dim)
     return path
-
-
-def _make_store_root(store_root: Path) -> None:
-    """Create the directory the stores go in; a file in the way is a one-line error."""
-    from srae.datasets.staging import ensure_directory
-
-    ensure_directory(store_root, "features: store root")
 
 
 def _run_extraction(root, index: DatasetIndex, bb: Backbone, lock_fd: int, device: str,
