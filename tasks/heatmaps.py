@@ -33,12 +33,11 @@ def group_complete(path: str | Path) -> bool:
     return is_complete(path)
 
 
-def _heat_key(cfg: ExperimentConfig, backbone: dict[str, Any], dataset: dict[str, Any] | None = None) -> str:
+def _heat_key(cfg: ExperimentConfig, backbone: dict[str, Any]) -> str:
     """Name of a heatmap set: its settings and weights. Annotations are not part of it: the
     images a store holds are in its spec (a changed image set rebuilds it), and the scores
     computed from annotations are named by them (:func:`tasks.scoring.scores_path`), so an
-    edited box or part redoes the scoring without redrawing the maps. ``dataset`` is unused
-    (kept for callers)."""
+    edited box or part redoes the scoring without redrawing the maps."""
     h = cfg.heatmaps
     return stable_hash({"readout": h.readout, "max_images": h.max_images, "backbone": backbone["sha256"],
                         "input_size": backbone.get("input_size"), "samples": {k: getattr(cfg.explainer, k) for k in ("n_pos", "n_neg", "n_test_neg",
@@ -52,7 +51,7 @@ def heatmap_jobs(expl_results: list[dict[str, Any]], groups: list[list[int]], fe
     from srae.explainers import META_FILE
     from tasks.explainers import row_hparams
 
-    key = _heat_key(cfg, backbone, dataset)
+    key = _heat_key(cfg, backbone)
     ann = str((dataset or {}).get("annotations") or "")[:12]  # names the score files
     root = Path(heat_root)
     per_cat: dict[int, list[dict[str, Any]]] = {}

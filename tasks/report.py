@@ -22,6 +22,7 @@ from srae import report as R
 from srae.report_html import ReportInputs, build_report
 from tasks.common import artifact_key, run_logger
 from tasks.explainers import row_hparams
+from tasks.scoring import concepts_of
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,7 @@ def build_report_task(experiment: str, out_dir: str, explainer_results: list[dic
     """Write the report; return the path of report.html."""
     logger = run_logger()
     metrics = assemble_metrics(experiment, explainer_results, score_files, masking_files)
-    top_parts = _read_parquets([str(Path(f).with_name(Path(f).name.replace(".scores.parquet", ".concepts.parquet")))
-                                for f in score_files])
+    top_parts = _read_parquets([str(concepts_of(f)) for f in score_files])
     inp = ReportInputs(experiment=experiment, metrics=metrics, out_dir=Path(out_dir), class_names=class_names,
                        top_parts=top_parts,
                        lasso_alpha=lasso_alpha, failed=failed, bad_inputs=bad_inputs, timings=timings,

@@ -36,6 +36,12 @@ def concepts_path(heatmap_group: str, annotations: str | None = None) -> Path:
     return _derived(heatmap_group, annotations, "concepts")
 
 
+def concepts_of(scores_file: str | Path) -> Path:
+    """The concept table written beside a scores file (:func:`concepts_path` of the same group)."""
+    p = Path(scores_file)
+    return p.with_name(p.name.removesuffix(".scores.parquet") + ".concepts.parquet")
+
+
 def _scores(j: dict[str, Any]) -> Path:
     return scores_path(j["heatmaps"], j.get("annotations"))
 

@@ -176,18 +176,22 @@ def test_edited_cub_annotations_change_the_dataset_identity(tiny_dataset: dict, 
     assert TD.prepare_dataset.fn(ds_cfg, cache) == r1
     # score files are named by the annotations (the box edit gives new names, the touch does
     # not); the heatmaps themselves keep their names and are reused
-    from tasks.heatmaps import _heat_key, heatmap_jobs
+    from tasks.heatmaps import heatmap_jobs
     from tasks.scoring import scores_path
 
     cfg, bb = ExperimentConfig(), {"sha256": "0" * 64}
-    assert _heat_key(cfg, bb, r1) == _heat_key(cfg, bb, r0)
 
-    def score_file(ds: dict) -> Path:
+    def the_job(ds: dict) -> dict:
         (job,), = [jobs for _, jobs in heatmap_jobs([], [[0]], {"fingerprint": "f" * 64}, bb,
                                                    cfg.model_copy(update={"heatmaps": cfg.heatmaps.model_copy(update={"z_dims": 0})}),
                                                    str(tmp_path / "heat"), dataset=ds)]
+        return job
+
+    def score_file(ds: dict) -> Path:
+        job = the_job(ds)
         return scores_path(job["heatmaps"], job["annotations"])
 
+    assert the_job(r1)["heatmaps"] == the_job(r0)["heatmaps"]
     assert score_file(r1) != score_file(r0)
     assert score_file(r1).name.startswith("ExcitationBP-test.zarr.a")
     assert score_file(TD.prepare_dataset.fn(ds_cfg, cache)) == score_file(r1)
