@@ -17,14 +17,10 @@ from sklearn.linear_model import Lasso
 from srae.cv import faithfulness_summary
 from srae.errors import InputError
 from srae.explainers import Explainer
-from srae.losses import balanced_weights
+from srae.losses import balanced_weights_np
 from srae.sampling import SampleDesign, stratified_folds
 
 log = logging.getLogger(__name__)
-
-
-def _balanced(is_pos: np.ndarray, factor: float = 1.0) -> np.ndarray:
-    return balanced_weights(torch.as_tensor(np.asarray(is_pos, dtype=bool)), factor).numpy()
 
 
 def fit_lasso(z: np.ndarray, y: np.ndarray, is_pos: np.ndarray, alpha: float, max_iter: int = 5000,
@@ -33,7 +29,7 @@ def fit_lasso(z: np.ndarray, y: np.ndarray, is_pos: np.ndarray, alpha: float, ma
     model = Lasso(alpha=alpha, max_iter=max_iter)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(z, y, sample_weight=_balanced(is_pos, positive_factor))
+        model.fit(z, y, sample_weight=balanced_weights_np(is_pos, positive_factor))
     return model
 
 
@@ -89,7 +85,7 @@ def train_lasso(
         for val in fold_sets:
             tr = np.setdiff1d(np.arange(len(y_tr)), val)
             m = fit_lasso(z_tr[tr], y_tr[tr], pos_tr[tr], alpha, positive_factor=positive_factor)
-            w = _balanced(pos_tr[val], positive_factor)
+            w = balanced_weights_np(pos_tr[val], positive_factor)
             errs.append(float(np.sum(w * (m.predict(z_tr[val]) - y_tr[val]) ** 2) / w.sum()))
         cv.append({"alpha": alpha, "n_selected": n_sel, "val_criterion": float(np.mean(errs)) if errs else float("nan"),
                    "model": full})

@@ -17,7 +17,7 @@ import torch
 from srae.errors import InputError
 from srae.explainers import Explainer
 from srae.metrics.faithfulness import f_cls, f_reg
-from srae.losses import balanced_weights
+from srae.losses import balanced_weights_np
 from srae.model import Architecture, method_spec
 from srae.sampling import SampleDesign, derive_seed, design_samples, stratified_folds
 from srae.train import FitResult, Member, TrainSettings, check_finite, fit_stack, stack_groups
@@ -90,7 +90,7 @@ def _unstack(res: FitResult, b: int, method: str, category: int, meta: dict) -> 
 def _least_squares_v(expl: Explainer, z: np.ndarray, y: np.ndarray, is_pos: np.ndarray, factor: float) -> Explainer:
     """CAE: fit ``v`` afterwards by (balanced) weighted least squares so faithfulness can be scored."""
     e = expl.features(z)
-    w = balanced_weights(torch.as_tensor(is_pos), factor).numpy()
+    w = balanced_weights_np(is_pos, factor)
     sw = np.sqrt(w)[:, None]
     v, *_ = np.linalg.lstsq(e * sw, y * sw[:, 0], rcond=None)
     expl.v = torch.as_tensor(v, dtype=torch.float64)
@@ -101,7 +101,7 @@ def _train_mse(expl: Explainer, z: np.ndarray, logits: np.ndarray, design: Sampl
     """Balanced mean squared faithfulness error on the training rows (refit selection)."""
     y = logits[design.train_idx, design.category].astype(np.float64)
     err = (expl.predict(z[design.train_idx]) - y) ** 2
-    w = balanced_weights(torch.as_tensor(design.train_pos), factor).numpy()
+    w = balanced_weights_np(design.train_pos, factor)
     return float((w * err).sum() / w.sum())
 
 

@@ -76,6 +76,14 @@ def balanced_weights(is_positive: Tensor, factor: float = 1.0) -> Tensor:
     return torch.where(is_positive, factor * ratio, torch.ones_like(pos))
 
 
+def balanced_weights_np(is_positive, factor: float = 1.0):
+    """:func:`balanced_weights` of a boolean array-like, as a float64 numpy array (Lasso, CAE's
+    least-squares ``v`` and refit selection weigh samples in numpy)."""
+    import numpy as np
+
+    return balanced_weights(torch.as_tensor(np.asarray(is_positive, dtype=bool)), factor).numpy()
+
+
 def srae_objective(
     *,
     y_bar: Tensor,
