@@ -27,11 +27,10 @@ class StackedAdam:
     def __init__(self, params: list[Tensor], lr: Tensor | Sequence[float], betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8):
         self.params = params
-        self.lr = torch.as_tensor(lr, dtype=torch.float64)
-        self._lr = self.lr.detach().cpu().numpy().astype(np.float64)
+        self.lr = torch.as_tensor(lr, dtype=torch.float64).cpu().numpy()  # per member, on the host
         self.b1, self.b2 = betas
         self.eps = eps
-        self.t = np.zeros(len(self._lr), dtype=np.int64)  # updates taken, per member
+        self.t = np.zeros(len(self.lr), dtype=np.int64)  # updates taken, per member
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
 
@@ -43,7 +42,7 @@ class StackedAdam:
         """Maximal ranges ``[a, e)`` of active members with equal learning rate and step count."""
         runs: list[tuple[int, int]] = []
         for b in np.flatnonzero(act).tolist():
-            if runs and runs[-1][1] == b and self._lr[b] == self._lr[runs[-1][0]] and self.t[b] == self.t[runs[-1][0]]:
+            if runs and runs[-1][1] == b and self.lr[b] == self.lr[runs[-1][0]] and self.t[b] == self.t[runs[-1][0]]:
                 runs[-1] = (runs[-1][0], b + 1)
             else:
                 runs.append((b, b + 1))
@@ -54,7 +53,7 @@ class StackedAdam:
         """One update for members where ``active`` (bool, (B,)) is true; others are untouched.
 
         A host-side ``active`` (numpy or list) avoids a device sync."""
-        B = len(self._lr)
+        B = len(self.lr)
         if active is None:
             act = np.ones(B, dtype=bool)
         elif isinstance(active, Tensor):
@@ -70,13 +69,13 @@ class StackedAdam:
                 raise ValueError("StackedAdam needs contiguous parameters and gradients")
         if not live:
             return
+        dev = live[0][0].device
+        fused = dev.type in _FUSED_DEVICES
         for a, e in self._runs(act):
-            dev = live[0][0].device
             # The fused kernel increments each step tensor before using it for bias correction.
             steps = list(torch.full((len(live),), float(self.t[a]), dtype=torch.float32, device=dev).unbind())
-            fused = dev.type in _FUSED_DEVICES
             adam([p[a:e] for p, _, _ in live], [p.grad[a:e] for p, _, _ in live], [m[a:e] for _, m, _ in live],
                  [v[a:e] for _, _, v in live], [], steps, fused=fused, foreach=None if fused else True,
-                 amsgrad=False, beta1=self.b1, beta2=self.b2, lr=float(self._lr[a]), weight_decay=0.0,
+                 amsgrad=False, beta1=self.b1, beta2=self.b2, lr=float(self.lr[a]), weight_decay=0.0,
                  eps=self.eps, maximize=False)
         self.t[act] += 1
