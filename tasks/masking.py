@@ -68,9 +68,9 @@ def masking_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone:
     from tasks.download import load_index
 
     logger = run_logger()
-    gammas = [float(g) for g in masking["gammas"]]
+    gammas, max_images = [float(g) for g in masking["gammas"]], masking.get("max_images")
     mine = [j for j in _mask_jobs(jobs) if group_complete(j["heatmaps"])]
-    todo = [j for j in mine if not masking_path(j["heatmaps"], gammas, masking.get("max_images")).is_file()]
+    todo = [j for j in mine if not masking_path(j["heatmaps"], gammas, max_images).is_file()]
     failed: list[dict[str, Any]] = []
     if todo:
         dev = resolve_device(masking.get("device", "auto"))
@@ -79,14 +79,14 @@ def masking_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone:
         for j in todo:
             try:
                 with timed() as t:
-                    rows = _accuracy_rows(j, bb, index, gammas, masking.get("max_images"), experiment, dev)
-                    atomic_write_parquet(rows, masking_path(j["heatmaps"], gammas, masking.get("max_images")))
+                    rows = _accuracy_rows(j, bb, index, gammas, max_images, experiment, dev)
+                    atomic_write_parquet(rows, masking_path(j["heatmaps"], gammas, max_images))
                 record_work(cache_dir, "masking", f"{j['method']}/{j['category']}", t(),
                             method=j["method"], category=int(j["category"]))
             except Exception as exc:  # one category's failure must not stop the others
                 logger.warning("masking %s/%d failed: %s", j["method"], j["category"], exc)
                 failed.append({"category": j["category"], "stage": "masking", "method": j["method"],
                                "error": short_error(exc)})
-    paths = [masking_path(j["heatmaps"], gammas, masking.get("max_images")) for j in mine]
+    paths = [masking_path(j["heatmaps"], gammas, max_images) for j in mine]
     files = [str(p) for p in paths if p.is_file()]
     return {"files": files, "failed": failed}
