@@ -12,7 +12,6 @@ checkpoint overwritten at the same path is noticed (and its sha256 recomputed).
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -27,31 +26,18 @@ MODEL_FILE = "model.safetensors"
 SUMMARY_FILE = "fit.json"
 
 
-@functools.lru_cache(maxsize=16)
-def _built_identity(name: str, num_classes: int, checkpoint: str | None, checkpoint_sha256: str | None,
-                    pretrained: bool, input_size: int | None, seed: int) -> tuple[str, int]:
-    """(sha256 of the starting weights, resolved input size), by building the backbone as
-    fit and the epochs-0 path do. Memoised per process; ``checkpoint_sha256`` (the file's
-    content) is part of the memo key, so overwritten bytes are never served stale."""
-    from srae.backbones import build_backbone
-
-    built = build_backbone(name, num_classes, checkpoint, pretrained=pretrained, input_size=input_size, seed=seed)
-    return built.checkpoint_sha256, built.input_size
-
-
 def initial_weights(backbone: dict[str, Any], num_classes: int) -> tuple[str, int]:
-    """(sha256 identifying the weights the backbone starts from, its input size).
-
-    Content, not path: the checkpoint file's bytes are hashed on every call (the build
-    itself is memoised on that hash). Raises :class:`SraeError` for a missing checkpoint."""
-    from srae.backbones import file_sha256
+    """(sha256 identifying the weights the backbone starts from, its input size), by building
+    it as fit does: content, not path. Raises :class:`SraeError` for a missing checkpoint."""
+    from srae.backbones import build_backbone
 
     bb = BackboneConfig.model_validate(backbone)
     ckpt = None if bb.checkpoint is None else str(bb.checkpoint)
     if ckpt is not None and not Path(ckpt).is_file():
         raise SraeError(f"backbone.checkpoint: {ckpt} not found")
-    sha = file_sha256(ckpt) if ckpt is not None else None
-    return _built_identity(bb.name, int(num_classes), ckpt, sha, bb.pretrained, bb.input_size, bb.fit.seed)
+    built = build_backbone(bb.name, int(num_classes), ckpt, pretrained=bb.pretrained, input_size=bb.input_size,
+                           seed=bb.fit.seed)
+    return built.checkpoint_sha256, built.input_size
 
 
 def start_identity(backbone: dict[str, Any], num_classes: int) -> dict[str, Any]:

@@ -59,7 +59,6 @@ def test_backbone_dir_is_keyed_by_the_settings_fit_compares(tmp_path: Path, monk
         raise AssertionError("backbone_dir built a backbone")
 
     monkeypatch.setattr(srae.backbones, "build_backbone", no_build)
-    TB._built_identity.cache_clear()
     assert TB.backbone_dir(tmp_path, bb, ds) == d0
     assert TB._outputs({"backbone": {**bb, "fit": {**bb["fit"], "epochs": 0}}, "dataset": ds, "cache_dir": str(tmp_path)})
     monkeypatch.undo()
