@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from srae.errors import InputError
-from srae.losses import balanced_weights, srae_objective
+from srae.losses import balanced_weights_np, srae_objective
 from srae.model import Architecture, StackedSRAE, init_uniform, method_spec
 from srae.optim import StackedAdam
 from srae.sampling import derive_seed, minibatch_stream
@@ -105,21 +105,29 @@ def fit_stack(
                          "group them with srae.train.stack_groups")
     mb = mbs.pop()
     cats = torch.tensor([m.category for m in members], device=dev)
-    rows_of = [torch.as_tensor(m.train_idx, device=dev) for m in members]
-    # Rows and weights padded into (B, max n) tables so one gather serves all members.
-    row_table = torch.zeros(B, max(sizes), dtype=torch.long, device=dev)
-    for b, r in enumerate(rows_of):
-        row_table[b, : len(r)] = r
+    # Rows and weights padded into (B, max n) tables, built on the host and copied once, so one
+    # gather serves all members (per-member device tensors cost a host sync each).
+    row_np = np.zeros((B, max(sizes)), dtype=np.int64)
+    weight_np = np.zeros((B, max(sizes)), dtype=np.float64)
+    for b, m in enumerate(members):
+        row_np[b, : sizes[b]] = m.train_idx
+        weight_np[b, : sizes[b]] = balanced_weights_np(m.train_pos, settings.positive_factor)
+    row_table = torch.as_tensor(row_np, device=dev)
+    weight_table = torch.as_tensor(weight_np, device=dev).to(dt)
 
     if settings.normalize:
-        z_scale = torch.stack([z[r].double().pow(2).mean().sqrt() for r in rows_of]).clamp_min(1e-6)
-        y_scale = torch.stack([y_all[r, c].double().pow(2).mean().sqrt() for r, c in zip(rows_of, cats)]).clamp_min(1e-6)
+        # root mean square of each member's training block of Z and of its logits
+        valid = torch.as_tensor(np.arange(max(sizes))[None, :] < np.array(sizes)[:, None], device=dev)
+        sq = torch.where(valid, _row_sumsq(z)[row_table], 0.0).sum(1)
+        z_scale = (sq / (torch.as_tensor(sizes, dtype=torch.float64, device=dev) * z.shape[1])).sqrt().clamp_min(1e-6)
+        ys2 = torch.where(valid, y_all[row_table, cats[:, None]].double() ** 2, 0.0).sum(1)
+        y_scale = (ys2 / torch.as_tensor(sizes, dtype=torch.float64, device=dev)).sqrt().clamp_min(1e-6)
     else:
         z_scale = torch.ones(B, dtype=torch.float64, device=dev)
         y_scale = torch.ones(B, dtype=torch.float64, device=dev)
     zs, ys = z_scale.to(dt).view(B, 1, 1), y_scale.to(dt).view(B, 1)
 
-    model = StackedSRAE(arch, [m.seed for m in members], dtype=dt).to(dev)
+    model = StackedSRAE(arch, [m.seed for m in members], dtype=dt, device=dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = StackedAdam(params, _hp(members, "lr", 1e-3, dev))
     beta = _hp(members, "beta", 1.0, dev).to(dt)
@@ -127,9 +135,6 @@ def fit_stack(
     q = _hp(members, "q", 1.0, dev).to(dt)
     wd = _hp(members, "weight_decay", 0.0, dev).to(dt)
     use_l2 = bool((wd != 0).any())  # skip the penalty's full pass over the weights when unused
-    weight_table = torch.zeros(B, max(sizes), dtype=dt, device=dev)
-    for b, m in enumerate(members):
-        weight_table[b, : sizes[b]] = balanced_weights(torch.as_tensor(m.train_pos, device=dev), settings.positive_factor)
     streams = [minibatch_stream(m.seed, n, mb) for m, n in zip(members, sizes)]
 
     spe = [math.ceil(n / mb) for n in sizes]  # each member's steps per epoch
@@ -169,7 +174,7 @@ def fit_stack(
             batch_log.append(local)
         local_t = torch.as_tensor(local, device=dev)
         rows = row_table.gather(1, local_t)  # (B, mb)
-        zb = z[rows].to(dt) / zs
+        zb = _gather_scaled(z, rows, zs, dt)
         yb = y_all[rows, cats[:, None]].to(dt) / ys
         wb = weight_table.gather(1, local_t)
         e, z_hat, y_bar = model(zb)
@@ -239,6 +244,26 @@ def fit_stack(
     return FitResult(model, z_scale, y_scale, best_epoch, best_val, curves, step, revivals)
 
 
+def _gather_scaled(z: Tensor, rows: Tensor, zs: Tensor, dt: torch.dtype) -> Tensor:
+    """``z[rows] / zs`` (B, m, D), stored feature-major: a transposed view of a contiguous
+    (B, D, m) tensor. The encoder's first layer reads that layout directly, and the
+    reconstruction loss then compares it with the decoder's output (also feature-major)
+    element by element in one memory order; a sample-major copy made every elementwise pass
+    of the loss read one operand across strides (one strided write here instead)."""
+    g = z[rows]
+    out = torch.empty((g.shape[0], g.shape[2], g.shape[1]), dtype=dt, device=g.device)
+    torch.div(g.to(dt), zs, out=out.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _row_sumsq(z: Tensor, chunk: int = 8192) -> Tensor:
+    """Float64 sum of squares of each row of ``z`` (N, D), in row chunks (no float64 copy of Z)."""
+    out = torch.empty(z.shape[0], dtype=torch.float64, device=z.device)
+    for a in range(0, z.shape[0], chunk):
+        out[a : a + chunk] = z[a : a + chunk].double().pow(2).sum(1)
+    return out
+
+
 def _raw_weights(weights: list[Tensor], zs: Tensor, *, first: bool) -> list[Tensor]:
     """The weights as the exported (raw-unit) model has them, for the L2 terms of eq. 5: the
     encoder's first layer reads Z / z_scale (raw W1 = W1 / z_scale) and the decoder's last
@@ -300,14 +325,14 @@ def _val_tables(members: list[Member], positive_factor: float, dev: str) -> tupl
     """Validation rows and balanced weights padded to (B, max n_val) (weight 0 = padding), and categories."""
     B = len(members)
     lengths = [len(m.val_idx) if m.val_idx is not None else 0 for m in members]
-    idx = torch.zeros(B, max(lengths), dtype=torch.long, device=dev)
-    wts = torch.zeros(B, max(lengths), dtype=torch.float64, device=dev)
+    idx = np.zeros((B, max(lengths)), dtype=np.int64)
+    wts = np.zeros((B, max(lengths)), dtype=np.float64)
     for b, m in enumerate(members):
         if lengths[b]:
-            idx[b, : lengths[b]] = torch.as_tensor(m.val_idx, device=dev)
-            wts[b, : lengths[b]] = balanced_weights(torch.as_tensor(m.val_pos, device=dev), positive_factor)
+            idx[b, : lengths[b]] = m.val_idx
+            wts[b, : lengths[b]] = balanced_weights_np(m.val_pos, positive_factor)
     cats = torch.tensor([m.category for m in members], device=dev)
-    return idx, wts, cats
+    return torch.as_tensor(idx, device=dev), torch.as_tensor(wts, device=dev), cats
 
 
 @torch.no_grad()

@@ -292,3 +292,41 @@ def test_a_configs_cv_score_does_not_depend_on_the_rest_of_the_grid():
         rows[name] = {r["hparams"]["beta"]: r["val_criterion"] for r in out.explainers[0].meta["cv"]}
     assert len(rows["wide"]) == 3
     assert rows["wide"][1.0] == pytest.approx(rows["alone"][1.0], rel=1e-6)
+
+
+def test_stack_init_is_each_members_own_seeded_draw(monkeypatch):
+    """Member b starts from init_uniform(Generator(seeds[b])): PyTorch's Linear bounds, drawn
+    per tensor in order, whatever the stack size or the grouping used to initialise it."""
+    import math
+
+    import srae.model as model_mod
+    from srae.model import init_uniform
+
+    arch = Architecture(7, 3, (5,))
+    seeds = [4, 17, 4, 99]
+
+    def expected(seed):
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for fan_in, fan_out in zip(arch.encoder_sizes[:-1], arch.encoder_sizes[1:]):
+            b = 1 / math.sqrt(fan_in)
+            out += [init_uniform(gen, (fan_out, fan_in), b, torch.float32), init_uniform(gen, (fan_out,), b, torch.float32)]
+        dec = []
+        for fan_in, fan_out in zip(arch.decoder_sizes[:-1], arch.decoder_sizes[1:]):
+            b = 1 / math.sqrt(fan_in)
+            dec += [init_uniform(gen, (fan_out, fan_in), b, torch.float32), init_uniform(gen, (fan_out,), b, torch.float32)]
+        return out, dec, init_uniform(gen, (arch.n,), 1 / math.sqrt(arch.n), torch.float32)
+
+    for buffer in (1 << 28, 8 * 7 * 5 + 1):  # all members at once, one member per group
+        monkeypatch.setattr(model_mod, "_INIT_BUFFER_BYTES", buffer)
+        m = StackedSRAE(arch, seeds)
+        for k, s in enumerate(seeds):
+            enc, dec, v = expected(s)
+            got_enc = [t[k] for pair in zip(m.enc_w, m.enc_b) for t in pair]
+            got_dec = [t[k] for pair in zip(m.dec_w, m.dec_b) for t in pair]
+            for want, got in zip(enc + dec + [v], got_enc + got_dec + [m.v[k]]):
+                assert torch.equal(want, got)
+    # the bounds are PyTorch's default Linear init: |w| <= 1/sqrt(fan_in), and they are used
+    top = float(m.enc_w[0].detach().abs().max())
+    assert top <= 1 / math.sqrt(7)
+    assert top > 0.8 / math.sqrt(7)
