@@ -100,7 +100,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> cuda when available, else cpu; anything else is checked and returned."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from srae.config import check_device
+    from srae.devices import check_device
 
     try:
         check_device(str(device))

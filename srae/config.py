@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from srae.devices import check_device  # noqa: F401  (also srae.config.check_device)
 from srae.errors import SraeError
 
 METHODS: tuple[str, ...] = ("SRAE", "NN", "SAE", "CAE", "Lasso")
@@ -37,13 +38,6 @@ DEMO_CNN_STRIDE = 16  # 2 ** len(srae.backbones.DEMO_WIDTHS): the demo CNN's inp
 VGG_MIN_INPUT = 32  # five 2x2 max-pools
 FEATURE_LAYERS: tuple[str, ...] = ("fc6",)  # Z of every backbone (Backbone.z_layer)
 MAX_CATEGORY_ID = 100_000  # --categories: larger ids are typos (CUB has 200 classes, Places365 365)
-
-
-def check_device(v: str) -> str:
-    """``v`` when it names a device (auto, cpu, mps, cuda, cuda:N), else ValueError."""
-    if v in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", v):
-        return v
-    raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
 
 
 Device = Annotated[str, AfterValidator(check_device)]

@@ -73,7 +73,7 @@ def features_from_config(config, *, dataset_root: Path | None = None, checkpoint
     hub cache). Returns the store's path.
     """
     from srae.backbones import build_backbone, load_backbone
-    from srae.config import check_device
+    from srae.devices import check_device
     from srae.features import extract_features
 
     ds, bb_cfg, feat = config.dataset, config.backbone, config.features
@@ -141,7 +141,7 @@ def _count(minimum: int):
 
 def _device(text: str) -> str:
     """argparse type: a device string (auto, cpu, mps, cuda, cuda:N)."""
-    from srae.config import check_device
+    from srae.devices import check_device
 
     try:
         return check_device(text)
