@@ -72,7 +72,7 @@ def per_unit_backward(trunk, head, enc, x, readout, size) -> list[torch.Tensor]:
     """One forward; then the top-down pass once per unit (uses the module's internals)."""
     tmods = ex._modules(trunk)
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), ex.full_fp32():  # the same precision as the batched path
         tr = ex._forward(tmods, x, keep_from=readout + 1)
         for chain, units in ((enc, range(N_FEATURES)), (head, [CATEGORY])):
             hmods = ex._modules(chain)

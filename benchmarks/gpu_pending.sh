@@ -16,7 +16,10 @@ for pair in zarr:zarr donfig:donfig numcodecs:numcodecs google_crc32c:google-crc
     distributed:distributed click:click cloudpickle:cloudpickle fsspec:fsspec \
     locket:locket partd:partd sortedcontainers:sortedcontainers tblib:tblib toolz:toolz zict:zict \
     msgpack:msgpack psutil:psutil tornado:tornado yaml:pyyaml jinja2:jinja2 markupsafe:markupsafe \
-    packaging:packaging typing_extensions:typing_extensions; do
+    packaging:packaging typing_extensions:typing_extensions tqdm:tqdm requests:requests \
+    charset_normalizer:charset_normalizer idna:idna urllib3:urllib3 certifi:certifi \
+    pydantic:pydantic pydantic_core:pydantic_core annotated_types:annotated_types \
+    typing_inspection:typing_inspection dateutil:python-dateutil pytz:pytz six:six; do
   python3 -c "import ${pair%%:*}" 2>/dev/null || missing="$missing ${pair##*:}"
 done
 links=""
@@ -29,5 +32,6 @@ export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 # Trainer at paper size (issue 2), excitation at VGG19 pool3 (issue 4), VGG19 extraction (issue 3),
 # Dask 1 -> 16 workers (issue 5). A failing benchmark is recorded and the others still run.
+# BENCHES picks a subset (default: all four).
 timeout 560 python3 -m benchmarks.run --device cuda --full \
-  --only bench_train bench_excitation bench_features bench_locality --out "$OUT"
+  --only ${BENCHES:-bench_train bench_excitation bench_features bench_locality} --out "$OUT"
