@@ -104,10 +104,10 @@ def test_failed_category_is_reported_and_the_others_complete(tiny_run, monkeypat
     monkeypatch.setattr(srae.cv, "design_samples", design)
     monkeypatch.setattr(tasks.explainers, "_train_neural", neural)
     base = tiny_run["base"]
-    # A sample design no other test uses, so no explainer of category 3 is in the shared cache
-    # whatever ran before (the incremental tests add category 3 with the default design).
+    # A cache of its own: the shared one may already hold category 3 (the incremental tests add
+    # it), and this run's stores must not show up in theirs. The tiny backbone refits in seconds.
     cfg = tiny_pipeline_config(base, categories=[1, 2, 3], **{"report.out_dir": str(base / "report-failed"),
-                                                              "explainer.n_test_neg": 15})
+                                                              "cache_dir": str(base / "cache-failed")})
     report = Path(pipeline(cfg))
     df = R.read_metrics(report.parent / "metrics.parquet")
     assert set(df["category"]) == {0, 1}
