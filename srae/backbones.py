@@ -100,20 +100,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> cuda when available, else cpu; anything else is checked and returned."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from srae.devices import check_device
+    from srae.devices import check_device, device_unavailable
 
     try:
         check_device(str(device))
     except ValueError:
         raise InputError(f"device {str(device)!r}: expected auto, cpu, cuda, cuda:N or mps") from None
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r}: CUDA is not available on this machine")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"device {device!r}: MPS is not available on this machine")
-    return dev
+    reason = device_unavailable(str(device))
+    if reason:
+        raise InputError(f"device {device!r}: {reason}")
+    return torch.device(device)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -11,3 +11,20 @@ def check_device(v: str) -> str:
     if v in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", v):
         return v
     raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
+
+
+def device_unavailable(device: str) -> str | None:
+    """Why this machine cannot run on ``device`` (a checked name other than ``auto``), e.g.
+    ``"CUDA is not available on this machine"``; None when it can. Imports torch."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return "CUDA is not available on this machine"
+        if dev.index is not None and dev.index >= count:
+            return f"this machine has {count} CUDA device(s)"
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available on this machine"
+    return None

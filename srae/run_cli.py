@@ -93,23 +93,12 @@ def requested_devices(cfg: ExperimentConfig) -> dict[str, str]:
 def check_devices(cfg: ExperimentConfig) -> None:
     """Fail in one line, before Prefect starts, when the config asks for an accelerator this
     machine lacks (``cuda``, ``cuda:N`` beyond the GPUs present, ``mps``)."""
-    wanted = requested_devices(cfg)
-    if not wanted:
-        return
-    import torch
+    from srae.devices import device_unavailable
 
-    for field, device in wanted.items():
-        dev = torch.device(device)
-        if dev.type == "cuda":
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if count == 0:
-                raise SraeError(f"{field}: {device!r} requested but CUDA is not available on this machine "
-                                "(use --device cpu or auto)")
-            if dev.index is not None and dev.index >= count:
-                raise SraeError(f"{field}: {device!r} requested but this machine has {count} CUDA device(s)")
-        elif dev.type == "mps" and not torch.backends.mps.is_available():
-            raise SraeError(f"{field}: 'mps' requested but MPS is not available on this machine "
-                            "(use --device cpu or auto)")
+    for field, device in requested_devices(cfg).items():
+        reason = device_unavailable(device)
+        if reason:
+            raise SraeError(f"{field}: {device!r} requested but {reason} (use --device cpu or auto)")
 
 
 def _drop_tracebacks(record: logging.LogRecord) -> bool:
