@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from srae.devices import check_device  # noqa: F401  (also srae.config.check_device)
+from srae.devices import check_device  # the Device field rule; also importable as srae.config.check_device
 from srae.errors import SraeError
 
 METHODS: tuple[str, ...] = ("SRAE", "NN", "SAE", "CAE", "Lasso")
