@@ -19,6 +19,7 @@ and never modified, so torchvision's ``ReLU(inplace=True)`` is harmless and para
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -255,21 +256,51 @@ def _top(mods: list[nn.Module], tr: _Trace, units: Units, contrastive: bool,
     return mwp, t
 
 
+class _Fp32Guard:
+    """Process-wide hold on torch's TF32 flags (they are process-wide too): the first holder
+    saves them and turns TF32 off, the last one to leave restores them. With a plain
+    save/restore, two heatmap tasks running in parallel threads (Prefect's thread pool) could
+    interleave so that the first to finish turned cuDNN's TF32 back on while the other was still
+    computing, silently putting its maps off by several times their size."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._saved: tuple[bool, bool] | None = None
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._holders == 0:
+                self._saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+                torch.backends.cudnn.allow_tf32 = False
+                torch.backends.cuda.matmul.allow_tf32 = False
+            self._holders += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0 and self._saved is not None:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self._saved
+                self._saved = None
+
+
+_FP32 = _Fp32Guard()
+
+
 @contextlib.contextmanager
 def full_fp32() -> Iterator[None]:
     """Run CUDA convolutions and matmuls in IEEE fp32 (no TF32) inside the block.
 
     c-MWP is a small difference of two large signals: on a random VGG19 TF32 (cuDNN's default
     for fp32 convolutions) put the map off by several times its own size, full fp32 by 2e-3.
-    Restores the global flags on exit (not thread-safe against other threads' flags)."""
-    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    Blocks may overlap across threads: TF32 stays off until the last one exits, which restores
+    the flags as the first one found them. (Code that sets the flags itself while a block runs
+    is not guarded against.)"""
+    _FP32.enter()
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = conv
-        torch.backends.cuda.matmul.allow_tf32 = mm
+        _FP32.leave()
 
 
 def _check_input(x: Tensor) -> None:

@@ -330,3 +330,49 @@ def test_full_fp32_restores_flags() -> None:
     with full_fp32():
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (conv, mm)
+
+
+def test_full_fp32_holds_until_the_last_overlapping_block_exits() -> None:
+    """Two threads whose blocks overlap (A enters, B enters, A exits, B exits): TF32 must stay
+    off until B exits, then the flags are what A found (a plain save/restore turns cuDNN's
+    TF32 back on under B when A exits)."""
+    import threading
+
+    from srae.excitation import full_fp32
+
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    before = flags()
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+    try:
+        a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+        seen: dict[str, tuple[bool, bool]] = {}
+
+        def a() -> None:
+            with full_fp32():
+                a_in.set()
+                b_in.wait(5)
+            a_out.set()
+
+        def b() -> None:
+            a_in.wait(5)
+            with full_fp32():
+                b_in.set()
+                a_out.wait(5)
+                seen["B after A exited"] = flags()
+            seen["after both"] = flags()
+
+        threads = [threading.Thread(target=a), threading.Thread(target=b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert seen["B after A exited"] == (False, False)
+        assert seen["after both"] == (True, True)
+        # nested in one thread, and an exception inside, restore too
+        with pytest.raises(RuntimeError):
+            with full_fp32():
+                with full_fp32():
+                    raise RuntimeError("inside")
+        assert flags() == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
