@@ -98,6 +98,8 @@ def resolve_readout(chain: nn.Module | Sequence[nn.Module], readout: int | str |
 def unit_index(units: Units, batch: int, n_out: int, device: torch.device) -> Tensor:
     """Units as a (B, U) int64 tensor: a 1-D list applies to every image, a 2-D array is per image."""
     u = torch.as_tensor(np.asarray(units.cpu() if isinstance(units, Tensor) else units))
+    if u.numel() == 0:  # before the dtype check: numpy makes an empty list float64
+        raise InputError("units: empty; expected at least one output index")
     if u.dtype.is_floating_point or u.dtype == torch.bool:
         raise InputError(f"units: expected integer output indices, got dtype {u.dtype}")
     if u.ndim == 1:

@@ -4,7 +4,9 @@ Works on any network (BatchNorm, residual blocks, ...), not only the flat chains
 Backprop needs. The layer below the readout runs without autograd; the readout's output is
 replaced by a fresh leaf so gradients are taken with respect to it only. The model is run in
 eval mode and its train flags, parameters and ``requires_grad`` flags are left as they were;
-no ``.grad`` is accumulated.
+no ``.grad`` is accumulated. On CUDA it runs in IEEE fp32 like c-MWP (:func:`full_fp32`): with
+cuDNN's default TF32 convolutions the maps of a random demo CNN on an H100 were 2.7e-2 of
+their maximum off the CPU result (the weighted channel sum cancels), where c-MWP agreed to 5e-5.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from srae.errors import InputError
-from srae.excitation import Units, resize_maps, unit_index
+from srae.excitation import Units, full_fp32, resize_maps, unit_index
 
 __all__ = ["gradcam_maps", "find_module"]
 
@@ -61,6 +63,13 @@ def gradcam_maps(model: nn.Module, x: Tensor, units: Units, *, readout: int | st
         torch.set_grad_enabled(True)  # layers above the readout build a graph
         return leaf.clone()  # a non-leaf, so a following in-place ReLU is allowed
 
+    with full_fp32():
+        maps = _gradcam(model, x, units, target, hook, captured)
+    return resize_maps(torch.stack(maps, dim=1), output_size)
+
+
+def _gradcam(model: nn.Module, x: Tensor, units: Units, target: nn.Module, hook, captured: list[Tensor]) -> list[Tensor]:
+    """The forward (hooked at ``target``) and one backward per unit column; see gradcam_maps."""
     flags = {m: m.training for m in model.modules()}
     grad_mode = torch.is_grad_enabled()
     handle = target.register_forward_hook(hook)
@@ -90,5 +99,5 @@ def gradcam_maps(model: nn.Module, x: Tensor, units: Units, *, readout: int | st
             (g,) = torch.autograd.grad(flat, act, sel, retain_graph=j + 1 < u.shape[1])
             alpha = g.mean(dim=(2, 3), keepdim=True)
             maps.append((alpha * act.detach()).sum(1).clamp_(min=0))
-    return resize_maps(torch.stack(maps, dim=1), output_size)
+    return maps
 

@@ -376,3 +376,18 @@ def test_full_fp32_holds_until_the_last_overlapping_block_exits() -> None:
         assert flags() == (True, True)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_bad_units_are_named() -> None:
+    """An empty unit list (e.g. a Lasso that selected no dims) says so, not 'float64 dtype'."""
+    from srae.errors import InputError
+    from srae.excitation import excitation_maps
+
+    chain = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    x = torch.rand(2, 4)
+    with pytest.raises(InputError, match="units: empty"):
+        excitation_maps(chain, x, [], readout=None)
+    with pytest.raises(InputError, match="integer output indices"):
+        excitation_maps(chain, x, [0.5], readout=None)
+    with pytest.raises(InputError, match="index 2 out of range"):
+        excitation_maps(chain, x, [2], readout=None)
