@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_pending.sh     # writes results_cuda.{json,md} under $OUT (or benchmarks/out)
 #
-# Packages the machine lacks (zarr for bench_features; dask/distributed for bench_locality) are
+# Packages the machine lacks (zarr for bench_features; dask/distributed for bench_locality;
+# scikit-learn for the smoke check's Lasso) are
 # installed from wheel folders under the git-ignored .whl/ (carry it with the run: carry [".whl"]);
 # pip picks the wheels matching the machine's Python from --find-links. Budget: 6-8 minutes.
 set -uo pipefail
@@ -19,7 +20,8 @@ for pair in zarr:zarr donfig:donfig numcodecs:numcodecs google_crc32c:google-crc
     packaging:packaging typing_extensions:typing_extensions tqdm:tqdm requests:requests \
     charset_normalizer:charset_normalizer idna:idna urllib3:urllib3 certifi:certifi \
     pydantic:pydantic pydantic_core:pydantic_core annotated_types:annotated_types \
-    typing_inspection:typing_inspection dateutil:python-dateutil pytz:pytz six:six; do
+    typing_inspection:typing_inspection dateutil:python-dateutil pytz:pytz six:six \
+    sklearn:scikit-learn joblib:joblib threadpoolctl:threadpoolctl; do
   python3 -c "import ${pair%%:*}" 2>/dev/null || missing="$missing ${pair##*:}"
 done
 links=""
@@ -32,6 +34,10 @@ export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 # Trainer at paper size (issue 2), excitation at VGG19 pool3 (issue 4), VGG19 extraction (issue 3),
 # Dask 1 -> 16 workers (issue 5). A failing benchmark is recorded and the others still run.
-# BENCHES picks a subset (default: all four).
-timeout 560 python3 -m benchmarks.run --device cuda --full \
-  --only ${BENCHES:-bench_train bench_excitation bench_features bench_locality} --out "$OUT"
+# First the library's stages on CUDA against the CPU (benchmarks/gpu_smoke.py, under a minute).
+timeout 120 python3 -m benchmarks.gpu_smoke --device cuda | tee "$OUT/gpu_smoke.txt"
+# BENCHES picks a subset (default: all four; "none" runs only the smoke check).
+if [ "${BENCHES:-}" != "none" ]; then
+  timeout 500 python3 -m benchmarks.run --device cuda --full \
+    --only ${BENCHES:-bench_train bench_excitation bench_features bench_locality} --out "$OUT"
+fi
