@@ -15,19 +15,18 @@ import pandas as pd
 from srae.errors import InputError
 
 
-def _plt():  # imported lazily: matplotlib is slow to import and needs the Agg backend
-    import matplotlib
+def _figure(figsize: tuple[float, float]):
+    """A bare matplotlib Figure (no pyplot): nothing global changes, neither the user's
+    backend (a notebook's inline one keeps working) nor pyplot's figure list, so reports can
+    be drawn from any thread."""
+    from matplotlib.figure import Figure  # imported lazily: matplotlib is slow to import
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=figsize)
 
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    _plt().close(fig)
     return buf.getvalue()
 
 
@@ -40,14 +39,14 @@ def figure_png(fig) -> bytes:
 
 def metric_charts(main: pd.DataFrame) -> bytes:
     """One bar chart per row of Table 1/3 (metric x split), methods on the x axis."""
-    plt = _plt()
     finite = main.where(np.isfinite(main.astype(float)))
     rows = [idx for idx in finite.index if finite.loc[idx].notna().any()]
     if not rows:
         raise InputError("metric_charts: the table has no values")
     ncol = min(4, len(rows))
     nrow = math.ceil(len(rows) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow), squeeze=False)
+    fig = _figure((3.2 * ncol, 2.6 * nrow))
+    axes = fig.subplots(nrow, ncol, squeeze=False)
     for ax, idx in zip(axes.flat, rows):
         vals = finite.loc[idx].dropna()
         ax.bar(range(len(vals)), vals.to_numpy(), color="#4477aa")
@@ -62,11 +61,11 @@ def metric_charts(main: pd.DataFrame) -> bytes:
 
 def lasso_chart(sweep: pd.DataFrame) -> bytes:
     """F_reg (train/test) and Num_x against Lasso alpha (Table 2a/5 as a plot)."""
-    plt = _plt()
     if sweep.empty:
         raise InputError("lasso_chart: no Lasso sweep rows")
     alphas = np.asarray(sweep.columns, dtype=float)
-    fig, ax = plt.subplots(figsize=(4.5, 3))
+    fig = _figure((4.5, 3))
+    ax = fig.subplots()
     for row in ("F_reg train", "F_reg test"):
         if row in sweep.index:
             ax.plot(alphas, sweep.loc[row].to_numpy(float), marker="o", label=row)

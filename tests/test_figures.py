@@ -65,3 +65,33 @@ def test_each_map_is_drawn_relative_to_its_own_max() -> None:
     ref_panels = {ax.get_title().split(":")[0]: ax.images[0].get_array() for ax in ref.axes if ax.images}
     np.testing.assert_allclose(panels["ExcitationBP"], ref_panels["ExcitationBP"], atol=1e-6)  # float32 resize
     assert "normalised to its own max" in fig.get_suptitle() and "cat 0" in fig.get_suptitle()
+
+
+def test_report_charts_leave_matplotlib_global_state_alone() -> None:
+    """Report charts draw on bare Figures: the user's backend and pyplot's figure list stay as
+    they were (a notebook's inline backend must survive building a report)."""
+    import io
+
+    import matplotlib
+    import pandas as pd
+
+    from srae.report_figures import lasso_chart, metric_charts
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg", force=True)  # anything but Agg: the old code forced Agg
+    try:
+        import matplotlib.pyplot as plt
+
+        open_before = plt.get_fignums()
+        main = pd.DataFrame({"SRAE": [0.1, 1.0], "NN": [0.2, 0.9]},
+                            index=pd.MultiIndex.from_tuples([("F_reg", "test"), ("F_cls", "test")]))
+        sweep = pd.DataFrame([[0.1, 0.3], [0.12, 0.31], [9, 3]], index=["F_reg train", "F_reg test", "Num_x"],
+                             columns=[0.01, 0.1])
+        for png in (metric_charts(main), lasso_chart(sweep)):
+            img = Image.open(io.BytesIO(png))
+            assert img.format == "PNG" and img.size[0] > 100
+            assert np.asarray(img.convert("L")).std() > 1  # not blank
+        assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == open_before
+    finally:
+        matplotlib.use(before, force=True)
