@@ -330,3 +330,22 @@ def test_stack_init_is_each_members_own_seeded_draw(monkeypatch):
     top = float(m.enc_w[0].detach().abs().max())
     assert top <= 1 / math.sqrt(7)
     assert top > 0.8 / math.sqrt(7)
+
+
+def test_minibatches_are_gathered_feature_major_with_equal_values():
+    """fit_stack's minibatch Z / z_scale: the same numbers as the plain gather, laid out so the
+    encoder and the reconstruction loss read it in one memory order (a transposed view of a
+    contiguous (B, D, m) tensor, like the decoder's output)."""
+    from srae.train import _gather_scaled
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.rand(50, 7, generator=g)
+    rows = torch.randint(0, 50, (3, 4), generator=g)
+    zs = torch.tensor([0.5, 2.0, 3.0]).view(3, 1, 1)
+    got = _gather_scaled(z, rows, zs, torch.float64)
+    assert got.shape == (3, 4, 7) and got.dtype == torch.float64
+    assert torch.equal(got, z[rows].double() / zs.double())
+    assert got.transpose(1, 2).is_contiguous()
+    model = StackedSRAE(Architecture(7, 2, (5,)), [1, 2, 3], dtype=torch.float64)
+    _, z_hat, _ = model(got)
+    assert z_hat.stride() == got.stride()  # elementwise loss terms pair equal layouts
