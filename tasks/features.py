@@ -28,9 +28,16 @@ def store_complete(path: str | Path) -> bool:
 
 
 def _key(dataset: dict[str, Any], backbone: dict[str, Any], features: dict[str, Any]) -> str:
-    # input_size: with fit.epochs 0 the weights (sha256) stay the same when only it changes
+    """Every input of the store's fingerprint that is known without loading the dataset index
+    or the backbone (srae.features.fingerprint_inputs): a pointer must not outlive a change of
+    any of them. input_size: with fit.epochs 0 the weights (sha256) stay the same when only it
+    changes; name: the preprocessing (mean/std) is the backbone's; the package version: the
+    fingerprint has it, so a new version extracts anew (the old store is not reused)."""
+    from srae import __version__
+
     return stable_hash({"dataset": dataset["fingerprint"], "backbone": backbone["sha256"],
-                        "input_size": backbone.get("input_size"), "layer": features["layer"]})
+                        "name": backbone.get("name"), "input_size": backbone.get("input_size"),
+                        "layer": features["layer"], "package_version": __version__})
 
 
 def _pointer(cache_dir: str, key: str) -> Path:

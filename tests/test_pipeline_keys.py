@@ -275,3 +275,20 @@ def test_device_check_respects_the_global_override(monkeypatch) -> None:
     with pytest.raises(SraeError, match=r"features.device: 'cuda:1' requested but this machine has 1 CUDA"):
         run_cli.check_devices(ExperimentConfig.model_validate(staged))
     run_cli.check_devices(ExperimentConfig.model_validate({"device": "cuda:0"}))
+
+
+def test_feature_pointer_follows_every_fingerprint_input_known_up_front(monkeypatch) -> None:
+    """The by_inputs pointer is keyed like the store's fingerprint (minus what needs the index or
+    the backbone loaded): a new package version or another backbone never reuses an old store."""
+    import srae
+    from tasks import features as TF
+
+    ds, bb, ft = {"fingerprint": "d1"}, {"sha256": "s1", "name": "demo_cnn", "input_size": 64}, {"layer": "fc6"}
+    base = TF._key(ds, bb, ft)
+    assert TF._key(dict(ds), dict(bb), dict(ft)) == base
+    for changed in ({**bb, "sha256": "s2"}, {**bb, "name": "vgg19"}, {**bb, "input_size": 96}):
+        assert TF._key(ds, changed, ft) != base
+    assert TF._key({"fingerprint": "d2"}, bb, ft) != base
+    assert TF._key(ds, bb, {"layer": "fc7"}) != base
+    monkeypatch.setattr(srae, "__version__", "999.0")
+    assert TF._key(ds, bb, ft) != base
