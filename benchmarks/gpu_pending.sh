@@ -6,7 +6,8 @@
 #
 # Packages the machine lacks (zarr for bench_features; dask/distributed for bench_locality;
 # scikit-learn for the smoke check's Lasso) are
-# installed from wheel folders under the git-ignored .whl/ (carry it with the run: carry [".whl"]);
+# installed from wheel folders under the git-ignored .whl/ (fill it with benchmarks/fetch_wheels.sh;
+# carry it with the run: carry [".whl"]);
 # pip picks the wheels matching the machine's Python from --find-links. Budget: about 5 minutes
 # (H100, 2026-11-26: smoke 20 s, train 45 s, excitation 60 s, features 60 s, locality 90 s).
 set -uo pipefail
