@@ -128,10 +128,16 @@ class HParamGrid(_Model):
     q: list[float] = [10.0]
     lr: list[float] = [1e-2]
     weight_decay: list[float] = [1e-4]
+    # eq. 5's L2 weights one by one (encoder, decoder, v); unset: weight_decay for all three
+    lambda1: list[float] | None = None
+    lambda2: list[float] | None = None
+    lambda3: list[float] | None = None
 
-    @field_validator("beta", "eta", "q", "lr", "weight_decay")
+    @field_validator("beta", "eta", "q", "lr", "weight_decay", "lambda1", "lambda2", "lambda3")
     @classmethod
-    def _non_empty(cls, v: list[float]) -> list[float]:
+    def _non_empty(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
         if not v:
             raise ValueError("must list at least one value")
         if any(x < 0 for x in v):

@@ -60,7 +60,7 @@ class TrainOutcome:
 
 def method_configs(method: str, grid: dict[str, list[float]]) -> list[dict[str, float]]:
     """The distinct hyperparameter configs that matter for ``method`` (grid product)."""
-    keys = [k for k in method_spec(method).hparams if k in grid]
+    keys = [k for k in method_spec(method).hparams if grid.get(k) is not None]
     values = [sorted(set(float(v) for v in grid[k])) for k in keys]
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 

@@ -31,11 +31,14 @@ class MethodSpec:
     hparams: tuple[str, ...]  # which grid keys matter for this method
 
 
+# lambda1/2/3: eq. 5's L2 weights of the encoder, the decoder and v, each defaulting to
+# weight_decay. NN has no decoder; CAE's v is fitted afterwards by least squares.
 METHODS: dict[str, MethodSpec] = {
-    "SRAE": MethodSpec("SRAE", True, "sparse", 1.0, True, ("beta", "eta", "q", "lr", "weight_decay")),
-    "NN": MethodSpec("NN", False, "none", 1.0, False, ("lr", "weight_decay")),
-    "SAE": MethodSpec("SAE", True, "mean", 1.0, False, ("beta", "lr", "weight_decay")),
-    "CAE": MethodSpec("CAE", True, "mean", 0.0, False, ("lr", "weight_decay")),
+    "SRAE": MethodSpec("SRAE", True, "sparse", 1.0, True,
+                       ("beta", "eta", "q", "lr", "weight_decay", "lambda1", "lambda2", "lambda3")),
+    "NN": MethodSpec("NN", False, "none", 1.0, False, ("lr", "weight_decay", "lambda1", "lambda3")),
+    "SAE": MethodSpec("SAE", True, "mean", 1.0, False, ("beta", "lr", "weight_decay", "lambda1", "lambda2", "lambda3")),
+    "CAE": MethodSpec("CAE", True, "mean", 0.0, False, ("lr", "weight_decay", "lambda1", "lambda2")),
 }
 
 

@@ -80,6 +80,13 @@ def _hp(members: list[Member], key: str, default: float, device: str) -> Tensor:
     return torch.tensor([float(m.hparams.get(key, default)) for m in members], dtype=torch.float64, device=device)
 
 
+def _lambda(members: list[Member], key: str, device: str) -> Tensor:
+    """Eq. 5's L2 weight ``key`` (lambda1: encoder, lambda2: decoder, lambda3: v) per member:
+    its own hyperparameter when given, else ``weight_decay`` (one knob for all three)."""
+    return torch.tensor([float(m.hparams.get(key, m.hparams.get("weight_decay", 0.0))) for m in members],
+                        dtype=torch.float64, device=device)
+
+
 def fit_stack(
     z: Tensor,
     y_all: Tensor,
@@ -133,8 +140,8 @@ def fit_stack(
     beta = _hp(members, "beta", 1.0, dev).to(dt)
     eta = (_hp(members, "eta", 0.0, dev) if spec.pull_away else torch.zeros(B, dtype=torch.float64, device=dev)).to(dt)
     q = _hp(members, "q", 1.0, dev).to(dt)
-    wd = _hp(members, "weight_decay", 0.0, dev).to(dt)
-    use_l2 = bool((wd != 0).any())  # skip the penalty's full pass over the weights when unused
+    lam = [_lambda(members, k, dev).to(dt) for k in ("lambda1", "lambda2", "lambda3")]
+    use_l2 = any(bool((x != 0).any()) for x in lam)  # skip the penalty's full pass over the weights when unused
     streams = [minibatch_stream(m.seed, n, mb) for m, n in zip(members, sizes)]
 
     spe = [math.ceil(n / mb) for n in sizes]  # each member's steps per epoch
@@ -184,7 +191,7 @@ def fit_stack(
             encoder_weights=_raw_weights(model.encoder_weights(), zs, first=True) if use_l2 else [],
             decoder_weights=_raw_weights(model.decoder_weights(), zs, first=False) if use_l2 else [],
             v=model.v * ys if use_l2 else None,
-            lambda1=wd, lambda2=wd, lambda3=wd,
+            lambda1=lam[0], lambda2=lam[1], lambda3=lam[2],
         )
         opt.zero_grad()
         loss.sum().backward()

@@ -43,7 +43,8 @@ def method_settings(x: ExplainerConfig, method: str) -> list[dict[str, Any]]:
     from srae.model import method_spec
 
     keys = method_spec(method).hparams
-    grid = {k: list(getattr(x.grid, k)) for k in keys}
+    # unset axes (the per-term lambdas by default) stay out, so they change no cache key
+    grid = {k: list(getattr(x.grid, k)) for k in keys if getattr(x.grid, k) is not None}
     return [dict(common, n=x.n, hidden=list(x.hidden), folds=x.folds, grid=grid, max_epochs=x.max_epochs,
                  patience=x.patience, batch_size=x.batch_size, positive_factor=x.positive_factor,
                  refit_seeds=x.refit_seeds)]

@@ -224,3 +224,16 @@ def test_dataset_url_help_names_the_ade20k_link_for_places():
 
     text = DatasetConfig.model_fields["url"].description
     assert "ADE20K" in text and "CUB_200_2011.tgz" in text
+
+
+def test_per_term_l2_weights_are_optional_grid_axes():
+    """lambda1/2/3 (eq. 5) default to unset, so existing configs (and their cache keys) are
+    unchanged; when given they are validated like the other axes."""
+    from srae.config import ExperimentConfig
+
+    assert ExperimentConfig().explainer.grid.lambda1 is None
+    cfg = ExperimentConfig.model_validate({"explainer": {"grid": {"lambda2": [0.0, 1e-3]}}})
+    assert cfg.explainer.grid.lambda2 == [0.0, 1e-3]
+    for bad in ([], [-1.0]):
+        with pytest.raises(Exception, match="lambda3"):
+            config_from_dict({"explainer": {"grid": {"lambda3": bad}}})

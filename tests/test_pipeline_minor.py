@@ -95,3 +95,17 @@ def test_flow_trains_a_shared_lasso_alpha_once_and_lists_scoring_failures(tiny_r
     html = report.read_text()
     assert "RuntimeError: planted: no Dask cluster" in html and "None: every category completed." not in html
     assert "scoring failed" not in html  # a failed-category row, not a note
+
+
+def test_unset_l2_axes_leave_the_explainer_settings_as_they_were():
+    """The per-term lambdas are new grid axes: unset, a method's settings (and so its cache
+    directory) are what they were before they existed; set, they key the methods they matter to."""
+    from srae.config import ExplainerConfig
+
+    x = ExplainerConfig()
+    (srae,) = method_settings(x, "SRAE")
+    assert set(srae["grid"]) == {"beta", "eta", "q", "lr", "weight_decay"}
+    x2 = ExplainerConfig.model_validate({"grid": {"lambda2": [0.01]}})
+    assert method_settings(x2, "SRAE")[0]["grid"]["lambda2"] == [0.01]
+    assert "lambda2" not in method_settings(x2, "NN")[0]["grid"]  # NN has no decoder
+    assert method_settings(x2, "NN") == method_settings(x, "NN")

@@ -103,6 +103,12 @@ def test_method_configs_drop_irrelevant_keys():
     assert len(method_configs("SRAE", grid)) == 4
     assert method_configs("NN", grid) == [{"lr": 1e-3, "weight_decay": 0.0}]
     assert len(method_configs("SAE", grid)) == 2
+    # eq. 5's per-term L2 weights: unset (None) axes are no axis; each method takes its own
+    grid.update(lambda1=[0.1, 0.2], lambda2=[0.3], lambda3=None)
+    assert method_configs("NN", grid) == [{"lr": 1e-3, "weight_decay": 0.0, "lambda1": 0.1},
+                                          {"lr": 1e-3, "weight_decay": 0.0, "lambda1": 0.2}]
+    assert {tuple(sorted(c)) for c in method_configs("CAE", grid)} == {("lambda1", "lambda2", "lr", "weight_decay")}
+    assert len(method_configs("SRAE", grid)) == 8
 
 
 def _toy(n=300, d=12, c=3, seed=0):
@@ -232,17 +238,19 @@ def test_a_member_trains_the_same_alone_or_in_any_stack():
     assert stack_groups([a, small, b, c], 32, 2) == [[0, 2], [3], [1]]
 
 
+@pytest.mark.parametrize("lambdas", [{}, {"lambda1": 0.02, "lambda2": 0.3, "lambda3": 0.007}])
 @pytest.mark.parametrize("method", ["SRAE", "SAE"])
-def test_normalised_training_minimises_eq5_in_raw_units(method):
+def test_normalised_training_minimises_eq5_in_raw_units(method, lambdas):
     """The objective fit_stack reports at init (trained on Z / z_scale, y / y_scale) equals
-    eq. 5 evaluated by hand on the raw data with the raw-unit weights, L2 terms included."""
+    eq. 5 evaluated by hand on the raw data with the raw-unit weights, L2 terms included:
+    weight_decay for all three, or lambda1/2/3 (encoder, decoder, v) one by one."""
     g = np.random.default_rng(5)
     N, D = 40, 6
     z = torch.as_tensor(g.uniform(0, 30, (N, D)))  # far from unit scale on purpose
     y = torch.as_tensor(g.normal(0, 8, (N, 2)))
     idx = np.arange(N)
     pos = g.random(N) < 0.3
-    hp = dict(lr=0.0, beta=0.7, eta=0.2, q=3.0, weight_decay=0.05)
+    hp = dict(lr=0.0, beta=0.7, eta=0.2, q=3.0, weight_decay=0.05, **lambdas)
     m = Member(1, idx, pos, hp, seed=11)
     arch = Architecture(D, 3, (5,), decoder=True)
     res = fit_stack(z, y, [m], method, arch, TrainSettings(batch_size=N, max_steps=1, dtype=torch.float64, revive=False))
@@ -274,7 +282,9 @@ def test_normalised_training_minimises_eq5_in_raw_units(method):
         expected += hp["beta"] * float(torch.log1p(hp["q"] * per_dim).mean()) + hp["eta"] * float(pull_away_loss(e))
     else:
         expected += hp["beta"] * float(((r - z) ** 2).mean())
-    expected += hp["weight_decay"] * float(sum((w**2).sum() for w in enc_w + dec_w) + (v**2).sum())
+    lam = [hp.get(k, hp["weight_decay"]) for k in ("lambda1", "lambda2", "lambda3")]
+    expected += (lam[0] * float(sum((w**2).sum() for w in enc_w)) + lam[1] * float(sum((w**2).sum() for w in dec_w))
+                 + lam[2] * float((v**2).sum()))
     assert reported == pytest.approx(expected, rel=1e-9)
 
 
