@@ -28,9 +28,14 @@ def fit_lasso(z: np.ndarray, y: np.ndarray, is_pos: np.ndarray, alpha: float, ma
     """scikit-learn Lasso on Z with positives up-weighted to balance the classes (times ``positive_factor``)."""
     model = Lasso(alpha=alpha, max_iter=max_iter)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", ConvergenceWarning)  # reported once per explainer instead
         model.fit(z, y, sample_weight=balanced_weights_np(is_pos, positive_factor))
     return model
+
+
+def converged(model: Lasso) -> bool:
+    """Whether coordinate descent stopped on its tolerance rather than on ``max_iter``."""
+    return int(np.max(model.n_iter_)) < int(model.max_iter)
 
 
 def lasso_explainer(model: Lasso, category: int, meta: dict) -> Explainer:
@@ -54,7 +59,8 @@ def lasso_sweep(z: np.ndarray, logits: np.ndarray, design: SampleDesign, alphas:
         model = fit_lasso(z[design.train_idx], logits[design.train_idx, c], design.train_pos, alpha,
                           positive_factor=positive_factor)
         expl = lasso_explainer(model, c, {})
-        rows.append({"alpha": float(alpha), "n_selected": expl.n_features} | faithfulness_summary(expl, z, logits, design))
+        rows.append({"alpha": float(alpha), "n_selected": expl.n_features, "converged": converged(model)}
+                    | faithfulness_summary(expl, z, logits, design))
     return rows
 
 
@@ -99,6 +105,10 @@ def train_lasso(
         "samples": design.counts(),
         "max_features": max_features,
     }
+    meta["converged"] = converged(best["model"])
+    if not meta["converged"]:
+        log.warning("%s: Lasso (alpha %g) stopped at max_iter without converging; its selection may "
+                    "be rough (raise max_iter or alpha)", meta["class_name"], best["alpha"])
     expl = lasso_explainer(best["model"], c, meta)
     expl.meta.update(faithfulness_summary(expl, z, logits, design))
     return expl

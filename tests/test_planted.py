@@ -110,3 +110,26 @@ def test_lasso_sweep_weights_positives_like_train_lasso(planted, trained):
         ref = train_lasso(z, logits, d, [0.1], folds=1, positive_factor=factor)
         assert row["n_selected"] == ref.n_features
         assert row["F_reg_test"] == pytest.approx(ref.meta["F_reg_test"], rel=1e-9)
+
+
+def test_lasso_records_whether_it_converged(planted, trained, caplog, monkeypatch):
+    """A fit cut off at max_iter is flagged (meta "converged", a warning naming the category),
+    not silently used; a normal fit is marked converged."""
+    import srae.baselines as B
+
+    z, logits, _ = planted
+    d = trained["SRAE"].designs[0]
+    ok = train_lasso(z, logits, d, [0.1], folds=1, class_name="cat0")
+    assert ok.meta["converged"] is True
+    real = B.fit_lasso
+
+    def capped(*a, **kw):
+        return real(*a, **{**kw, "max_iter": 1})
+
+    monkeypatch.setattr(B, "fit_lasso", capped)
+    with caplog.at_level("WARNING", logger="srae.baselines"):
+        cut = train_lasso(z, logits, d, [1e-4], folds=1, class_name="cat0")
+    monkeypatch.undo()
+    assert cut.meta["converged"] is False
+    assert any("cat0" in r.getMessage() and "max_iter" in r.getMessage() for r in caplog.records)
+    assert lasso_sweep(z, logits, d, [0.1])[0]["converged"] is True
