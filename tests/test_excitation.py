@@ -391,3 +391,23 @@ def test_bad_units_are_named() -> None:
         excitation_maps(chain, x, [0.5], readout=None)
     with pytest.raises(InputError, match="index 2 out of range"):
         excitation_maps(chain, x, [2], readout=None)
+
+
+def test_subnormal_denominators_count_as_zero() -> None:
+    """Long L2-regularised training leaves weights near 1e-42 (subnormal in float32); a unit
+    whose positive weights are all that small must give a zero signal, not inf/NaN maps."""
+    from srae.excitation import excitation_signals
+
+    lin = torch.nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1e-42, 2e-42, 1e-42], [0.5, 0.25, 1.0]]))
+    assert lin.weight[0, 0] != 0 and lin.weight[0, 0].abs() < torch.finfo(torch.float32).tiny
+    chain = torch.nn.Sequential(lin)
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    for contrastive in (False, True):
+        sig = excitation_signals(chain, x, [0, 1], readout=None, contrastive=contrastive)
+        assert torch.isfinite(sig).all()
+        assert torch.equal(sig[0, 0], torch.zeros(3))
+    # the normal unit is untouched: MWP = a_j w_j / z, summing to 1
+    mwp = excitation_signals(chain, x, [1], readout=None, contrastive=False)[0, 0]
+    torch.testing.assert_close(mwp, torch.tensor([0.5, 0.5, 3.0]) / 4.0)
