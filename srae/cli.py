@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
 from srae import __version__
-from srae.errors import SraeError
+from srae.errors import SraeError, Terminated
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    previous = _on_sigterm_raise()
     try:
         result = args.func(args)
     except (SraeError, OSError, UnicodeDecodeError) as exc:
@@ -63,10 +65,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("srae %s failed", args.command, exc_info=True)
         print(f"srae {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"srae {args.command}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"srae {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return int(result or 0)
+
+
+def _on_sigterm_raise():
+    """Make SIGTERM raise :class:`Terminated` in the main thread (so a pipeline's temporary
+    server and other resources are released); returns the previous handler, or None when
+    handlers cannot be set here (not the main thread)."""
+
+    def handler(_signum, _frame):
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
 
 
 def _one_line(exc: BaseException) -> str:

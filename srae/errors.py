@@ -7,3 +7,8 @@ class SraeError(Exception):
 
 class InputError(SraeError, ValueError):
     """Input data is invalid (NaN/inf, wrong shape, empty class, malformed file)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so cleanup runs
+    (``finally`` blocks, context managers) before the command exits with status 143."""

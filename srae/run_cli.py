@@ -55,13 +55,15 @@ def run_command(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         pipeline_mod = importlib.import_module("flows.pipeline")
+        server_mod = importlib.import_module("flows.server")
     except ImportError as exc:
         raise SraeError(f"the pipeline is not importable ({exc}); run from the project root or pip install -e .") from None
     if not getattr(args, "verbose", False):
         for name in ("prefect.task_runs", "prefect.flow_runs"):
             logging.getLogger(name).addFilter(_drop_tracebacks)
     try:
-        report = pipeline_mod.pipeline(cfg.model_dump(mode="json"))
+        with server_mod.run_api():
+            report = pipeline_mod.pipeline(cfg.model_dump(mode="json"))
     except SraeError:
         raise
     except Exception as exc:  # one readable line; `srae run -v` shows the tracebacks

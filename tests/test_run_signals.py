@@ -1,0 +1,93 @@
+"""`srae run` under Ctrl-C and SIGTERM, as real subprocesses with their own temporary API.
+
+Ctrl-C in a terminal reaches the whole foreground process group. Prefect's own ephemeral
+server was in that group: it died at once, and the run then retried a dead API for minutes
+before ending with a connection error. The run's server now lives in its own session: the
+run stops quickly with its own message and status, stops the server, and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from srae.tiny import tiny_experiment
+
+STARTED = re.compile(r"starting a temporary Prefect API on http://127\.0\.0\.1:(\d+)/api")
+
+
+def _start(cfg: Path, home: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "srae.cli", "run", str(cfg)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own group: the test plays the terminal
+
+
+def _wait_for(proc: subprocess.Popen, pattern: str, lines: list[str], timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if pattern in line:
+            return
+        assert time.monotonic() < deadline, f"no {pattern!r} within {timeout} s"
+    raise AssertionError(f"run ended before {pattern!r}:\n{''.join(lines[-20:])}")
+
+
+def _port_closed(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_ctrl_c_and_sigterm_stop_the_run_and_its_server_and_a_rerun_finishes(tmp_path: Path) -> None:
+    # long explainer training, so the signals land while the run works
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_experiment(tmp_path / "run", **{"explainer.max_epochs": 3000,
+                                                                       "explainer.patience": 3000})))
+    home = tmp_path / "prefect-home"
+    for sig, code, word, group in ((signal.SIGINT, 130, "interrupted", True),
+                                   (signal.SIGTERM, 143, "terminated", False)):
+        proc = _start(cfg, home)
+        lines: list[str] = []
+        try:
+            _wait_for(proc, "methods [", lines)  # the flow is past its first stages
+            port = int(next(m.group(1) for m in map(STARTED.search, lines) if m))
+            t0 = time.monotonic()
+            if group:
+                os.killpg(proc.pid, sig)  # what a terminal's Ctrl-C does
+            else:
+                proc.send_signal(sig)  # `kill PID`
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        lines.append(out)
+        text = "".join(lines)
+        assert proc.returncode == code, text[-2000:]
+        assert time.monotonic() - t0 < 60, "the run took too long to stop"
+        assert text.rstrip().endswith(f"srae run: {word}"), text[-500:]
+        assert "Connection refused" not in text and "connection attempts failed" not in text.lower()
+        assert _port_closed(port), "the temporary server outlived the run"
+    # nothing lost: the rerun (short training now) reuses dataset, backbone and features,
+    # completes and prints the report
+    from tasks.common import read_work_log
+
+    cache = tiny_experiment(tmp_path / "run")["cache_dir"]
+    before = len(read_work_log(cache))
+    short = tmp_path / "short.yaml"
+    short.write_text(yaml.safe_dump(tiny_experiment(tmp_path / "run")))
+    done = subprocess.run([sys.executable, "-m", "srae.cli", "run", str(short)], capture_output=True, text=True,
+                          env={**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
+                               "PREFECT_HOME": str(home)}, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Path(done.stdout.strip().splitlines()[-1]).name == "report.html"
+    redone = {r["stage"] for r in read_work_log(cache)[before:]}
+    assert redone and not redone & {"dataset", "backbone", "features"}, redone
