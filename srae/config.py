@@ -62,7 +62,7 @@ class DatasetConfig(_Model):
     classes: int = Field(4, ge=2, description="synthetic only: number of classes")
     per_class: int = Field(96, ge=4, description="synthetic only: images per class")
     size: int = Field(64, ge=SYNTH_MIN_SIZE, le=SYNTH_MAX_SIZE, description="synthetic only: image side in pixels")
-    seed: int = Field(0, description="synthetic only: generator seed (default: the top-level seed)")
+    seed: int = Field(0, ge=0, description="synthetic only: generator seed (default: the top-level seed)")
     class_names: list[str] | None = Field(None, description="places only: which scene classes, in order")
     places_root: Path | None = Field(None, description="places only: Places365 lists/images added for training")
     places_per_class: int | None = Field(None, ge=1, description="places only: Places365 images per class and split")
@@ -85,7 +85,7 @@ class FitConfig(_Model):
     batch_size: int = Field(32, ge=1)
     weight_decay: float = Field(1e-4, ge=0)
     augment: bool = True
-    seed: int = Field(0, description="shuffling, augmentation, dropout, head init (default: the top-level seed)")
+    seed: int = Field(0, ge=0, description="shuffling, augmentation, dropout, head init (default: the top-level seed)")
     device: Device = "auto"
 
 
@@ -168,7 +168,7 @@ class ExplainerConfig(_Model):
     refit_seeds: int = Field(2, ge=1, description="final fits per category from different inits; the best-fitting is kept")
     group_size: int = Field(4, ge=1, description="categories per mapped task")
     device: Device = "auto"
-    seed: int = Field(0, description="sample design, CV folds, inits (default: the top-level seed)")
+    seed: int = Field(0, ge=0, description="sample design, CV folds, inits (default: the top-level seed)")
 
     @field_validator("methods")
     @classmethod
@@ -252,7 +252,7 @@ class ExperimentConfig(_Model):
     cache_dir: Path = Path("data/cache")
     categories: list[int] | None = Field(None, description="1-based class ids; None: all")
     device: Device | None = Field(None, description="overrides every stage's device when set")
-    seed: int = Field(0, description="default of dataset.seed, backbone.fit.seed and explainer.seed where a "
+    seed: int = Field(0, ge=0, description="default of dataset.seed, backbone.fit.seed and explainer.seed where a "
                                      "section sets none (its own seed wins); filled in on validation")
     dataset: DatasetConfig = DatasetConfig()
     backbone: BackboneConfig = BackboneConfig()

@@ -14,6 +14,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from srae import cli_types as T
 from srae.errors import InputError
 
 CHECKPOINT_HINT = "<cache_dir>/backbones/<name>-<key>/model.safetensors"
@@ -126,29 +127,6 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(minimum: int):
-    """argparse type: an integer >= ``minimum``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
-        return value
-    return parse
-
-
-def _device(text: str) -> str:
-    """argparse type: a device string (auto, cpu, mps, cuda, cuda:N)."""
-    from srae.devices import check_device
-
-    try:
-        return check_device(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} {exc}") from None
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``features`` subcommand."""
     p = subparsers.add_parser(
@@ -166,9 +144,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help=f"backbone weights (default: backbone.checkpoint; `srae run` writes {CHECKPOINT_HINT})")
     p.add_argument("--store-root", type=Path, default=None, help="where stores go (default: <cache_dir>/features)")
-    p.add_argument("--device", type=_device, default=None, help="auto, cpu, cuda, cuda:N, mps (default: features.device)")
-    p.add_argument("--batch-size", type=_count(1), default=None, help="images per batch (default: features.batch_size)")
-    p.add_argument("--workers", type=_count(0), default=None, help="DataLoader workers (default: features.num_workers)")
+    p.add_argument("--device", type=T.device, default=None, help="auto, cpu, cuda, cuda:N, mps (default: features.device)")
+    p.add_argument("--batch-size", type=T.count(1), default=None, help="images per batch (default: features.batch_size)")
+    p.add_argument("--workers", type=T.count(0), default=None, help="DataLoader workers (default: features.num_workers)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="compute precision (stored as float32; part of the fingerprint)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -214,3 +214,28 @@ def test_os_errors_are_a_last_resort_one_liner(tmp_path, capsys, monkeypatch):
 def test_verbose_is_accepted_before_and_after_the_subcommand(argv, verbose):
     args = build_parser().parse_args(argv)
     assert args.verbose is verbose and args.command == argv[argv.index("run") if "run" in argv else 0]
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["synth", "birds", "--out", "OUT", "--seed", "-1"], "--seed: -1 must be >= 0"),
+    (["download", "cub", "--root", "OUT", "--url", "notaurl"], "not an http(s) URL"),
+    (["download", "cub", "--root", "OUT", "--url", "http://[::1"], "Invalid IPv6 URL"),
+    (["download", "cub", "--root", "OUT", "--url", "ftp://host/x.tgz"], "not an http(s) URL"),
+    (["download", "cub", "--root", "OUT", "--timeout", "-5"], "--timeout"),
+    (["download", "cub", "--root", "OUT", "--timeout", "nan"], "finite"),
+    (["download", "cub", "--root", "OUT", "--retries", "-1"], "--retries: -1 must be >= 0"),
+])
+def test_bad_option_values_fail_before_any_work(tmp_path, capsys, argv, word):
+    """Values numpy / urllib / sockets would reject with a traceback later are usage errors."""
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert word in _fails_in_one_line(capsys, argv)
+    assert not (tmp_path / "out").exists()
+
+
+def test_negative_seeds_are_config_errors(tmp_path, capsys):
+    """numpy rejects negative seeds mid-run; the config check names the field instead."""
+    cfg = tmp_path / "c.yaml"
+    for text, field in (("seed: -5\n", "seed"), ("explainer: {seed: -1}\n", "explainer.seed")):
+        cfg.write_text(text)
+        line = _fails_in_one_line(capsys, ["run", str(cfg), "--check"])
+        assert f"{field}: Input should be greater than or equal to 0" in line, line

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from srae import cli_types as T
+
 DEFAULT_ROOT = Path("data/datasets")
 
 
@@ -39,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", type=int, default=4, help="number of classes (default 4)")
     p.add_argument("--per-class", type=int, default=48, help="images per class (default 48)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=T.count(0), default=0, help="generator seed, >= 0 (default 0)")
     p.set_defaults(func=_synth)
 
     d = subparsers.add_parser(
@@ -51,8 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     d.add_argument("name", choices=("cub", "places", "ade20k", "vgg16", "vgg19"))
     d.add_argument("--root", default=str(DEFAULT_ROOT), help=f"datasets directory (default {DEFAULT_ROOT})")
-    d.add_argument("--url", default=None, help="use this URL instead of the built-in one (ADE20K: your link)")
+    d.add_argument("--url", type=T.http_url, default=None,
+                   help="use this http(s) URL instead of the built-in one (ADE20K: your link)")
     d.add_argument("--with-images", action="store_true", help="places: also fetch the 256 px images (~25 GB)")
-    d.add_argument("--retries", type=int, default=4, help="retries per URL on transient errors (default 4)")
-    d.add_argument("--timeout", type=float, default=60.0, help="socket timeout in seconds (default 60)")
+    d.add_argument("--retries", type=T.count(0), default=4, help="retries per URL on transient errors (default 4)")
+    d.add_argument("--timeout", type=T.seconds, default=60.0, help="socket timeout in seconds (default 60)")
     d.set_defaults(func=_download)
