@@ -41,6 +41,8 @@ MAX_CATEGORY_ID = 100_000  # --categories: larger ids are typos (CUB has 200 cla
 
 
 Device = Annotated[str, AfterValidator(check_device)]
+# Paths from a config or the command line: "~" means the home directory, as in a shell.
+UserPath = Annotated[Path, AfterValidator(lambda p: p.expanduser())]
 MethodName = Literal["SRAE", "NN", "SAE", "CAE", "Lasso"]
 
 
@@ -54,7 +56,7 @@ class DatasetConfig(_Model):
     """Which dataset, where it lives, and (synthetic only) how to generate it."""
 
     kind: DatasetKind = "synthbirds"
-    root: Path = Path("data/datasets/synthbirds")
+    root: UserPath = Path("data/datasets/synthbirds")
     download: bool = Field(True, description="fetch/generate the data when root is missing")
     url: str | None = Field(None, description="archive URL: cub: the CUB_200_2011.tgz link (None: the "
                                               "built-in one); places: your ADE20K zip link (registration "
@@ -64,7 +66,7 @@ class DatasetConfig(_Model):
     size: int = Field(64, ge=SYNTH_MIN_SIZE, le=SYNTH_MAX_SIZE, description="synthetic only: image side in pixels")
     seed: int = Field(0, ge=0, description="synthetic only: generator seed (default: the top-level seed)")
     class_names: list[str] | None = Field(None, description="places only: which scene classes, in order")
-    places_root: Path | None = Field(None, description="places only: Places365 lists/images added for training")
+    places_root: UserPath | None = Field(None, description="places only: Places365 lists/images added for training")
     places_per_class: int | None = Field(None, ge=1, description="places only: Places365 images per class and split")
 
     @model_validator(mode="after")
@@ -93,7 +95,7 @@ class BackboneConfig(_Model):
     """The CNN to explain."""
 
     name: Literal["demo_cnn", "vgg16", "vgg19"] = "demo_cnn"
-    checkpoint: Path | None = Field(None, description="weights file to start from (None: scratch / ImageNet)")
+    checkpoint: UserPath | None = Field(None, description="weights file to start from (None: scratch / ImageNet)")
     pretrained: bool = Field(True, description="VGG without checkpoint: start from ImageNet weights")
     input_size: int | None = Field(None, ge=16, description="demo_cnn only: input side (None: 64)")
     fit: FitConfig = FitConfig()
@@ -239,7 +241,7 @@ class MaskingConfig(_Model):
 class ReportConfig(_Model):
     """Where the report goes and what it contains."""
 
-    out_dir: Path = Path("reports/demo")
+    out_dir: UserPath = Path("reports/demo")
     figures: bool = True
     title: str | None = None
     max_figure_categories: int = Field(4, ge=1)
@@ -249,7 +251,7 @@ class ExperimentConfig(_Model):
     """A whole experiment. Defaults = the demo (configs/demo.yaml)."""
 
     name: str = "demo"
-    cache_dir: Path = Path("data/cache")
+    cache_dir: UserPath = Path("data/cache")
     categories: list[int] | None = Field(None, description="1-based class ids; None: all")
     device: Device | None = Field(None, description="overrides every stage's device when set")
     seed: int = Field(0, ge=0, description="default of dataset.seed, backbone.fit.seed and explainer.seed where a "

@@ -50,6 +50,7 @@ def run_command(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
     check_devices(cfg)
+    check_paths(cfg)
     quiet_third_party_logs()
     # The ephemeral API server needs no telemetry (and this machine may be offline).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -101,6 +102,25 @@ def check_devices(cfg: ExperimentConfig) -> None:
         reason = device_unavailable(device)
         if reason:
             raise SraeError(f"{field}: {device!r} requested but {reason} (use --device cpu or auto)")
+
+
+def check_paths(cfg: ExperimentConfig) -> None:
+    """Fail in one line, before Prefect starts, when a directory the run writes cannot be one
+    (a file is in the way, or the nearest existing parent is not writable), or the given
+    backbone checkpoint is missing; otherwise such a run fails only late, after the work."""
+    dirs = {"cache_dir": cfg.cache_dir, "report.out_dir": cfg.report.out_dir, "dataset.root": cfg.dataset.root}
+    for field, path in dirs.items():
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise SraeError(f"{field}: {path} is a file, not a directory")
+        parent = next(q for q in (path, *path.parents) if q.exists())
+        if not parent.is_dir():
+            raise SraeError(f"{field}: {path} cannot be created: {parent} is a file")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise SraeError(f"{field}: {parent} is not writable")
+    ckpt = cfg.backbone.checkpoint
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise SraeError(f"backbone.checkpoint: {ckpt} is not a file")
 
 
 def _drop_tracebacks(record: logging.LogRecord) -> bool:

@@ -239,3 +239,34 @@ def test_negative_seeds_are_config_errors(tmp_path, capsys):
         cfg.write_text(text)
         line = _fails_in_one_line(capsys, ["run", str(cfg), "--check"])
         assert f"{field}: Input should be greater than or equal to 0" in line, line
+
+
+def test_unusable_output_paths_fail_before_the_run(tmp_path, capsys):
+    """A file where the run writes a directory, or a missing checkpoint, is one line naming
+    the field, before Prefect starts (the run used to fail only at its last stage)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cfg = tmp_path / "c.yaml"
+    cases = [
+        ({"report": {"out_dir": str(afile)}}, f"report.out_dir: {afile} is a file, not a directory"),
+        ({"cache_dir": str(afile / "cache")}, f"cache_dir: {afile / 'cache'} cannot be created: {afile} is a file"),
+        ({"dataset": {"root": str(afile / "d")}}, "dataset.root:"),
+        ({"backbone": {"checkpoint": str(tmp_path / "none.pt")}}, "backbone.checkpoint:"),
+    ]
+    for data, expected in cases:
+        base = {"cache_dir": str(tmp_path / "cache"), "report": {"out_dir": str(tmp_path / "r")},
+                "dataset": {"root": str(tmp_path / "data")}}
+        for key, value in data.items():
+            base[key] = {**base[key], **value} if isinstance(value, dict) and key in base else value
+        cfg.write_text(yaml.safe_dump(base))
+        line = _fails_in_one_line(capsys, ["run", str(cfg)])
+        assert expected in line, line
+    assert not (tmp_path / "cache").exists()  # nothing ran
+
+
+def test_home_in_config_paths_is_expanded(tmp_path, monkeypatch):
+    from srae.config import ExperimentConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = ExperimentConfig.model_validate({"cache_dir": "~/cache", "report": {"out_dir": "~/r"}})
+    assert cfg.cache_dir == tmp_path / "cache" and cfg.report.out_dir == tmp_path / "r"
