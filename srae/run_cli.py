@@ -54,6 +54,9 @@ def run_command(args: argparse.Namespace) -> int:
     quiet_third_party_logs()
     # The ephemeral API server needs no telemetry (and this machine may be offline).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # distributed sets its loggers to INFO from its own config when first imported (after the
+    # levels above), and its worker processes do the same: about 40 lines per run otherwise.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     try:
         pipeline_mod = importlib.import_module("flows.pipeline")
         server_mod = importlib.import_module("flows.server")
