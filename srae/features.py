@@ -246,6 +246,7 @@ def extract_features(index: DatasetIndex, backbone: Backbone, store_root: str | 
     unknown = set(index.images["split"]) - set(SPLIT_NAMES)
     if unknown:
         raise InputError(f"features: dataset {index.name!r} has unknown splits {sorted(unknown)}")
+    dev = resolve_device(device)  # before anything is written: an unusable device leaves no store
     inputs = fingerprint_inputs(index, backbone, checkpoint_sha256=checkpoint_sha256, layer=layer,
                                 precision=precision)
     fp = feature_fingerprint(**inputs)
@@ -267,14 +268,14 @@ def extract_features(index: DatasetIndex, backbone: Backbone, store_root: str | 
         if is_complete(path):  # another writer finished between our check and the lock
             return path
         root = _open_for_writing(path, index, attrs, backbone.z_dim, rows)
-        _run_extraction(root, index, backbone, lock_fd, device, num_workers, PRECISIONS[precision],
+        _run_extraction(root, index, backbone, lock_fd, dev, num_workers, PRECISIONS[precision],
                         progress, on_batch)
         root.attrs.update({"complete": True})
     log.info("features: wrote %s (%d images, D=%d)", path, n, backbone.z_dim)
     return path
 
 
-def _run_extraction(root, index: DatasetIndex, bb: Backbone, lock_fd: int, device: str,
+def _run_extraction(root, index: DatasetIndex, bb: Backbone, lock_fd: int, dev: torch.device,
                     num_workers: int | None, autocast_dtype: torch.dtype | None, progress: bool,
                     on_batch: Callable[[int], None] | None) -> None:
     """Fill rows ``rows_done..N`` of an open store, whole chunks at a time."""
@@ -282,7 +283,6 @@ def _run_extraction(root, index: DatasetIndex, bb: Backbone, lock_fd: int, devic
     start, n = int(attrs["rows_done"]), int(attrs["num_images"])
     batch_size, rows = int(attrs["batch_size"]), int(attrs["chunk_rows"])
     bad_inputs = list(attrs.get("bad_inputs", []))
-    dev = resolve_device(device)
     bb.to(dev).eval()
     ds = ImageDataset(index, None, bb.input_size, bb.mean, bb.std, normalize=False)
     workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if num_workers is None else num_workers

@@ -42,7 +42,7 @@ def quiet_third_party_logs() -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    cats = parse_categories(args.categories) if args.categories else None
+    cats = parse_categories(args.categories) if args.categories is not None else None
     cfg = apply_overrides(cfg, categories=cats, dask_address=args.dask_address, device=args.device)
     if args.check:
         from srae.config import dump_config

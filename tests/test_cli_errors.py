@@ -270,3 +270,18 @@ def test_home_in_config_paths_is_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = ExperimentConfig.model_validate({"cache_dir": "~/cache", "report": {"out_dir": "~/r"}})
     assert cfg.cache_dir == tmp_path / "cache" and cfg.report.out_dir == tmp_path / "r"
+
+
+def test_features_on_a_missing_device_leaves_no_store(made, capsys, tmp_path):
+    """The device is checked before the store is created (an empty store was left behind)."""
+    store = tmp_path / "stores"  # cuda:99: no machine has it, with or without CUDA
+    line = _fails_in_one_line(capsys, ["features", str(made["config"]), "--checkpoint", str(made["checkpoint"]),
+                                       "--store-root", str(store), "--no-progress", "--device", "cuda:99"])
+    assert "cuda:99" in line and "CUDA" in line
+    assert not store.exists() or not list(store.glob("*.zarr*"))
+
+
+def test_download_root_that_is_a_file_names_the_option(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert "--root" in _fails_in_one_line(capsys, ["download", "cub", "--root", str(afile)])

@@ -21,7 +21,10 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _download(args: argparse.Namespace) -> int:
     from srae.datasets.download import download
+    from srae.errors import InputError
 
+    if args.name not in ("vgg16", "vgg19") and Path(args.root).exists() and not Path(args.root).is_dir():
+        raise InputError(f"--root {args.root}: is a file, not a directory")
     out = download(args.name, Path(args.root), url=args.url, images=args.with_images,
                    retries=args.retries, timeout=args.timeout)
     print(out)
