@@ -237,3 +237,16 @@ def test_per_term_l2_weights_are_optional_grid_axes():
     for bad in ([], [-1.0]):
         with pytest.raises(Exception, match="lambda3"):
             config_from_dict({"explainer": {"grid": {"lambda3": bad}}})
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys silently: a repeated section dropped the first."""
+    p = tmp_path / "dup.yaml"
+    p.write_text("explainer:\n  n: 3\nseed: 1\nexplainer:\n  n: 4\n")
+    with pytest.raises(SraeError, match=r"dup.yaml:4: .*key 'explainer' given twice \(first on line 1\)"):
+        load_config(p)
+    p.write_text("explainer:\n  n: 3\n  hidden: [8]\n  n: 4\n")
+    with pytest.raises(SraeError, match=r":4: .*key 'n' given twice \(first on line 2\)"):
+        load_config(p)
+    p.write_text("explainer: {n: 3}\nreport: {title: a}\n")  # distinct keys still load
+    assert load_config(p).explainer.n == 3
