@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -142,6 +143,8 @@ class HParamGrid(_Model):
             return v
         if not v:
             raise ValueError("must list at least one value")
+        if not all(math.isfinite(x) for x in v):
+            raise ValueError("values must be finite (no nan/inf)")
         if any(x < 0 for x in v):
             raise ValueError("values must be >= 0")
         return v

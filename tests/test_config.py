@@ -250,3 +250,9 @@ def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
         load_config(p)
     p.write_text("explainer: {n: 3}\nreport: {title: a}\n")  # distinct keys still load
     assert load_config(p).explainer.n == 3
+
+
+def test_grid_values_must_be_finite():
+    for bad in (".nan", ".inf"):
+        with pytest.raises(SraeError, match="explainer.grid.beta: .*finite"):
+            config_from_dict(yaml.safe_load(f"explainer: {{grid: {{beta: [{bad}]}}}}"))
