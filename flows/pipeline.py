@@ -227,6 +227,11 @@ def pipeline(config: str | dict[str, Any] = "configs/demo.yaml", categories: str
         failed=failed, bad_inputs=ds["bad_inputs"] + ft.get("bad_inputs", []), timings=dict(st.times),
         config_yaml=dump_config(cfg), figures=figures, notes=notes, title=cfg.report.title)
     st.done()
+    if failed:  # the run still completes (failure isolation); say so where a scheduler looks
+        cats = sorted({f["category"] for f in failed if isinstance(f.get("category"), int)})
+        stages = sorted({str(f.get("stage")) for f in failed})
+        logger.warning("%d failure(s) in categories %s (stages: %s); see the report's Failed categories",
+                       len(failed), [c + 1 for c in cats], ", ".join(stages))
     logger.info("report: %s", path)
     return path
 

@@ -78,7 +78,7 @@ def test_artifacts_are_published(tiny_run):
     assert "report.html" in by_key["srae-tiny-report"].data
 
 
-def test_failed_category_is_reported_and_the_others_complete(tiny_run, monkeypatch):
+def test_failed_category_is_reported_and_the_others_complete(tiny_run, monkeypatch, caplog):
     """Category id 3 (label 2) is made to fail: in the library (sample design raises) and as a
     crashing task (the neural trainer raises); categories 1-2 still get their full report."""
     import srae.cv
@@ -108,7 +108,10 @@ def test_failed_category_is_reported_and_the_others_complete(tiny_run, monkeypat
     # it), and this run's stores must not show up in theirs. The tiny backbone refits in seconds.
     cfg = tiny_pipeline_config(base, categories=[1, 2, 3], **{"report.out_dir": str(base / "report-failed"),
                                                               "cache_dir": str(base / "cache-failed")})
-    report = Path(pipeline(cfg))
+    with caplog.at_level("WARNING"):
+        report = Path(pipeline(cfg))
+    assert any("failure(s) in categories [3]" in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     df = R.read_metrics(report.parent / "metrics.parquet")
     assert set(df["category"]) == {0, 1}
     assert FIVE <= set(df["method"])
