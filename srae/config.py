@@ -171,6 +171,9 @@ class ExplainerConfig(_Model):
                                 "category by CV among lasso_alphas, selecting at most n dims")
     lasso_alphas: list[float] = Field([1.0, 0.5, 0.2, 0.1, 0.05, 0.01], description="Table 2a / 5 sweep")
     refit_seeds: int = Field(2, ge=1, description="final fits per category from different inits; the best-fitting is kept")
+    cv_rule: Literal["best", "one_se"] = Field(
+        "best", description="best: lowest CV criterion; one_se: the most regularised config within one "
+                            "standard error of it (faithfulness alone favours the weakest eta/beta)")
     group_size: int = Field(4, ge=1, description="categories per mapped task")
     device: Device = "auto"
     seed: int = Field(0, ge=0, description="sample design, CV folds, inits (default: the top-level seed)")

@@ -48,6 +48,7 @@ class ExplainerSettings:
     seed: int = 0
     max_members: int = 128  # members per stacked fit (bounds memory: ~27 MB each at D = 4096, x5 with Adam)
     refit_seeds: int = 2  # final fits per category from different inits; the best-fitting one is kept
+    cv_rule: str = "best"  # "best": lowest mean CV criterion; "one_se": see select_config
     train: TrainSettings = field(default_factory=TrainSettings)
 
 
@@ -56,6 +57,35 @@ class TrainOutcome:
     explainers: dict[int, Explainer]
     failed: dict[int, str]
     designs: dict[int, SampleDesign]
+
+
+CV_RULES = ("best", "one_se")
+# From stronger to weaker claims on the x-features (pull-away, sparse reconstruction, L2):
+# "one_se" prefers larger values in this order among the configs it finds equally good.
+REGULARISERS = ("eta", "beta", "lambda1", "lambda2", "lambda3", "weight_decay")
+
+
+def select_config(rows: list[dict], rule: str = "best") -> dict:
+    """The CV row to refit: ``rows`` have ``hparams``, ``val_criterion`` (mean over folds) and
+    ``val_se`` (its standard error).
+
+    "best" (the default, DESIGN's criterion) takes the lowest mean. Faithfulness alone always
+    favours the weakest regularisation, so "one_se" takes, among the configs whose mean is
+    within one standard error of the best, the most regularised one (largest eta, then beta,
+    then the L2 weights; the lower mean breaks ties): the usual one-standard-error rule."""
+    if rule not in CV_RULES:
+        raise InputError(f"cv_rule {rule!r}: expected one of {', '.join(CV_RULES)}")
+    finite = [r for r in rows if math.isfinite(r["val_criterion"])]
+    if not finite:
+        return rows[0]
+    best = min(finite, key=lambda r: r["val_criterion"])
+    if rule == "best":
+        return best
+    se = best.get("val_se", 0.0)
+    limit = best["val_criterion"] + (se if math.isfinite(se) else 0.0)
+    near = [r for r in finite if r["val_criterion"] <= limit]
+    return max(near, key=lambda r: (tuple(float(r["hparams"].get(k, 0.0)) for k in REGULARISERS),
+                                    -r["val_criterion"]))
 
 
 def method_configs(method: str, grid: dict[str, list[float]]) -> list[dict[str, float]]:
@@ -197,10 +227,11 @@ def train_explainers(
             agg.setdefault((c, ci), []).append((res.best_val[b], res.best_epoch[b]))
         for c in cats:
             for ci, cfg in enumerate(configs):
-                vals = agg[(c, ci)]
-                cv_rows[c].append({"hparams": cfg, "val_criterion": float(np.mean([v for v, _ in vals])),
-                                   "epochs": max(1, round(float(np.mean([e for _, e in vals]))))})
-            best = min(cv_rows[c], key=lambda r: r["val_criterion"] if math.isfinite(r["val_criterion"]) else math.inf)
+                vals = np.array([v for v, _ in agg[(c, ci)]], dtype=np.float64)
+                se = float(vals.std(ddof=1) / math.sqrt(len(vals))) if len(vals) > 1 else 0.0
+                cv_rows[c].append({"hparams": cfg, "val_criterion": float(vals.mean()), "val_se": se,
+                                   "epochs": max(1, round(float(np.mean([e for _, e in agg[(c, ci)]]))))})
+            best = select_config(cv_rows[c], s.cv_rule)
             chosen[c] = (best["hparams"], best["epochs"])
     else:
         chosen = {c: (configs[0], s.train.max_epochs) for c in cats}
@@ -221,6 +252,7 @@ def train_explainers(
             "epochs": chosen[c][1],
             "cv": cv_rows[c],
             "cv_criterion": criterion,
+            "cv_rule": s.cv_rule,
             "samples": d.counts(),
             "train_ids": ids[d.train_idx].tolist(),
             "test_ids": ids[d.test_idx].tolist(),

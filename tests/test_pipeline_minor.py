@@ -109,3 +109,10 @@ def test_unset_l2_axes_leave_the_explainer_settings_as_they_were():
     assert method_settings(x2, "SRAE")[0]["grid"]["lambda2"] == [0.01]
     assert "lambda2" not in method_settings(x2, "NN")[0]["grid"]  # NN has no decoder
     assert method_settings(x2, "NN") == method_settings(x, "NN")
+
+
+def test_cv_rule_keys_the_explainers_only_when_not_the_default():
+    from srae.config import ExplainerConfig
+
+    assert "cv_rule" not in method_settings(ExplainerConfig(), "SRAE")[0]
+    assert method_settings(ExplainerConfig(cv_rule="one_se"), "SRAE")[0]["cv_rule"] == "one_se"

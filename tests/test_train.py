@@ -359,3 +359,33 @@ def test_minibatches_are_gathered_feature_major_with_equal_values():
     model = StackedSRAE(Architecture(7, 2, (5,)), [1, 2, 3], dtype=torch.float64)
     _, z_hat, _ = model(got)
     assert z_hat.stride() == got.stride()  # elementwise loss terms pair equal layouts
+
+
+def test_cv_rules_pick_the_lowest_mean_or_the_most_regularised_within_one_se():
+    from srae.cv import select_config
+
+    def row(eta, beta, mean, se):
+        return {"hparams": {"eta": eta, "beta": beta, "lr": 0.01}, "val_criterion": mean, "val_se": se}
+
+    rows = [row(0.1, 1.0, 1.00, 0.08), row(0.5, 1.0, 1.05, 0.20), row(0.5, 2.0, 1.07, 0.01),
+            row(1.0, 2.0, 1.30, 0.01), row(2.0, 2.0, float("nan"), 0.0)]
+    assert select_config(rows, "best") is rows[0]
+    # within 1.00 + 0.08: rows 0-2; the largest eta wins, then the larger beta
+    assert select_config(rows, "one_se") is rows[2]
+    rows[2]["val_criterion"] = 1.09  # outside the band now
+    assert select_config(rows, "one_se") is rows[1]
+    with pytest.raises(InputError, match="cv_rule 'mean'"):
+        select_config(rows, "mean")
+
+
+def test_train_explainers_records_the_rule_and_its_choice():
+    z, logits, labels = _toy()
+    from dataclasses import replace
+
+    s = replace(SMALL, grid={"beta": [0.1], "eta": [0.01, 0.5], "q": [1.0], "lr": [1e-2], "weight_decay": [0.0]},
+                cv_rule="one_se")
+    from srae.cv import select_config
+
+    e = train_explainers(z, logits, labels, [0], "SRAE", s).explainers[0]
+    assert e.meta["cv_rule"] == "one_se" and all("val_se" in r for r in e.meta["cv"])
+    assert e.meta["hparams"] == select_config(e.meta["cv"], "one_se")["hparams"]
