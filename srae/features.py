@@ -28,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -236,6 +237,9 @@ def extract_features(index: DatasetIndex, backbone: Backbone, store_root: str | 
     """
     if layer != backbone.z_layer:
         raise InputError(f"features: layer {layer!r} not supported by {backbone.name} (Z is {backbone.z_layer!r})")
+    if backbone.num_classes != index.num_classes:  # logits would be cut or fail to fit the store
+        raise InputError(f"features: {backbone.name} has {backbone.num_classes} classes, dataset {index.name!r} "
+                         f"has {index.num_classes}")
     if precision not in PRECISIONS:
         raise InputError(f"features: precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if batch_size < 1:
@@ -336,9 +340,7 @@ def open_features(path: str | Path, *, rows: np.ndarray | None = None,
     if attrs.get("complete") is not True:
         raise InputError(f"feature store {path}: incomplete (extraction interrupted); rerun `srae features` to resume")
     root = zarr.open_group(str(path), mode="r")
-    sel = slice(None) if rows is None else np.asarray(rows, dtype=np.int64)
-    if rows is not None and len(sel) and (sel.min() < 0 or sel.max() >= int(attrs["num_images"])):
-        raise InputError(f"feature store {path}: row index out of range 0..{attrs['num_images'] - 1}")
+    sel = slice(None) if rows is None else _row_positions(rows, int(attrs["num_images"]), path)
 
     def read(name: str) -> np.ndarray:
         arr = root[name]
@@ -348,3 +350,19 @@ def open_features(path: str | Path, *, rows: np.ndarray | None = None,
     split_names = np.asarray(attrs["split_names"])
     return FeatureSet(path=path, z=read("z")[keep], logits=read("logits")[keep], labels=read("labels")[keep],
                       image_id=read("image_id")[keep], split=split_names[read("split")[keep]], attrs=attrs)
+
+
+def _row_positions(rows: Any, n: int, path: Path) -> np.ndarray:
+    """``rows`` as int64 positions: integers in 0..n-1, or a boolean mask of length n
+    (numpy would otherwise read True/False as rows 1/0 and cut 0.5 down to row 0)."""
+    arr = np.asarray(rows)
+    if arr.dtype == bool:
+        if arr.shape != (n,):
+            raise InputError(f"feature store {path}: a boolean rows mask needs {n} entries, got shape {arr.shape}")
+        return np.flatnonzero(arr)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"feature store {path}: rows must be integer positions or a boolean mask, got {arr.dtype}")
+    arr = arr.astype(np.int64).reshape(-1)
+    if arr.size and (arr.min() < 0 or arr.max() >= n):
+        raise InputError(f"feature store {path}: row index out of range 0..{n - 1}")
+    return arr

@@ -198,6 +198,25 @@ def test_bad_arguments(tiny, tmp_path: Path) -> None:
         extract_features(index, bb, tmp_path / "feat", precision="fp8", **{k: v for k, v in OPTS.items()})
     with pytest.raises(InputError, match="not found"):
         open_features(tmp_path / "nothing.zarr")
+    # a backbone for another number of classes: its logits would be cut (or not fit) silently
+    for classes in (2, 5):
+        with pytest.raises(InputError, match=f"demo_cnn has {classes} classes, dataset .* has 3"):
+            extract_features(index, build_backbone("demo_cnn", classes, input_size=32, seed=0), tmp_path / "f", **OPTS)
+
+
+def test_rows_are_positions_or_a_boolean_mask(tiny, tmp_path: Path) -> None:
+    """numpy reads a boolean array as rows 1/0 and truncates floats: both were silently wrong."""
+    index, bb = tiny
+    path = extract_features(index, bb, tmp_path / "feat", **OPTS)
+    full = open_features(path)
+    mask = np.zeros(len(full.image_id), dtype=bool)
+    mask[[1, 7]] = True
+    assert list(open_features(path, rows=mask).image_id) == list(full.image_id[[1, 7]])
+    assert list(open_features(path, rows=[7, 1]).image_id) == list(full.image_id[[7, 1]])
+    for bad, what in ((np.array([0.5]), "integer positions"), (mask[:3], "needs 18 entries"),
+                      ([18], "out of range")):
+        with pytest.raises(InputError, match=what):
+            open_features(path, rows=bad)
 
 
 def test_features_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
