@@ -39,3 +39,23 @@ def test_bad_shapes():
         f_reg(np.zeros(3), np.zeros(4))
     with pytest.raises(ValueError):
         f_cls(np.zeros(3), np.zeros((3, 2)), 5)
+
+
+def test_non_finite_or_malformed_inputs_are_named():
+    """NaN scored as NaN (f_reg) or as a plausible fraction (f_cls): both silently wrong."""
+    from srae.errors import InputError
+    from srae.metrics.faithfulness import f_cls, f_reg
+
+    with pytest.raises(InputError, match="f_reg: y_bar: contains NaN"):
+        f_reg(np.array([np.nan, 1.0]), np.array([1.0, 1.0]))
+    with pytest.raises(InputError, match="f_reg: y_bar"):
+        f_reg(None, None)
+    logits = np.array([[1.0, 2.0], [3.0, 0.5]])
+    with pytest.raises(InputError, match="f_cls: logits: contains NaN"):
+        f_cls(np.array([1.0, 1.0]), np.where(logits > 2.5, np.nan, logits), 0)
+    with pytest.raises(InputError, match="f_cls: y_bar: contains NaN"):
+        f_cls(np.array([np.inf, 1.0]), logits, 0)
+    for bad in (1.5, "1", None, True):
+        with pytest.raises(InputError, match="must be a class index"):
+            f_cls(np.array([1.0, 1.0]), logits, bad)
+    assert f_cls(np.array([1.0, 1.0]), logits, np.int64(1)) == 0.5  # row 0 flips to class 0; row 1 keeps 0

@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import numpy as np
 
+from srae.errors import InputError
 
-def _np(x) -> np.ndarray:
+
+def _np(x, name: str) -> np.ndarray:
+    """``x`` as float64, refusing what cannot be a finite score input (NaN would score as a
+    plausible number in f_cls and as NaN in f_reg, silently either way)."""
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float64)
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name}: not an array of numbers ({exc})") from None
+    if not np.isfinite(arr).all():
+        raise InputError(f"{name}: contains NaN or inf")
+    return arr
 
 
 def f_reg(y_bar, y_hat) -> float:
     """Mean absolute difference between the explainer's prediction and the logit."""
-    y_bar, y_hat = _np(y_bar), _np(y_hat)
+    y_bar, y_hat = _np(y_bar, "f_reg: y_bar"), _np(y_hat, "f_reg: y_hat")
     if y_bar.shape != y_hat.shape:
-        raise ValueError(f"f_reg: shapes differ {y_bar.shape} vs {y_hat.shape}")
+        raise InputError(f"f_reg: shapes differ {y_bar.shape} vs {y_hat.shape}")
     if y_bar.size == 0:
         return float("nan")
     return float(np.mean(np.abs(y_bar - y_hat)))
@@ -23,11 +33,13 @@ def f_reg(y_bar, y_hat) -> float:
 
 def f_cls(y_bar, logits, target: int) -> float:
     """Fraction of rows whose argmax is unchanged when ``logits[:, target]`` is replaced by ``y_bar``."""
-    y_bar, logits = _np(y_bar), _np(logits)
+    y_bar, logits = _np(y_bar, "f_cls: y_bar"), _np(logits, "f_cls: logits")
     if logits.ndim != 2 or y_bar.shape != (logits.shape[0],):
-        raise ValueError(f"f_cls: expected y_bar (M,) and logits (M, C), got {y_bar.shape} and {logits.shape}")
+        raise InputError(f"f_cls: expected y_bar (M,) and logits (M, C), got {y_bar.shape} and {logits.shape}")
+    if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
+        raise InputError(f"f_cls: target {target!r} must be a class index (int)")
     if not 0 <= target < logits.shape[1]:
-        raise ValueError(f"f_cls: target {target} outside 0..{logits.shape[1] - 1}")
+        raise InputError(f"f_cls: target {target} outside 0..{logits.shape[1] - 1}")
     if logits.shape[0] == 0:
         return float("nan")
     replaced = logits.copy()
