@@ -79,6 +79,9 @@ def top_affine_index(chain: nn.Module | Sequence[nn.Module]) -> int:
 def resolve_readout(chain: nn.Module | Sequence[nn.Module], readout: int | str | None) -> int:
     """Readout as a module index; ``None`` means the chain input (returned as -1).
     A string is looked up among the child names of a named ``nn.Sequential``."""
+    if isinstance(chain, nn.Module) and not isinstance(chain, nn.Sequential):
+        raise InputError(f"excitation chain: expected a flat nn.Sequential, got {type(chain).__name__} "
+                         "(Grad-CAM works on any network)")
     n = len(chain)
     if readout is None:
         return -1
@@ -311,11 +314,18 @@ def full_fp32() -> Iterator[None]:
         _FP32.leave()
 
 
-def _check_input(x: Tensor) -> None:
+def check_input(x: Tensor, model: nn.Module | Sequence[nn.Module], what: str = "excitation") -> Tensor:
+    """``x`` checked (a batched, finite, floating tensor) and cast to the dtype of ``model``'s
+    parameters (a float64 batch on a float32 network is a user's everyday mix-up)."""
     if not isinstance(x, Tensor) or x.ndim < 2:
-        raise InputError("excitation input x: expected a batched tensor (B, ...)")
-    if x.is_floating_point() and not bool(torch.isfinite(x.sum())):  # one reduction, one sync
-        raise InputError("excitation input x: contains NaN or inf")
+        raise InputError(f"{what} input x: expected a batched tensor (B, ...)")
+    if not x.is_floating_point():
+        raise InputError(f"{what} input x: expected normalised float images, got {x.dtype}")
+    if not bool(torch.isfinite(x.sum())):  # one reduction, one sync
+        raise InputError(f"{what} input x: contains NaN or inf")
+    mods = [model] if isinstance(model, nn.Module) else list(model)
+    param = next((q for m in mods for q in m.parameters()), None)
+    return x.to(param.dtype) if param is not None and param.dtype != x.dtype else x
 
 
 def excitation_signals(chain: nn.Module | Sequence[nn.Module], x: Tensor, units: Units, *,
@@ -333,7 +343,7 @@ def excitation_signals(chain: nn.Module | Sequence[nn.Module], x: Tensor, units:
     if ro >= t:
         raise InputError(f"readout {ro}: must lie below the top affine layer (module {t}, "
                          f"{type(mods[t]).__name__})")
-    _check_input(x)
+    x = check_input(x, mods)
     keep: dict[int, Tensor] | None = {} if all_layers else None
     with torch.no_grad(), full_fp32():
         tr = _forward(mods, x, keep_from=ro + 1)
@@ -389,7 +399,7 @@ def excitation_maps_multi(trunk: nn.Module | Sequence[nn.Module],
     ro = resolve_readout(trunk, readout)
     if not heads:
         raise InputError("excitation_maps_multi: no heads given")
-    _check_input(x)
+    x = check_input(x, tmods)
     with torch.no_grad(), full_fp32():
         tr = _forward(tmods, x, keep_from=ro + 1)
         sigs = []

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from srae.errors import InputError
-from srae.excitation import Units, full_fp32, resize_maps, unit_index
+from srae.excitation import Units, check_input, full_fp32, resize_maps, unit_index
 
 __all__ = ["gradcam_maps", "find_module"]
 
@@ -48,8 +48,7 @@ def gradcam_maps(model: nn.Module, x: Tensor, units: Units, *, readout: int | st
     ``d y_unit / d A_c``: (B, len(units), H, W). ``units`` index the flattened model output
     (a list for every image or a (B, U) array). One forward pass; one backward per unit
     column, each only through the layers above the readout."""
-    if not isinstance(x, Tensor) or x.ndim < 2:
-        raise InputError("Grad-CAM input x: expected a batched tensor (B, ...)")
+    x = check_input(x, model, "Grad-CAM")
     target = find_module(model, readout)
     captured: list[Tensor] = []
 
@@ -63,7 +62,8 @@ def gradcam_maps(model: nn.Module, x: Tensor, units: Units, *, readout: int | st
         torch.set_grad_enabled(True)  # layers above the readout build a graph
         return leaf.clone()  # a non-leaf, so a following in-place ReLU is allowed
 
-    with full_fp32():
+    # gradients above the readout, even when called under no_grad / inference_mode
+    with full_fp32(), torch.inference_mode(False), torch.enable_grad():
         maps = _gradcam(model, x, units, target, hook, captured)
     return resize_maps(torch.stack(maps, dim=1), output_size)
 

@@ -109,3 +109,28 @@ def test_bad_readouts() -> None:
     with pytest.raises(InputError, match="out of range"):
         gradcam_maps(chain, x, [7], readout=1)
     assert torch.is_grad_enabled()
+
+
+def test_grad_contexts_dtypes_and_bad_inputs():
+    """Heatmap code is often wrapped in no_grad / inference_mode; float64 batches meet float32
+    networks; NaN and uint8 images are named instead of failing deep in torch."""
+    import torchvision
+
+    from srae.errors import InputError
+    from srae.excitation import excitation_maps
+
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(num_classes=3).eval()
+    x = torch.rand(2, 3, 32, 32)
+    ref = gradcam_maps(m, x, [0, 2], readout="layer4")
+    with torch.no_grad():
+        assert torch.equal(gradcam_maps(m, x, [0, 2], readout="layer4"), ref)
+    with torch.inference_mode():
+        assert torch.equal(gradcam_maps(m, x.clone(), [0, 2], readout="layer4"), ref)
+    assert torch.is_grad_enabled()
+    torch.testing.assert_close(gradcam_maps(m, x.double(), [0, 2], readout="layer4"), ref)
+    for bad, what in ((x * float("nan"), "contains NaN"), ((x * 255).to(torch.uint8), "float images")):
+        with pytest.raises(InputError, match=f"Grad-CAM input x: .*{what}"):
+            gradcam_maps(m, bad, [0], readout="layer4")
+    with pytest.raises(InputError, match="expected a flat nn.Sequential, got ResNet"):
+        excitation_maps(m, x, [0], readout=None)
