@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -88,6 +88,40 @@ def select_config(rows: list[dict], rule: str = "best") -> dict:
                                     -r["val_criterion"]))
 
 
+def check_settings(s: ExplainerSettings) -> None:
+    """Refuse settings that would train nonsense or fail deep inside torch, in one line each."""
+    from srae.devices import check_device, device_unavailable
+
+    counts = {"n": s.n, "n_pos": s.n_pos, "n_neg": s.n_neg, "folds": s.folds, "refit_seeds": s.refit_seeds,
+              "train.batch_size": s.train.batch_size, "train.max_epochs": s.train.max_epochs,
+              "train.patience": s.train.patience}
+    for name, v in counts.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise InputError(f"settings.{name} = {v!r}: must be an integer >= 1")
+    if isinstance(s.n_test_neg, bool) or not isinstance(s.n_test_neg, (int, np.integer)) or s.n_test_neg < 0:
+        raise InputError(f"settings.n_test_neg = {s.n_test_neg!r}: must be an integer >= 0")
+    if not all(isinstance(h, (int, np.integer)) and h >= 1 for h in s.hidden):
+        raise InputError(f"settings.hidden = {tuple(s.hidden)!r}: layer sizes must be integers >= 1")
+    if s.cv_rule not in CV_RULES:
+        raise InputError(f"settings.cv_rule {s.cv_rule!r}: expected one of {', '.join(CV_RULES)}")
+    if not (math.isfinite(s.train.positive_factor) and s.train.positive_factor > 0):
+        raise InputError(f"settings.train.positive_factor = {s.train.positive_factor!r}: must be > 0")
+    for key, values in s.grid.items():
+        if values is None:
+            continue
+        vals = list(values)
+        if not vals or not all(isinstance(v, (int, float, np.number)) and math.isfinite(v) and v >= 0 for v in vals):
+            raise InputError(f"settings.grid[{key!r}] = {vals!r}: needs finite values >= 0 (at least one)")
+        if key == "lr" and min(vals) <= 0:
+            raise InputError(f"settings.grid['lr'] = {vals!r}: learning rates must be > 0")
+    try:
+        check_device(str(s.train.device))
+    except ValueError as exc:
+        raise InputError(f"settings.train.device {s.train.device!r}: {exc}") from None
+    if str(s.train.device) != "auto" and (why := device_unavailable(str(s.train.device))):
+        raise InputError(f"settings.train.device {s.train.device!r}: {why}")
+
+
 def method_configs(method: str, grid: dict[str, list[float]]) -> list[dict[str, float]]:
     """The distinct hyperparameter configs that matter for ``method`` (grid product)."""
     keys = [k for k in method_spec(method).hparams if grid.get(k) is not None]
@@ -164,12 +198,28 @@ def train_explainers(
     ``failed`` instead of raising, so the other categories still get explainers.
     """
     s = settings or ExplainerSettings()
-    spec = method_spec(method)
+    if errors not in ("raise", "collect"):
+        raise InputError(f"errors {errors!r}: expected 'raise' or 'collect'")
+    try:
+        spec = method_spec(method)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    check_settings(s)
+    if s.train.device == "auto":
+        s = replace(s, train=replace(s.train, device="cuda" if torch.cuda.is_available() else "cpu"))
     z = np.asarray(z, dtype=np.float32)
     logits = np.asarray(logits, dtype=np.float32)
     labels = np.asarray(labels)
-    if z.ndim != 2 or logits.ndim != 2 or len(z) != len(logits) or len(z) != len(labels):
-        raise InputError(f"Z {z.shape}, logits {logits.shape} and labels {labels.shape} must share the first dim")
+    if z.ndim != 2 or logits.ndim != 2 or labels.ndim != 1 or len(z) != len(logits) or len(z) != len(labels):
+        raise InputError(f"Z {z.shape}, logits {logits.shape} and labels {labels.shape} must share the first dim "
+                         "(Z and logits 2-D, labels 1-D)")
+    if image_ids is not None and np.shape(image_ids) != (len(z),):
+        raise InputError(f"image_ids: shape {np.shape(image_ids)}, expected ({len(z)},)")
+    if class_names is not None and len(class_names) < logits.shape[1]:
+        raise InputError(f"class_names: {len(class_names)} names for {logits.shape[1]} logit columns")
+    bad = [c for c in categories if isinstance(c, bool) or not isinstance(c, (int, np.integer))]
+    if bad:
+        raise InputError(f"categories: {bad[0]!r} is not a class index (int)")
     check_finite("Z", z)
     check_finite("logits", logits)
     if s.n > z.shape[1]:

@@ -389,3 +389,43 @@ def test_train_explainers_records_the_rule_and_its_choice():
     e = train_explainers(z, logits, labels, [0], "SRAE", s).explainers[0]
     assert e.meta["cv_rule"] == "one_se" and all("val_se" in r for r in e.meta["cv"])
     assert e.meta["hparams"] == select_config(e.meta["cv"], "one_se")["hparams"]
+
+
+@pytest.mark.parametrize("change, what", [
+    ({"n": 0}, "settings.n = 0"), ({"n_pos": 0}, "settings.n_pos = 0"), ({"hidden": (8, 0)}, "settings.hidden"),
+    ({"folds": 0}, "settings.folds"), ({"grid": {"lr": []}}, r"settings.grid\['lr'\]"),
+    ({"grid": {"lr": [-1e-3]}}, r"settings.grid\['lr'\] = \[-0.001\]"), ({"grid": {"lr": [0.0]}}, "must be > 0"),
+    ({"grid": {"beta": [float("nan")]}}, "finite"),
+    ({"cv_rule": "mean"}, "cv_rule"), ({"train": TrainSettings(batch_size=0)}, "train.batch_size"),
+    ({"train": TrainSettings(max_epochs=0)}, "train.max_epochs"), ({"train": TrainSettings(device="gpu")}, "train.device"),
+])
+def test_bad_settings_fail_before_training(change, what):
+    """Settings that trained nonsense (0 positives, negative lr, 1 epoch for 0) or failed deep in
+    torch (ZeroDivisionError, IndexError) are one InputError naming the setting."""
+    from dataclasses import replace
+
+    z, logits, labels = _toy()
+    with pytest.raises(InputError, match=what):
+        train_explainers(z, logits, labels, [0], "SRAE", replace(SMALL, **change))
+
+
+def test_bad_call_arguments_are_named():
+    z, logits, labels = _toy()
+    for kwargs, what in (({"errors": "bogus"}, "errors 'bogus'"), ({"image_ids": np.arange(3)}, "image_ids"),
+                         ({"class_names": ["a"]}, "class_names: 1 names for 3")):
+        with pytest.raises(InputError, match=what):
+            train_explainers(z, logits, labels, [0], "SRAE", SMALL, **kwargs)
+    with pytest.raises(InputError, match="unknown method 'srae'"):
+        train_explainers(z, logits, labels, [0], "srae", SMALL)
+    with pytest.raises(InputError, match="categories: 1.0"):
+        train_explainers(z, logits, labels, [1.0], "SRAE", SMALL)
+    with pytest.raises(InputError, match="labels 1-D"):
+        train_explainers(z, logits, labels[:, None], [0], "SRAE", SMALL)
+    auto = train_explainers(z, logits, labels, [0], "NN", replace_train(SMALL, device="auto"))
+    assert 0 in auto.explainers
+
+
+def replace_train(s, **kw):
+    from dataclasses import replace
+
+    return replace(s, train=replace(s.train, **kw))
