@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from srae.errors import SraeError
+from srae.errors import InputError, SraeError
 
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "meta.json"
@@ -61,6 +62,12 @@ class Explainer:
     def features(self, z) -> np.ndarray:
         """x-features for rows of Z, computed in float64: (M, D) -> (M, n)."""
         h = _as_tensor(z)
+        d = int(self.weights[0].shape[1]) if self.weights else None
+        if h.ndim != 2 or (d is not None and h.shape[1] != d):
+            raise InputError(f"{self.method} explainer (category {self.category}): Z must be (M, {d}), "
+                             f"got {tuple(h.shape)}")
+        if not bool(torch.isfinite(h).all()):
+            raise InputError(f"{self.method} explainer (category {self.category}): Z contains NaN or inf")
         for w, b in zip(self.weights, self.biases):
             h = torch.relu(h @ w.to(torch.float64).T + b.to(torch.float64))
         return h.numpy()
@@ -113,18 +120,22 @@ def load_explainer(directory: Path) -> Explainer:
     d = Path(directory)
     if not is_complete(d):
         raise SraeError(f"no complete explainer at {d} (expected {WEIGHTS_FILE} and {META_FILE})")
-    meta = json.loads((d / META_FILE).read_text())
-    t = load_file(str(d / WEIGHTS_FILE))
-    layers = int(meta["layers"])
-    return Explainer(
-        method=meta["method"],
-        category=int(meta["category"]),
-        weights=[t[f"encoder.{i}.weight"] for i in range(layers)],
-        biases=[t[f"encoder.{i}.bias"] for i in range(layers)],
-        v=t["v"],
-        bias=float(t["bias"][0]),
-        meta=meta,
-    )
+    try:
+        meta = json.loads((d / META_FILE).read_text())
+        t = load_file(str(d / WEIGHTS_FILE))
+        layers = int(meta["layers"])
+        return Explainer(
+            method=meta["method"],
+            category=int(meta["category"]),
+            weights=[t[f"encoder.{i}.weight"] for i in range(layers)],
+            biases=[t[f"encoder.{i}.bias"] for i in range(layers)],
+            v=t["v"],
+            bias=float(t["bias"][0]),
+            meta=meta,
+        )
+    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as exc:  # JSONDecodeError is a ValueError
+        what = f"missing entry {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise SraeError(f"explainer at {d}: unreadable ({what}); delete the folder to retrain it") from None
 
 
 def hparams_key(hparams: dict) -> str:

@@ -133,3 +133,28 @@ def test_lasso_records_whether_it_converged(planted, trained, caplog, monkeypatc
     assert cut.meta["converged"] is False
     assert any("cat0" in r.getMessage() and "max_iter" in r.getMessage() for r in caplog.records)
     assert lasso_sweep(z, logits, d, [0.1])[0]["converged"] is True
+
+
+def test_explainer_inputs_and_damaged_files_are_named(planted, trained, tmp_path):
+    """predict() on NaN rows returned NaN and on the wrong width failed in a matmul; a damaged
+    meta.json / weights file raised JSONDecodeError / SafetensorError / KeyError."""
+    from srae.errors import InputError, SraeError
+
+    z, _, _ = planted
+    e = trained["SRAE"].explainers[0]
+    bad = z[:2].copy()
+    bad[0, 3] = np.nan
+    with pytest.raises(InputError, match="Z contains NaN"):
+        e.predict(bad)
+    with pytest.raises(InputError, match=rf"Z must be \(M, {z.shape[1]}\)"):
+        e.predict(z[:2, :5])
+    good = e.save(tmp_path / "e")
+    for name, damage, what in (("meta.json", "{not json", "JSONDecodeError"), ("weights.safetensors", "garbage", "unreadable"),
+                               ("meta.json", '{"method": "SRAE", "category": 0}', "missing entry 'layers'")):
+        d = tmp_path / f"bad-{name}-{len(damage)}"
+        d.mkdir()
+        for f in ("meta.json", "weights.safetensors"):
+            (d / f).write_bytes((good / f).read_bytes())
+        (d / name).write_text(damage)
+        with pytest.raises(SraeError, match=f"explainer at .*{what}"):
+            load_explainer(d)
