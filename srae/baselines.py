@@ -7,6 +7,7 @@ the neural ones (encoder = one-hot selection rows, a ReLU that is the identity o
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import numpy as np
@@ -49,10 +50,34 @@ def lasso_explainer(model: Lasso, category: int, meta: dict) -> Explainer:
                      torch.as_tensor(coef[sel]), float(model.intercept_), dict(meta, selected_dims=sel.tolist()))
 
 
+def _checked(z, logits, design: SampleDesign, alphas) -> tuple[np.ndarray, np.ndarray]:
+    """Z and logits as float arrays that fit ``design``, and alphas > 0; else one InputError
+    (scikit-learn would fail on these deep inside with its own messages)."""
+    from srae.train import check_finite
+
+    try:
+        z, logits = np.asarray(z, dtype=np.float64), np.asarray(logits, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"Lasso: Z and logits must be numeric arrays ({exc})") from None
+    if z.ndim != 2 or logits.ndim != 2 or len(z) != len(logits):
+        raise InputError(f"Lasso: Z {z.shape} and logits {logits.shape} must be 2-D with the same rows")
+    rows = np.concatenate([design.train_idx, design.test_idx])
+    if rows.size and rows.max() >= len(z) or not 0 <= design.category < logits.shape[1]:
+        raise InputError(f"Lasso: the sample design (category {design.category}) does not fit Z {z.shape} "
+                         f"and logits {logits.shape}")
+    check_finite("Z", z)
+    check_finite("logits", logits)
+    bad = [a for a in alphas if not (isinstance(a, (int, float, np.number)) and math.isfinite(a) and a > 0)]
+    if bad:
+        raise InputError(f"Lasso: alpha {bad[0]!r} must be a finite number > 0")
+    return z, logits
+
+
 def lasso_sweep(z: np.ndarray, logits: np.ndarray, design: SampleDesign, alphas: list[float], *,
                 positive_factor: float = 1.0) -> list[dict]:
     """Table 2a/5: per alpha, the number of selected dims and F_reg/F_cls on train and test
     (positives weighted like :func:`train_lasso`)."""
+    z, logits = _checked(z, logits, design, alphas)
     rows = []
     c = design.category
     for alpha in alphas:
@@ -80,6 +105,7 @@ def train_lasso(
     ``max_features`` dims on the full training set, refit, and return the explainer."""
     if not alphas:
         raise InputError("Lasso needs at least one alpha")
+    z, logits = _checked(z, logits, design, alphas)
     c = design.category
     z_tr, y_tr, pos_tr = z[design.train_idx], logits[design.train_idx, c], design.train_pos
     cv = []

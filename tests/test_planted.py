@@ -158,3 +158,18 @@ def test_explainer_inputs_and_damaged_files_are_named(planted, trained, tmp_path
         (d / name).write_text(damage)
         with pytest.raises(SraeError, match=f"explainer at .*{what}"):
             load_explainer(d)
+
+
+def test_lasso_inputs_are_checked_before_scikit_learn(planted, trained):
+    from srae.errors import InputError
+
+    z, logits, _ = planted
+    d = trained["SRAE"].designs[0]
+    nan_z = z.copy()
+    nan_z[0, 0] = np.nan
+    for args, what in (((z, logits, d, [-0.1]), "alpha -0.1"), ((nan_z, logits, d, [0.1]), "Z has 1 NaN"),
+                       ((z, logits[:10], d, [0.1]), "same rows"), (([[1, "a"]], logits, d, [0.1]), "numeric")):
+        with pytest.raises(InputError, match=what):
+            train_lasso(*args, folds=1)
+    with pytest.raises(InputError, match="alpha nan"):
+        lasso_sweep(z, logits, d, [float("nan")])
