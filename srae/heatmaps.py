@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from srae import stores
 from srae.errors import InputError, SraeError
-from srae.excitation import excitation_maps_multi
+from srae.excitation import excitation_maps_multi, resolve_readout
 from srae.gradcam import gradcam_maps
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def _maps_for(trunk: nn.Sequential, jobs: Sequence[HeatmapJob], x: Tensor, kind:
 
 
 def compute_heatmaps(trunk: nn.Sequential, jobs: Sequence[HeatmapJob], batches: Iterable[Any],
-                     image_ids: Sequence[int] | np.ndarray, *, readout: int,
+                     image_ids: Sequence[int] | np.ndarray, *, readout: int | str,
                      output_size: int | tuple[int, int], kind: str = "c-MWP",
                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                      chunk_rows: int = 1) -> list[Path]:
@@ -240,6 +240,8 @@ def compute_heatmaps(trunk: nn.Sequential, jobs: Sequence[HeatmapJob], batches: 
         raise InputError(f"heatmap kind {kind!r}: expected one of {', '.join(HEATMAP_KINDS)}")
     if not jobs:
         return []
+    # a readout name (e.g. "pool3") like excitation_maps takes; stored as the trunk index
+    readout = resolve_readout(trunk, readout) if isinstance(readout, str) else readout
     ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
     if len(np.unique(ids)) != len(ids):
         raise InputError("image_ids: contains duplicates")

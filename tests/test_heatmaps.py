@@ -175,3 +175,21 @@ def test_selection_encoder_is_checked() -> None:
     expl.weights[0][0, 2] = 0.5
     with pytest.raises(SraeError, match="not a one-hot selection"):
         selected_z_dims(expl)
+
+
+def test_readout_by_name_is_stored_as_its_index(tmp_path) -> None:
+    """compute_heatmaps takes a module name like excitation_maps does (it failed in int())."""
+    trunk, head, enc = _models()
+    from collections import OrderedDict
+
+    named = nn.Sequential(OrderedDict(zip(["conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "flat", "fc6", "relu6"],
+                                   trunk)))
+    x = _images()
+    a = compute_heatmaps(named, _jobs(tmp_path / "a", head, enc), _batches(x, IDS), IDS, readout="pool1", output_size=16)
+    b = compute_heatmaps(trunk, _jobs(tmp_path / "b", head, enc), _batches(x, IDS), IDS, readout=2, output_size=16)
+    for pa, pb in zip(a, b):
+        ha, hb = open_heatmaps(pa), open_heatmaps(pb)
+        assert ha.attrs["readout"] == 2
+        np.testing.assert_array_equal(ha.maps[:], hb.maps[:])
+    with pytest.raises(InputError, match="readout 'pool9'"):
+        compute_heatmaps(named, _jobs(tmp_path / "c", head, enc), _batches(x, IDS), IDS, readout="pool9", output_size=16)
