@@ -195,3 +195,11 @@ def test_object_probabilities_same_and_downsampled_resolution(rng) -> None:
     np.testing.assert_allclose(got[:2].sum(axis=1), 1.0)
     with pytest.raises(InputError, match="num_labels"):
         object_probabilities(maps, labels, 2)
+
+
+def test_zero_maps_give_an_empty_histogram():
+    """n = 0 maps (an explainer with no x-features) is an empty result, not a reshape error."""
+    from srae.metrics.locality import object_probabilities
+
+    assert part_probabilities(np.zeros((0, 4, 4)), np.array([[1.0, 1.0, 1.0]]), None).shape == (0, 2)
+    assert object_probabilities(np.zeros((0, 4, 4)), np.zeros((4, 4), dtype=int)).shape[0] == 0

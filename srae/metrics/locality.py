@@ -95,7 +95,7 @@ class PartGeometry:
         Dividing each row by its map's total afterwards equals normalising the map first (up to
         rounding); an all-zero map gives a zero row.
         """
-        flat = maps.reshape(maps.shape[0], -1).astype(np.float64, copy=False)
+        flat = maps.reshape(maps.shape[0], self.height * self.width).astype(np.float64, copy=False)  # n may be 0
         return self.apply_flat(flat, flat.sum(axis=1))
 
     def apply_flat(self, flat: np.ndarray, total: np.ndarray) -> np.ndarray:
@@ -220,7 +220,7 @@ def object_probabilities(maps: Any, label_map: Any, num_labels: int | None = Non
     k = top if num_labels is None else int(num_labels)
     if top > k:
         raise InputError(f"label_map: label {top - 1} is not below num_labels={k}")
-    flat = arr.reshape(n, -1).astype(np.float64, copy=False)
+    flat = arr.reshape(n, arr.shape[1] * arr.shape[2]).astype(np.float64, copy=False)  # n may be 0
     total = flat.sum(axis=1)
     prob = flat / np.where(total > 0, total, 1.0)[:, None]
     idx = (np.arange(n)[:, None] * k + labels.ravel().astype(np.int64)[None, :]).ravel()
