@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import numbers
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -273,6 +274,8 @@ def build_backbone(name: str, num_classes: int, checkpoint: str | Path | None = 
     """
     if name not in BACKBONES:
         raise InputError(f"backbone {name!r}: expected one of {', '.join(BACKBONES)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise InputError(f"backbone {name}: num_classes must be an integer >= 1, got {num_classes!r}")
     if num_classes < 2:
         raise InputError(f"backbone {name}: num_classes {num_classes} must be >= 2")
     if checkpoint is None and name != "demo_cnn" and pretrained:

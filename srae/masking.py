@@ -127,6 +127,8 @@ def _accuracy(classify: Classifier, images: np.ndarray, labels: np.ndarray) -> f
     logits = np.asarray(classify(images))
     if logits.ndim != 2 or logits.shape[0] != len(labels):
         raise InputError(f"classifier: returned shape {logits.shape} for {len(labels)} images")
+    if len(labels) and (labels.min() < 0 or labels.max() >= logits.shape[1]):  # would just score as wrong
+        raise InputError(f"labels: outside the classifier's classes 0..{logits.shape[1] - 1}")
     return float(np.mean(logits.argmax(axis=1) == labels))
 
 

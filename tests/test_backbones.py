@@ -155,3 +155,12 @@ def test_trunk_and_head_feed_excitation_backprop() -> None:
     assert maps.shape == (2, 2, side, side) and bool((maps >= 0).all())
     by_index = excitation_maps(bb.model, x, [0, 2], readout=bb.readouts[bb.default_readout])
     assert torch.equal(maps, by_index)
+
+
+def test_class_count_must_be_a_positive_integer():
+    from srae.errors import InputError
+
+    for bad in ("3", 0, 2.0, True):
+        with pytest.raises(InputError, match="num_classes must be an integer >= 1"):
+            build_backbone("demo_cnn", bad)
+    assert build_backbone("demo_cnn", np.int64(3), seed=0).num_classes == 3

@@ -87,3 +87,14 @@ def test_backbone_classifier_normalises_and_uses_eval_mode() -> None:
     ref = x.transpose(0, 3, 1, 2).reshape(5, -1) @ model[2].weight.detach().double().numpy().T
     np.testing.assert_allclose(got, ref + model[2].bias.detach().double().numpy(), atol=1e-5)
     assert model.training
+
+
+def test_labels_outside_the_classifiers_classes_are_refused():
+    """A label the classifier cannot output scored as a plain miss; it is a caller's mistake."""
+    from srae.errors import InputError
+    from srae.masking import masking_report
+
+    imgs = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    classify = lambda im: np.tile(np.array([[0.0, 1.0, 0.0]]), (len(im), 1))  # noqa: E731
+    with pytest.raises(InputError, match=r"labels: outside the classifier's classes 0..2"):
+        masking_report(classify, imgs, np.array([1, 7]), {"m": np.ones((2, 1, 8, 8))}, [0.5])

@@ -291,3 +291,10 @@ def test_temporary_directories_of_dead_runs_are_cleaned_live_ones_kept(tmp_path)
     root = make_synthbirds(tmp_path, classes=2, per_class=2, size=32)
     assert _hidden(tmp_path) == sorted([f".CUB_200_2011.tmp-{live}", ".other.tmp-1"])
     assert len(read_cub(root).images) == 4
+
+
+def test_sizes_must_be_integers(tmp_path):
+    from srae.errors import InputError
+
+    with pytest.raises(InputError, match="per_class must be an integer, got 2.5"):
+        make_synthbirds(tmp_path / "b", classes=2, per_class=2.5, size=32)

@@ -34,6 +34,9 @@ MAX_SIZE = 1024  # image side: larger is a typo (and hours of drawing)
 
 
 def _check_sizes(kind: str, classes: int, per_class: int, size: int, train_fraction: float) -> None:
+    for name, v in (("classes", classes), ("per_class", per_class), ("size", size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise InputError(f"{kind}: {name} must be an integer, got {v!r}")
     if classes < 2:
         raise InputError(f"{kind}: need at least 2 classes, got {classes}")
     if per_class < 2:
