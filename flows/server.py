@@ -54,11 +54,12 @@ def _stop(proc: subprocess.Popen) -> None:
     """SIGTERM to the server's session, SIGKILL after 10 s; never raises."""
     if proc.poll() is not None:
         return
+    group = hasattr(os, "killpg")  # POSIX: the whole session; elsewhere the process itself
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM) if group else proc.terminate()
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
         proc.wait()
     except ProcessLookupError:
         pass
