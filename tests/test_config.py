@@ -240,6 +240,8 @@ def test_per_term_l2_weights_are_optional_grid_axes():
 
 
 def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    from srae.config import _UniqueKeyLoader
+
     """PyYAML keeps the last of two equal keys silently: a repeated section dropped the first."""
     p = tmp_path / "dup.yaml"
     p.write_text("explainer:\n  n: 3\nseed: 1\nexplainer:\n  n: 4\n")
@@ -250,6 +252,11 @@ def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
         load_config(p)
     p.write_text("explainer: {n: 3}\nreport: {title: a}\n")  # distinct keys still load
     assert load_config(p).explainer.n == 3
+    # YAML merge keys still work, and a key may override a merged one (YAML's own rule)
+    merged = yaml.load("x: &s {n: 2, hidden: [8]}\nexplainer:\n  <<: *s\n  n: 3\n", Loader=_UniqueKeyLoader)
+    assert merged["explainer"] == {"n": 3, "hidden": [8]}
+    p.write_text("explainer:\n  <<: {n: 2, hidden: [8]}\n  n: 3\n")
+    assert load_config(p).explainer.n == 3 and load_config(p).explainer.hidden == [8]
 
 
 def test_grid_values_must_be_finite():
