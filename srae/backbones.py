@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from srae.devices import resolve_device  # noqa: F401  (srae.backbones.resolve_device, as before)
 from srae.errors import InputError
 from srae.images import IMAGENET_MEAN, IMAGENET_STD, preprocess, preprocessing_dict
 
@@ -95,22 +96,6 @@ class Backbone:
         self.trunk.eval()
         self.head.eval()
         return self
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu; anything else is checked and returned."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from srae.devices import check_device, device_unavailable
-
-    try:
-        check_device(str(device))
-    except ValueError:
-        raise InputError(f"device {str(device)!r}: expected auto, cpu, cuda, cuda:N or mps") from None
-    reason = device_unavailable(str(device))
-    if reason:
-        raise InputError(f"device {device!r}: {reason}")
-    return torch.device(device)
 
 
 def file_sha256(path: str | Path) -> str:

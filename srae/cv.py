@@ -88,9 +88,10 @@ def select_config(rows: list[dict], rule: str = "best") -> dict:
                                     -r["val_criterion"]))
 
 
-def check_settings(s: ExplainerSettings) -> None:
-    """Refuse settings that would train nonsense or fail deep inside torch, in one line each."""
-    from srae.devices import check_device, device_unavailable
+def checked_settings(s: ExplainerSettings) -> ExplainerSettings:
+    """``s`` with its training device resolved ("auto" -> cuda or cpu); settings that would
+    train nonsense or fail deep inside torch are refused, in one line each."""
+    from srae.devices import resolve_device
 
     counts = {"n": s.n, "n_pos": s.n_pos, "n_neg": s.n_neg, "folds": s.folds, "refit_seeds": s.refit_seeds,
               "train.batch_size": s.train.batch_size, "train.max_epochs": s.train.max_epochs,
@@ -115,11 +116,10 @@ def check_settings(s: ExplainerSettings) -> None:
         if key == "lr" and min(vals) <= 0:
             raise InputError(f"settings.grid['lr'] = {vals!r}: learning rates must be > 0")
     try:
-        check_device(str(s.train.device))
-    except ValueError as exc:
-        raise InputError(f"settings.train.device {s.train.device!r}: {exc}") from None
-    if str(s.train.device) != "auto" and (why := device_unavailable(str(s.train.device))):
-        raise InputError(f"settings.train.device {s.train.device!r}: {why}")
+        dev = str(resolve_device(s.train.device))
+    except InputError as exc:
+        raise InputError(f"settings.train.{exc}") from None
+    return s if dev == s.train.device else replace(s, train=replace(s.train, device=dev))
 
 
 def method_configs(method: str, grid: dict[str, list[float]]) -> list[dict[str, float]]:
@@ -204,9 +204,7 @@ def train_explainers(
         spec = method_spec(method)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    check_settings(s)
-    if s.train.device == "auto":
-        s = replace(s, train=replace(s.train, device="cuda" if torch.cuda.is_available() else "cpu"))
+    s = checked_settings(s)
     z = np.asarray(z, dtype=np.float32)
     logits = np.asarray(logits, dtype=np.float32)
     labels = np.asarray(labels)

@@ -74,7 +74,7 @@ def features_from_config(config, *, dataset_root: Path | None = None, checkpoint
     hub cache). Returns the store's path.
     """
     from srae.backbones import build_backbone, load_backbone
-    from srae.devices import check_device
+    from srae.devices import resolve_device
     from srae.features import extract_features
 
     ds, bb_cfg, feat = config.dataset, config.backbone, config.features
@@ -83,10 +83,7 @@ def features_from_config(config, *, dataset_root: Path | None = None, checkpoint
     if num_workers is not None and num_workers < 0:
         raise InputError(f"features: workers {num_workers} must be >= 0")
     if device is not None:
-        try:
-            check_device(device)
-        except ValueError as exc:
-            raise InputError(f"features: device {device!r} {exc}") from None
+        resolve_device(device)  # before the dataset is read and the backbone built
     if store_root is not None and Path(store_root).exists() and not Path(store_root).is_dir():
         raise InputError(f"features: store root {store_root} is a file, not a directory")
     root = Path(dataset_root) if dataset_root is not None else config_dataset_root(ds)

@@ -119,12 +119,10 @@ def atomic_write_parquet(df: Any, path: Path) -> None:
 
 
 def resolve_device(device: str) -> str:
-    """"auto" -> cuda when available, else cpu (torch imported lazily)."""
-    if device != "auto":
-        return device
-    import torch
+    """"auto" -> cuda when available, else cpu; other names checked (srae.devices.resolve_device)."""
+    from srae.devices import resolve_device as resolve
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve(device))
 
 
 def short_error(exc: BaseException) -> str:
