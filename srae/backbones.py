@@ -259,10 +259,8 @@ def build_backbone(name: str, num_classes: int, checkpoint: str | Path | None = 
     """
     if name not in BACKBONES:
         raise InputError(f"backbone {name!r}: expected one of {', '.join(BACKBONES)}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
-        raise InputError(f"backbone {name}: num_classes must be an integer >= 1, got {num_classes!r}")
-    if num_classes < 2:
-        raise InputError(f"backbone {name}: num_classes {num_classes} must be >= 2")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
+        raise InputError(f"backbone {name}: num_classes must be an integer >= 2, got {num_classes!r}")
     if checkpoint is None and name != "demo_cnn" and pretrained:
         checkpoint = _hub_checkpoint(name)
         if not checkpoint.is_file():

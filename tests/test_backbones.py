@@ -160,7 +160,7 @@ def test_trunk_and_head_feed_excitation_backprop() -> None:
 def test_class_count_must_be_a_positive_integer():
     from srae.errors import InputError
 
-    for bad in ("3", 0, 2.0, True):
-        with pytest.raises(InputError, match="num_classes must be an integer >= 1"):
+    for bad in ("3", 0, 1, 2.0, True):
+        with pytest.raises(InputError, match="num_classes must be an integer >= 2"):
             build_backbone("demo_cnn", bad)
     assert build_backbone("demo_cnn", np.int64(3), seed=0).num_classes == 3
