@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,15 +113,9 @@ def fit_stack(
                          "group them with srae.train.stack_groups")
     mb = mbs.pop()
     cats = torch.tensor([m.category for m in members], device=dev)
-    # Rows and weights padded into (B, max n) tables, built on the host and copied once, so one
-    # gather serves all members (per-member device tensors cost a host sync each).
-    row_np = np.zeros((B, max(sizes)), dtype=np.int64)
-    weight_np = np.zeros((B, max(sizes)), dtype=np.float64)
-    for b, m in enumerate(members):
-        row_np[b, : sizes[b]] = m.train_idx
-        weight_np[b, : sizes[b]] = balanced_weights_np(m.train_pos, settings.positive_factor)
-    row_table = torch.as_tensor(row_np, device=dev)
-    weight_table = torch.as_tensor(weight_np, device=dev).to(dt)
+    row_table, weight_table = _padded_tables([m.train_idx for m in members], [m.train_pos for m in members],
+                                             settings.positive_factor, dev)
+    weight_table = weight_table.to(dt)
 
     if settings.normalize:
         # root mean square of each member's training block of Z and of its logits
@@ -251,6 +246,21 @@ def fit_stack(
     return FitResult(model, z_scale, y_scale, best_epoch, best_val, curves, step, revivals)
 
 
+def _padded_tables(rows: list[Sequence[int]], positive: list[Sequence[bool]], positive_factor: float,
+                   dev: str) -> tuple[Tensor, Tensor]:
+    """Members' rows and balanced weights padded into (B, max n) tables (weight 0 = padding),
+    built on the host and copied once, so one gather serves all members (per-member device
+    tensors cost a host sync each)."""
+    width = max(len(r) for r in rows)
+    idx = np.zeros((len(rows), width), dtype=np.int64)
+    wts = np.zeros((len(rows), width), dtype=np.float64)
+    for b, (r, pos) in enumerate(zip(rows, positive)):
+        if len(r):
+            idx[b, : len(r)] = r
+            wts[b, : len(r)] = balanced_weights_np(pos, positive_factor)
+    return torch.as_tensor(idx, device=dev), torch.as_tensor(wts, device=dev)
+
+
 def _gather_scaled(z: Tensor, rows: Tensor, zs: Tensor, dt: torch.dtype) -> Tensor:
     """``z[rows] / zs`` (B, m, D), stored feature-major: a transposed view of a contiguous
     (B, D, m) tensor. The encoder's first layer reads that layout directly, and the
@@ -330,16 +340,10 @@ def stack_groups(members: list[Member], batch_size: int, max_members: int) -> li
 
 def _val_tables(members: list[Member], positive_factor: float, dev: str) -> tuple[Tensor, Tensor, Tensor]:
     """Validation rows and balanced weights padded to (B, max n_val) (weight 0 = padding), and categories."""
-    B = len(members)
-    lengths = [len(m.val_idx) if m.val_idx is not None else 0 for m in members]
-    idx = np.zeros((B, max(lengths)), dtype=np.int64)
-    wts = np.zeros((B, max(lengths)), dtype=np.float64)
-    for b, m in enumerate(members):
-        if lengths[b]:
-            idx[b, : lengths[b]] = m.val_idx
-            wts[b, : lengths[b]] = balanced_weights_np(m.val_pos, positive_factor)
+    idx, wts = _padded_tables([m.val_idx if m.val_idx is not None else () for m in members],
+                              [m.val_pos if m.val_idx is not None else () for m in members], positive_factor, dev)
     cats = torch.tensor([m.category for m in members], device=dev)
-    return torch.as_tensor(idx, device=dev), torch.as_tensor(wts, device=dev), cats
+    return idx, wts, cats
 
 
 @torch.no_grad()
