@@ -45,14 +45,17 @@ _PASS = (nn.ReLU, _DropoutNd, nn.Identity)  # signal passes through unchanged
 Units = Sequence[int] | Tensor | np.ndarray
 
 
+def _children(chain: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+    """The modules of a flat chain (an ``nn.Sequential`` or a list of modules)."""
+    if isinstance(chain, (nn.Sequential, list, tuple)):
+        return list(chain)
+    raise InputError(f"excitation chain: expected a flat nn.Sequential, got {type(chain).__name__} "
+                     "(Grad-CAM works on any network)")
+
+
 def _modules(chain: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     """The chain's modules, each checked against the supported set."""
-    if isinstance(chain, nn.Sequential):
-        mods = list(chain)
-    elif isinstance(chain, (list, tuple)):
-        mods = list(chain)
-    else:
-        raise InputError(f"excitation chain: expected a flat nn.Sequential, got {type(chain).__name__}")
+    mods = _children(chain)
     if not mods:
         raise InputError("excitation chain: the chain is empty")
     for i, m in enumerate(mods):
@@ -79,10 +82,7 @@ def top_affine_index(chain: nn.Module | Sequence[nn.Module]) -> int:
 def resolve_readout(chain: nn.Module | Sequence[nn.Module], readout: int | str | None) -> int:
     """Readout as a module index; ``None`` means the chain input (returned as -1).
     A string is looked up among the child names of a named ``nn.Sequential``."""
-    if isinstance(chain, nn.Module) and not isinstance(chain, nn.Sequential):
-        raise InputError(f"excitation chain: expected a flat nn.Sequential, got {type(chain).__name__} "
-                         "(Grad-CAM works on any network)")
-    n = len(chain)
+    n = len(_children(chain))
     if readout is None:
         return -1
     if isinstance(readout, str):
