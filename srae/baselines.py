@@ -136,5 +136,5 @@ def train_lasso(
         log.warning("%s: Lasso (alpha %g) stopped at max_iter without converging; its selection may "
                     "be rough (raise max_iter or alpha)", meta["class_name"], best["alpha"])
     expl = lasso_explainer(best["model"], c, meta)
-    expl.meta.update(faithfulness_summary(expl, z, logits, design))
+    expl.meta.update(faithfulness_summary(expl, z, logits, design), dead_features=expl.dead_features(z_tr))
     return expl

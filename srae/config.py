@@ -18,7 +18,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -47,10 +47,37 @@ UserPath = Annotated[Path, AfterValidator(lambda p: p.expanduser())]
 MethodName = Literal["SRAE", "NN", "SAE", "CAE", "Lasso"]
 
 
+def _takes_bool(annotation: Any) -> bool:
+    """Whether a field type admits a bool anywhere (or holds a nested model, which checks itself)."""
+    if annotation is bool or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return True
+    return any(_takes_bool(a) for a in get_args(annotation))
+
+
+def _has_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, dict):
+        return any(_has_bool(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_bool(v) for v in value)
+    return False
+
+
 class _Model(BaseModel):
-    """Strict base: unknown keys are errors, assignments are validated."""
+    """Strict base: unknown keys are errors, assignments are validated, and a YAML boolean is
+    never read as a number (pydantic's lax mode would turn ``n: true`` into ``n = 1``)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: Any) -> Any:
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if field is not None and _has_bool(value) and not _takes_bool(field.annotation):
+            shown = str(value).lower() if isinstance(value, bool) else repr(value)
+            raise ValueError(f"got {shown}: a YAML boolean (true/false) is not a valid value here")
+        return value
 
 
 class DatasetConfig(_Model):

@@ -309,7 +309,8 @@ def train_explainers(
         }
         candidates = []
         for res, b in fits[i * seeds : (i + 1) * seeds]:
-            expl = _unstack(res, b, method, c, dict(meta, curve=res.curves[b]["train"]))
+            revived = int(res.revivals[b]) if res.revivals else 0
+            expl = _unstack(res, b, method, c, dict(meta, curve=res.curves[b]["train"], revivals=revived))
             if method == "CAE":
                 expl = _least_squares_v(expl, z[d.train_idx], logits[d.train_idx, c], d.train_pos,
                                         s.train.positive_factor)
@@ -323,7 +324,11 @@ def train_explainers(
             failed[c] = msg
             continue
         mse, expl = min(candidates, key=lambda t: t[0])
+        dead = expl.dead_features(z[d.train_idx])
+        if dead:
+            log.warning("%s: %s x-feature(s) %s fire on no training image (dead); they add nothing to "
+                        "y_bar there, and reports mark them", name_of(c), method, [i + 1 for i in dead])
         expl.meta.update(faithfulness_summary(expl, z, logits, d), refit_train_mse=mse,
-                         refit_candidates=[m for m, _ in candidates])
+                         refit_candidates=[m for m, _ in candidates], dead_features=dead)
         out[c] = expl
     return TrainOutcome(out, failed, designs)

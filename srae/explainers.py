@@ -72,6 +72,17 @@ class Explainer:
             h = torch.relu(h @ w.to(torch.float64).T + b.to(torch.float64))
         return h.numpy()
 
+    def dead_features(self, z) -> list[int]:
+        """Indices of the x-features that are 0 on every row of ``z`` (e.g. the training rows).
+
+        Such an x-feature adds nothing to ``y_bar`` on those rows; its heatmaps still show
+        what would excite it, so reports and figures mark it instead of presenting it as
+        evidence the model used."""
+        e = self.features(z)
+        if e.shape[0] == 0 or e.shape[1] == 0:
+            return []
+        return [int(i) for i in np.flatnonzero(e.max(axis=0) <= 0)]
+
     def predict(self, z) -> np.ndarray:
         """The explainer's approximation of the logit: (M, D) -> (M,)."""
         return self.features(z) @ self.v.to(torch.float64).numpy() + self.bias

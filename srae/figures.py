@@ -66,13 +66,16 @@ def _overlay(image: np.ndarray, heat: np.ndarray, vmax: float, cmap) -> np.ndarr
 def excitation_grid(images: np.ndarray, ebp_maps: np.ndarray | torch.Tensor,
                     xfeature_maps: np.ndarray | torch.Tensor, contributions: np.ndarray, *,
                     predictions: Sequence[float] | np.ndarray | None = None, title: str | None = None,
-                    sort: str = "row", row_labels: Sequence[str] | None = None):
+                    sort: str = "row", row_labels: Sequence[str] | None = None,
+                    dead: Sequence[int] = ()):
     """Build the Fig. 4 grid as a matplotlib Figure (not shown, Agg canvas).
 
     ``images`` uint8 (R, H, W, 3); ``ebp_maps`` (R, H, W) or (R, 1, H, W): ExcitationBP on
     the logit; ``xfeature_maps`` (R, n, H, W); ``contributions`` (R, n) = ``v_i * E_i``;
     ``predictions`` (R,) the logit y-hat printed above the ExcitationBP panel. Every map
-    is drawn normalised to its own maximum (the title says so).
+    is drawn normalised to its own maximum (the title says so). ``dead``: x-features (0-based)
+    that fire on no training image; their panels say so, in grey, so a map of what would
+    excite them is not read as evidence the model used.
     """
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -91,7 +94,13 @@ def excitation_grid(images: np.ndarray, ebp_maps: np.ndarray | torch.Tensor,
         raise InputError(f"figure inputs disagree: {r_n} images, ebp {ebp.shape}, x-features {xm.shape}, "
                          f"contributions {contrib.shape}")
     n = xm.shape[1]
+    dead_set = {int(i) for i in dead}
+    if any(not 0 <= i < n for i in dead_set):
+        raise InputError(f"dead: x-feature indices must be in 0..{n - 1}, got {sorted(dead_set)}")
     order = order_features(contrib, sort)
+    if dead_set:  # dead panels go last, after the negative contributions
+        order = np.array([[i for i in row if i not in dead_set] + [i for i in row if i in dead_set]
+                          for row in order])
     ebp_scale, x_scale = map_scales(ebp), map_scales(xm)
     cmap = colormaps["jet"]
     cell = 1.9
@@ -108,7 +117,10 @@ def excitation_grid(images: np.ndarray, ebp_maps: np.ndarray | torch.Tensor,
         for j, i in enumerate(order[r]):
             ax = axes[r, j + 2]
             ax.imshow(_overlay(images[r], xm[r, i], x_scale[r, i], cmap))
-            ax.set_title(f"x{i + 1}: {contrib[r, i]:.2f}", fontsize=10, fontweight="bold")
+            if i in dead_set:
+                ax.set_title(f"x{i + 1}: dead (0 on training)", fontsize=8, color="0.45")
+            else:
+                ax.set_title(f"x{i + 1}: {contrib[r, i]:.2f}", fontsize=10, fontweight="bold")
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])

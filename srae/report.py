@@ -40,6 +40,8 @@ TABLE_METHODS: tuple[str, ...] = ("SRAE", "NN", "SAE", "Lasso", "CAE", "Z", "Exc
 MAIN_ROWS: tuple[tuple[str, str], ...] = (
     ("F_reg", "train"), ("F_reg", "test"), ("F_cls", "train"), ("F_cls", "test"),
 )
+# Rows after the paper's: x-features per category that fire on no training image.
+EXTRA_ROWS: tuple[tuple[str, str], ...] = (("dead_x", "train"),)
 HEATMAP_METRICS: tuple[str, ...] = ("O1", "O2", "locality")
 ORIGINAL_METRICS: tuple[str, ...] = ("mask_acc@original", "acc_original")  # accuracy on unmasked images
 METRICS_SCHEMA = pa.schema([
@@ -171,7 +173,8 @@ def table_main(df: pd.DataFrame, lasso_alpha: float | None = None) -> pd.DataFra
     categories, is in ``attrs["infinite_categories"]`` (see :func:`infinite_categories`)."""
     df = _headline(validate_metrics(df), lasso_alpha)
     splits = [s for s in ("test", "train") if ((df["metric"].isin(HEATMAP_METRICS)) & (df["split"] == s)).any()]
-    rows = list(MAIN_ROWS) + [(m, s) for m in HEATMAP_METRICS for s in (splits or ["test"])]
+    rows = (list(MAIN_ROWS) + [(m, s) for m in HEATMAP_METRICS for s in (splits or ["test"])]
+            + list(EXTRA_ROWS))
     infinite: list[dict[str, Any]] = []
     means = _category_mean(df, ["metric", "split", "method"], infinite)
     index = pd.MultiIndex.from_tuples(rows, names=["metric", "split"])
@@ -383,7 +386,7 @@ def qualitative_findings(t: pd.DataFrame, faithful_cls: float = 0.95, margin: fl
                                  f"SAE {_f(vals[(o, 'SAE')])}" for o in ("O1", "O2"))
                        + (f" (O2 means over finite categories; O2 = inf, a singular correlation, in "
                           f"{', '.join(inf_notes)} categories, which counts against a method before "
-                          f"its mean)" if inf_notes else "")))
+                          f"its mean{_dead_note(t)})" if inf_notes else "")))
 
     fs, fc, fl = g("F_reg", "test", "SRAE"), g("F_reg", "test", "CAE"), g("F_reg", "test", "Lasso")
     if any(math.isnan(v) for v in (fs, fc, fl)):
@@ -394,6 +397,16 @@ def qualitative_findings(t: pd.DataFrame, faithful_cls: float = 0.95, margin: fl
                        f"test F_reg: SRAE {_f(fs)}, CAE {_f(fc)}, Lasso {_f(fl)}; test F_cls: CAE "
                        f"{_f(g('F_cls', 'test', 'CAE'))}, Lasso {_f(g('F_cls', 'test', 'Lasso'))}"))
     return out
+
+
+def _dead_note(t: pd.DataFrame) -> str:
+    """Dead x-features per category, for the orthogonality evidence: an x-feature whose maps
+    are all zero on the scored images has no correlation, which makes O2 infinite."""
+    dead = {m: _get(t, "dead_x", "train", m) for m in ("SRAE", "NN", "SAE")}
+    if not any(v > 0 for v in dead.values()):
+        return ""
+    return ("; dead x-features (firing on no training image) per category: "
+            + ", ".join(f"{m} {_f(v)}" for m, v in dead.items()))
 
 
 def _f(v: float) -> str:

@@ -162,7 +162,9 @@ def render_html(inp: ReportInputs, tables: dict[str, pd.DataFrame], findings: li
          f"<p><b>{html.escape(summary_line(findings))}</b></p>", _findings_html(findings),
          "<h2>Table 1/3: faithfulness, orthogonality, locality</h2>",
          "<p>Mean over categories. F_cls as a percentage; O1, O2 and locality on positive images "
-         "(lower is better). Z: ExcitationBP on sampled dimensions of Z; ExcitationBP: on y-hat.</p>",
+         "(lower is better). Z: ExcitationBP on sampled dimensions of Z; ExcitationBP: on y-hat. "
+         "dead_x (not in the paper): x-features per category that fire on no training image; they add "
+         "nothing to y-hat, and the figures mark them.</p>",
          to_html_table(R.main_display(tables["main"])), _infinite_note_html(tables["main"]),
          "<h2>Table 2a/5: Lasso alpha sweep</h2>", to_html_table(tables["lasso"]),
          "<h2>Table 2b/4: classification of masked + inpainted images</h2>", to_html_table(tables["masking"])]

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def faithfulness_rows(experiment: str, explainer_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """F_reg / F_cls train+test rows from every explainer's meta.json."""
+    """F_reg / F_cls train+test rows, and the dead x-feature count, from every explainer's meta.json."""
     from srae.explainers import META_FILE
 
     rows = []
@@ -43,6 +43,9 @@ def faithfulness_rows(experiment: str, explainer_results: list[dict[str, Any]]) 
                     if v is not None:
                         rows.append(R.metric_row(experiment, int(cat), res["method"], metric, split, float(v),
                                                  int(meta.get("n_features", 0)), hp))
+            if "dead_features" in meta:  # absent in explainers saved before it was recorded
+                rows.append(R.metric_row(experiment, int(cat), res["method"], "dead_x", "train",
+                                         float(len(meta["dead_features"])), int(meta.get("n_features", 0)), hp))
     return rows
 
 
@@ -95,9 +98,9 @@ def _figure(spec: dict[str, Any]) -> bytes:
     z, logits, _, all_ids = load_feature_arrays(spec["features"])
     pos = {int(i): k for k, i in enumerate(all_ids)}
     sel = [pos[int(i)] for i in ids]
-    contrib = load_explainer(spec["explainer"]).contributions(z[sel])
-    fig = excitation_grid(images, ebp, xmaps, contrib, predictions=logits[sel, spec["category"]],
-                          title=spec["title"])
+    expl = load_explainer(spec["explainer"])
+    fig = excitation_grid(images, ebp, xmaps, expl.contributions(z[sel]), predictions=logits[sel, spec["category"]],
+                          title=spec["title"], dead=expl.meta.get("dead_features", ()))
     return figure_png(fig)
 
 

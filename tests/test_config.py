@@ -263,3 +263,25 @@ def test_grid_values_must_be_finite():
     for bad in (".nan", ".inf"):
         with pytest.raises(SraeError, match="explainer.grid.beta: .*finite"):
             config_from_dict(yaml.safe_load(f"explainer: {{grid: {{beta: [{bad}]}}}}"))
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("explainer: {n: true}", "explainer.n"),
+        ("explainer: {grid: {beta: [0.1, false]}}", "explainer.grid.beta"),
+        ("masking: {gammas: [true]}", "masking.gammas"),
+        ("seed: false", "seed"),
+    ],
+)
+def test_a_yaml_boolean_is_not_read_as_a_number(text, field):
+    # pydantic's lax mode would turn `n: true` into n = 1 without a word
+    with pytest.raises(SraeError, match=rf"^c: {field}: got (true|false|\[.*\]): a YAML boolean"):
+        config_from_dict(yaml.safe_load(text), "c")
+
+
+def test_boolean_fields_still_take_booleans():
+    cfg = config_from_dict(yaml.safe_load("backbone: {pretrained: false, fit: {augment: false}}\n"
+                                          "explainer: {use_dataset_split: true}"))
+    assert cfg.backbone.pretrained is False and cfg.backbone.fit.augment is False
+    assert cfg.explainer.use_dataset_split is True

@@ -42,6 +42,18 @@ def test_panel_titles_sorted_by_contribution() -> None:
                       "image", "ExcitationBP ŷ=4.50", "x3: 8.50", "x1: 3.00", "x2: 2.00"]
 
 
+def test_dead_x_features_are_marked_not_numbered() -> None:
+    images, ebp, xm, contrib = _data()
+    contrib[:, 1] = 0.0  # a dead x-feature contributes nothing anywhere
+    fig = excitation_grid(images, ebp, xm, contrib, dead=[1])
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    # dead panels come last, after the negative contributions
+    assert titles == ["image", "ExcitationBP", "x1: 0.50", "x3: -1.00", "x2: dead (0 on training)",
+                      "image", "ExcitationBP", "x3: 8.50", "x1: 3.00", "x2: dead (0 on training)"]
+    with pytest.raises(InputError, match="dead: x-feature indices must be in 0..2"):
+        excitation_grid(images, ebp, xm, contrib, dead=[3])
+
+
 def test_png_is_written_and_not_blank(tmp_path) -> None:
     images, ebp, xm, contrib = _data()
     out = save_excitation_grid(tmp_path / "fig" / "cat.png", images, ebp, xm, contrib)

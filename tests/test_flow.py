@@ -48,6 +48,9 @@ def test_end_to_end_report_schema_methods_and_faithfulness(tiny_run):
              if int(p.parent.name[3:]) in cats) if m["hparams"]["eta"] in etas]
     assert len(metas) == len(cats)
     assert main.loc[("F_cls", "test"), "SRAE"] == pytest.approx(np.mean([m["F_cls_test"] for m in metas]))
+    # dead x-features: counted per explainer from meta.json, averaged over categories
+    assert main.loc[("dead_x", "train"), "SRAE"] == pytest.approx(np.mean([len(m["dead_features"]) for m in metas]))
+    assert main.loc[("dead_x", "train"), list(FIVE)].notna().all()
     masking = pd.read_parquet(out / "table_masking.parquet")
     assert list(masking["gamma"]) == [0.05, 0.3]
     assert {"Original Image", "Mask by x-features", "Mask by ExcitationBP"} <= set(masking.columns)

@@ -93,3 +93,14 @@ def test_no_x_features_is_a_clear_error() -> None:
         orthogonality(np.zeros((3, 0, 4, 4)))
     with pytest.raises(InputError, match="n=0"):
         OrthogonalityStats(n=0, pixels=16)
+
+
+def test_maps_at_extreme_scales_give_the_same_values(rng) -> None:
+    # Each map is normalised to sum 1, so scaling a map by any positive factor changes nothing;
+    # at 1e+-300 the raw products would overflow or underflow float64 (NaN / LinAlgError before).
+    target = np.array([[1.0, 0.4, 0.1], [0.4, 1.0, -0.3], [0.1, -0.3, 1.0]])
+    maps = maps_with_correlation(target, m=3, h=5, w=4, rng=rng)
+    want1, want2 = o_values(target)
+    for factor in (1e300, 1e-300, 10.0 ** rng.uniform(-300, 300, (3, 3, 1, 1))):
+        o1, o2 = orthogonality(maps * factor)
+        assert o1 == pytest.approx(want1, abs=1e-9) and o2 == pytest.approx(want2, abs=1e-9)

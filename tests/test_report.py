@@ -52,6 +52,9 @@ def long_table() -> pd.DataFrame:
         # concept recovery
         row(0, "SRAE", "concept_recovery", "test", 0.8), row(1, "SRAE", "concept_recovery", "test", 0.4),
         row(1, "NN", "concept_recovery", "test", 0.1),
+        # dead x-features (count per category, from meta.json)
+        row(0, "SRAE", "dead_x", "train", 2.0), row(1, "SRAE", "dead_x", "train", 1.0),
+        row(0, "NN", "dead_x", "train", 0.0),
     ]
     return pd.DataFrame(rows)
 
@@ -60,7 +63,9 @@ def test_table_main_averages_per_category_then_over_categories(long_table):
     t = R.table_main(long_table)
     assert list(t.columns) == ["SRAE", "NN", "SAE", "Lasso", "CAE", "Z", "ExcitationBP"]
     assert list(t.index) == [("F_reg", "train"), ("F_reg", "test"), ("F_cls", "train"), ("F_cls", "test"),
-                             ("O1", "test"), ("O2", "test"), ("locality", "test")]
+                             ("O1", "test"), ("O2", "test"), ("locality", "test"), ("dead_x", "train")]
+    assert t.loc[("dead_x", "train"), "SRAE"] == pytest.approx(1.5)
+    assert t.loc[("dead_x", "train"), "NN"] == 0.0
     assert t.loc[("F_reg", "test"), "SRAE"] == pytest.approx(((0.1 + 0.3) / 2 + 0.6) / 2)  # not (0.1+0.3+0.6)/3
     assert t.loc[("F_reg", "train"), "SRAE"] == pytest.approx(0.1)
     assert t.loc[("F_cls", "test"), "NN"] == pytest.approx(0.99)
@@ -220,6 +225,8 @@ def test_infinite_o2_category_is_left_out_and_counted(tmp_path, long_table):
     # the infinite count is compared first, so the finding does not hold
     assert orth.holds is False
     assert "O2: SRAE 2.5" in orth.evidence and "SRAE 1 of 3, SAE 2 of 2" in orth.evidence
+    # the long table's dead_x rows (SRAE 2 and 1 per category, NN 0, SAE none) explain the inf
+    assert "dead x-features (firing on no training image) per category: SRAE 1.5, NN 0, SAE n/a" in orth.evidence
     # with as many infinite categories as NN (1) and fewer than SAE (2), the finite means decide
     df_nn = df.copy()
     df_nn.loc[(df_nn["method"] == "NN") & (df_nn["metric"] == "O2") & (df_nn["category"] == 1), "value"] = math.inf

@@ -207,6 +207,26 @@ def test_refit_keeps_the_best_fitting_of_several_inits():
         assert e.meta["refit_train_mse"] == pytest.approx(float((w * (e.predict(z[d.train_idx]) - y) ** 2).sum() / w.sum()))
 
 
+def test_dead_x_features_are_found_and_recorded():
+    from srae.explainers import Explainer
+
+    # hand case: x2's bias keeps it below 0 on every row, x1 fires on row 1 only, x3 on all
+    w = torch.tensor([[1.0, -1.0], [1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    b = torch.tensor([0.0, -10.0, 0.5], dtype=torch.float64)
+    e = Explainer("SRAE", 0, [w], [b], torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    z = np.array([[0.0, 1.0], [2.0, 1.0], [1.0, 3.0]])
+    assert e.dead_features(z) == [1]
+    assert e.dead_features(z[:1]) == [0, 1]  # only row 0: x1 = relu(0 - 1) = 0 as well
+    assert e.dead_features(z[:0]) == []
+    # training records the x-features that are 0 on the whole training set, and the revivals
+    z, logits, labels = _toy()
+    out = train_explainers(z, logits, labels, [0, 2], "SRAE", SMALL)
+    for c, ex in out.explainers.items():
+        feats = ex.features(z[out.designs[c].train_idx])
+        assert ex.meta["dead_features"] == [int(i) for i in np.flatnonzero(feats.max(axis=0) == 0)]
+        assert isinstance(ex.meta["revivals"], int) and ex.meta["revivals"] >= 0
+
+
 def test_a_member_trains_the_same_alone_or_in_any_stack():
     """Own minibatches, own epoch boundaries, own early stopping: stack-mates change nothing."""
     g = np.random.default_rng(11)

@@ -72,7 +72,13 @@ class OrthogonalityStats:
         inv = np.where(nonzero, 1.0 / np.where(nonzero, total, 1.0), 0.0)
         used = nonzero.astype(np.float64)
         c = 1.0 / self.pixels
-        gram = (flat @ flat.T) * np.outer(inv, inv)
+        live = total[nonzero]
+        if live.size and (live.max() > 1e100 or live.min() < 1e-100):
+            # Raw products would overflow (or underflow) float64: normalise the rows first.
+            s = flat * inv[:, None]
+            gram = s @ s.T
+        else:
+            gram = (flat @ flat.T) * np.outer(inv, inv)
         self.gram += gram - c * (used[:, None] + used[None, :]) + c
         self.total += used - 1.0
         self.count += self.pixels
