@@ -109,8 +109,9 @@ def check_devices(cfg: ExperimentConfig) -> None:
 
 def check_paths(cfg: ExperimentConfig) -> None:
     """Fail in one line, before Prefect starts, when a directory the run writes cannot be one
-    (a file is in the way, or the nearest existing parent is not writable), or the given
-    backbone checkpoint is missing; otherwise such a run fails only late, after the work."""
+    (a file is in the way, or the nearest existing parent is not writable), the given
+    backbone checkpoint is missing, or a real dataset is absent with download off; otherwise
+    such a run fails only late, after the work (or after starting Prefect)."""
     dirs = {"cache_dir": cfg.cache_dir, "report.out_dir": cfg.report.out_dir, "dataset.root": cfg.dataset.root}
     for field, path in dirs.items():
         path = Path(path)
@@ -124,6 +125,17 @@ def check_paths(cfg: ExperimentConfig) -> None:
     ckpt = cfg.backbone.checkpoint
     if ckpt is not None and not Path(ckpt).is_file():
         raise SraeError(f"backbone.checkpoint: {ckpt} is not a file")
+    ds = cfg.dataset
+    if not ds.kind.startswith("synth") and not ds.download:  # nothing will fetch it: it must be there
+        from srae.datasets.common import find_dataset_dir
+
+        try:
+            find_dataset_dir(ds.kind, ds.root)
+        except SraeError:
+            raise SraeError(f"dataset.root: no {ds.kind} dataset under {ds.root} and dataset.download "
+                            "is false") from None
+        if ds.places_root is not None and not Path(ds.places_root).exists():
+            raise SraeError(f"dataset.places_root: {ds.places_root} does not exist and dataset.download is false")
 
 
 def _drop_tracebacks(record: logging.LogRecord) -> bool:

@@ -252,6 +252,8 @@ def test_unusable_output_paths_fail_before_the_run(tmp_path, capsys):
         ({"cache_dir": str(afile / "cache")}, f"cache_dir: {afile / 'cache'} cannot be created: {afile} is a file"),
         ({"dataset": {"root": str(afile / "d")}}, "dataset.root:"),
         ({"backbone": {"checkpoint": str(tmp_path / "none.pt")}}, "backbone.checkpoint:"),
+        ({"dataset": {"kind": "cub", "download": False}},
+         f"dataset.root: no cub dataset under {tmp_path / 'data'} and dataset.download is false"),
     ]
     for data, expected in cases:
         base = {"cache_dir": str(tmp_path / "cache"), "report": {"out_dir": str(tmp_path / "r")},
