@@ -34,6 +34,9 @@ if [ -n "$missing" ] && [ -n "$links" ]; then
 fi
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+# The CPU topology decides what 1 -> 16 Dask workers can reach (16 vCPUs may be 8 cores x 2 threads).
+lscpu > "$OUT/lscpu.txt" 2>&1 || true
+grep -E "^(Model name|CPU\(s\)|Thread|Core|Socket)" "$OUT/lscpu.txt" || true
 # Trainer at paper size (issue 2), excitation at VGG19 pool3 (issue 4), VGG19 extraction (issue 3),
 # Dask 1 -> 16 workers (issue 5). A failing benchmark is recorded and the others still run.
 # First the library's stages on CUDA against the CPU (benchmarks/gpu_smoke.py, under a minute).
