@@ -49,7 +49,7 @@ MethodName = Literal["SRAE", "NN", "SAE", "CAE", "Lasso"]
 
 def _takes_bool(annotation: Any) -> bool:
     """Whether a field type admits a bool anywhere (or holds a nested model, which checks itself)."""
-    if annotation is bool or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+    if annotation in (bool, Any, object) or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
         return True
     return any(_takes_bool(a) for a in get_args(annotation))
 

@@ -382,9 +382,13 @@ def dask_client(address: str | None = None, n_workers: int | None = None,
     # and numeric, so the workers of our own LocalCluster keep glibc's default behaviour.
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    # Status servers on loopback, any free port: the defaults bind the scheduler's to port 8787
+    # (a second cluster, e.g. a notebook's, makes distributed warn that it is taken) and, with
+    # processes=False, bind both the scheduler's and the workers' to the machine's network address.
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
         cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=processes,
-                               dashboard_address=None)
+                               dashboard_address="127.0.0.1:0", worker_dashboard_address="127.0.0.1:0")
+    log.debug("Dask LocalCluster: %d worker(s), status page %s", workers, cluster.dashboard_link)
     with cluster, Client(cluster) as client:
         yield client
 

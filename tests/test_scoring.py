@@ -212,3 +212,20 @@ def test_chunk_specs_carry_absolute_paths(tmp_path, rng, monkeypatch) -> None:
     masks = [m for s in specs for m in s.mask_paths]
     assert len(masks) == 5 and all(Path(m).is_absolute() for m in masks)
     assert [Path(m).resolve() for m in masks] == [(tmp_path / "data" / f"r{k}_seg.png").resolve() for k in range(5)]
+
+
+def test_local_clusters_keep_status_servers_on_loopback_and_free_ports():
+    """Two scoring clusters at once (two runs, or a notebook's cluster on 8787) must not fight
+    over port 8787, and an in-process cluster must not listen on the machine's network address."""
+    import warnings
+
+    from srae.scoring import dask_client
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with dask_client(n_workers=1, processes=False) as a, dask_client(n_workers=1, processes=False) as b:
+            servers = [a.cluster.scheduler.http_server, b.cluster.scheduler.http_server]
+            servers += [w.http_server for c in (a, b) for w in c.cluster.workers.values()]
+            assert {s.address for s in servers} == {"127.0.0.1"}
+            assert servers[0].port != servers[1].port
+    assert not [w for w in caught if "already in use" in str(w.message)]
