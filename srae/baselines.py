@@ -67,6 +67,12 @@ def _checked(z, logits, design: SampleDesign, alphas) -> tuple[np.ndarray, np.nd
                          f"and logits {logits.shape}")
     check_finite("Z", z)
     check_finite("logits", logits)
+    if z.size and z.min() < 0:
+        # The explainer reads each selected dim through a ReLU (Z is post-ReLU fc6), so with
+        # negative values it would not be the model that was fitted.
+        raise InputError(f"Lasso: Z has negative values (min {z.min():.4g}); Lasso's x-features are Z dims "
+                         "after the fc6 ReLU, so Z must be >= 0")
+    alphas = list(np.ravel(alphas)) if isinstance(alphas, np.ndarray) else list(alphas)
     bad = [a for a in alphas if not (isinstance(a, (int, float, np.number)) and math.isfinite(a) and a > 0)]
     if bad:
         raise InputError(f"Lasso: alpha {bad[0]!r} must be a finite number > 0")
@@ -103,9 +109,14 @@ def train_lasso(
 ) -> Explainer:
     """Pick alpha by k-fold CV (balanced validation MSE) among alphas selecting at most
     ``max_features`` dims on the full training set, refit, and return the explainer."""
-    if not alphas:
+    if len(alphas) == 0:  # also a numpy array (np.logspace is the natural notebook input)
         raise InputError("Lasso needs at least one alpha")
     z, logits = _checked(z, logits, design, alphas)
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 1:
+        raise InputError(f"Lasso: folds {folds!r} must be an int >= 1 (1: no cross-validation)")
+    if folds > len(design.train_idx):
+        raise InputError(f"Lasso: {folds} folds need at least {folds} training rows, "
+                         f"category {design.category} has {len(design.train_idx)}")
     c = design.category
     z_tr, y_tr, pos_tr = z[design.train_idx], logits[design.train_idx, c], design.train_pos
     cv = []
@@ -121,7 +132,11 @@ def train_lasso(
             errs.append(float(np.sum(w * (m.predict(z_tr[val]) - y_tr[val]) ** 2) / w.sum()))
         cv.append({"alpha": alpha, "n_selected": n_sel, "val_criterion": float(np.mean(errs)) if errs else float("nan"),
                    "model": full})
-    allowed = [r for r in cv if max_features is None or r["n_selected"] <= max_features] or [max(cv, key=lambda r: r["alpha"])]
+    allowed = [r for r in cv if max_features is None or r["n_selected"] <= max_features]
+    if not allowed:
+        allowed = [max(cv, key=lambda r: r["alpha"])]
+        log.warning("%s: no alpha selects at most %d dims; using the sparsest, alpha %g with %d (add larger alphas)",
+                    class_name or f"category {c}", max_features, allowed[0]["alpha"], allowed[0]["n_selected"])
     best = min(allowed, key=lambda r: r["val_criterion"] if np.isfinite(r["val_criterion"]) else -r["alpha"])
     meta = {
         "class_name": class_name or f"category {c}",

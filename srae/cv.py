@@ -205,6 +205,9 @@ def train_explainers(
     except ValueError as exc:
         raise InputError(str(exc)) from None
     s = checked_settings(s)
+    if isinstance(categories, (int, np.integer, str)):
+        raise InputError(f"categories: expected a list of class indices, got {categories!r}")
+    z, logits, labels = (a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a for a in (z, logits, labels))
     z = np.asarray(z, dtype=np.float32)
     logits = np.asarray(logits, dtype=np.float32)
     labels = np.asarray(labels)
@@ -213,6 +216,11 @@ def train_explainers(
                          "(Z and logits 2-D, labels 1-D)")
     if image_ids is not None and np.shape(image_ids) != (len(z),):
         raise InputError(f"image_ids: shape {np.shape(image_ids)}, expected ({len(z)},)")
+    if s.use_dataset_split:
+        if splits is None:
+            raise InputError("use_dataset_split is set, but no splits array (train/test per row) was given")
+        if np.shape(splits) != (len(z),):
+            raise InputError(f"splits: shape {np.shape(splits)}, expected ({len(z)},)")
     if class_names is not None and len(class_names) < logits.shape[1]:
         raise InputError(f"class_names: {len(class_names)} names for {logits.shape[1]} logit columns")
     bad = [c for c in categories if isinstance(c, bool) or not isinstance(c, (int, np.integer))]

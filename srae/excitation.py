@@ -321,11 +321,18 @@ def check_input(x: Tensor, model: nn.Module | Sequence[nn.Module], what: str = "
         raise InputError(f"{what} input x: expected a batched tensor (B, ...)")
     if not x.is_floating_point():
         raise InputError(f"{what} input x: expected normalised float images, got {x.dtype}")
-    if not bool(torch.isfinite(x.sum())):  # one reduction, one sync
-        raise InputError(f"{what} input x: contains NaN or inf")
+    if x.shape[0] == 0:
+        raise InputError(f"{what} input x: empty batch (B = 0)")
     mods = [model] if isinstance(model, nn.Module) else list(model)
     param = next((q for m in mods for q in m.parameters()), None)
-    return x.to(param.dtype) if param is not None and param.dtype != x.dtype else x
+    cast = x.to(param.dtype) if param is not None and param.dtype != x.dtype else x
+    # One float64 reduction (one sync) proves every entry finite; only when it overflows (values
+    # near the dtype's limit, e.g. a float16 batch summing past 65504) are the entries checked.
+    # Checked after the cast: a float64 1e300 is inf in a float32 network.
+    if not bool(torch.isfinite(cast.sum(dtype=torch.float64))) and not bool(torch.isfinite(cast).all()):
+        cast_note = f" (after the cast to the model's {cast.dtype})" if cast is not x else ""
+        raise InputError(f"{what} input x: contains NaN or inf{cast_note}")
+    return cast
 
 
 def excitation_signals(chain: nn.Module | Sequence[nn.Module], x: Tensor, units: Units, *,
@@ -359,6 +366,8 @@ def resize_maps(maps: Tensor, output_size: int | tuple[int, int] | None) -> Tens
     if output_size is None:
         return maps
     size = _pair(output_size)
+    if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in size):
+        raise InputError(f"output_size {output_size!r}: expected a positive int or (H, W) pair of them")
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)

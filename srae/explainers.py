@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -106,7 +107,7 @@ class Explainer:
         meta = dict(self.meta, method=self.method, category=int(self.category), n_features=self.n_features,
                     layers=len(self.weights))
         tmp = directory / (META_FILE + tag)
-        tmp.write_text(json.dumps(meta, indent=1, default=_json_default))
+        tmp.write_text(json.dumps(_strict_json(meta), indent=1, default=_json_default, allow_nan=False))
         tmp.replace(directory / META_FILE)
         return directory
 
@@ -119,6 +120,20 @@ def _json_default(obj):
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _strict_json(obj):
+    """``obj`` with NaN / inf floats as None (null): bare ``NaN`` is not JSON, and strict
+    parsers (browsers, jq, other languages) reject the file. E.g. F_reg_test of an empty test set."""
+    if isinstance(obj, np.ndarray):
+        obj = obj.tolist()
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    if isinstance(obj, (float, np.floating)) and not math.isfinite(float(obj)):
+        return None
+    return obj
 
 
 def is_complete(directory: Path) -> bool:

@@ -11,6 +11,7 @@ their maximum off the CPU result (the weighted channel sum cancels), where c-MWP
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -32,6 +33,8 @@ def find_module(model: nn.Module, readout: int | str | nn.Module) -> nn.Module:
             return model.get_submodule(readout)
         except AttributeError as exc:
             raise InputError(f"readout {readout!r}: no submodule of that name in the model") from exc
+    if isinstance(readout, np.integer):  # e.g. an index taken from a numpy array, as excitation_maps allows
+        readout = int(readout)
     if isinstance(readout, int) and not isinstance(readout, bool):
         if not isinstance(model, nn.Sequential):
             raise InputError(f"readout {readout}: an index needs an nn.Sequential model; "

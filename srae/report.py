@@ -76,7 +76,10 @@ def validate_metrics(df: pd.DataFrame) -> pd.DataFrame:
             raise InputError(f"metrics table: column {col!r} has empty values")
         out[col] = out[col].astype(str)
     try:
-        out["category"] = out["category"].astype("int64")
+        cat = pd.to_numeric(out["category"])
+        if cat.isna().any() or (cat != cat.round()).any():
+            raise ValueError(f"category {cat[cat.isna() | (cat != cat.round())].iloc[0]} is not a class index")
+        out["category"] = cat.astype("int64")
         out["value"] = out["value"].astype("float64")
         out["n_features"] = out["n_features"].astype("Int64")
     except (TypeError, ValueError) as exc:
@@ -243,7 +246,11 @@ def table_masking(df: pd.DataFrame) -> pd.DataFrame:
     masked = df[df["metric"].str.startswith("mask_acc@") & ~is_orig].copy()
     if masked.empty:
         return pd.DataFrame(index=pd.Index([], name="gamma"), dtype="float64")
-    masked["gamma"] = masked["metric"].str.slice(len("mask_acc@")).astype(float)
+    masked["gamma"] = pd.to_numeric(masked["metric"].str.slice(len("mask_acc@")), errors="coerce")
+    bad = masked.loc[masked["gamma"].isna(), "metric"]
+    if len(bad):
+        raise InputError(f"metrics table: masking metric {bad.iloc[0]!r} is not mask_acc@<gamma> or "
+                         "mask_acc@original")
     order = [m for m in TABLE_METHODS if m in set(masked["method"])]
     order += sorted(set(masked["method"]) - set(order))
     gammas = sorted(masked["gamma"].unique())

@@ -9,6 +9,7 @@ with the wall time of each pipeline stage.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import logging
 import math
@@ -239,7 +240,8 @@ def build_report(inp: ReportInputs) -> Path:
     out = Path(inp.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = inp.metrics if len(inp.metrics.columns) else pd.DataFrame(columns=list(R.METRIC_COLUMNS))
-    inp.metrics = R.validate_metrics(metrics)
+    # a copy: the caller's inputs (metrics, notes) stay as they were
+    inp = dataclasses.replace(inp, metrics=R.validate_metrics(metrics), notes=list(inp.notes))
     R.write_metrics(inp.metrics, out / "metrics.parquet")
     tables = derive_tables(inp)
     names = {"main": "table_main", "lasso": "table_lasso_sweep", "masking": "table_masking",

@@ -47,7 +47,8 @@ def design_samples(
 
     With ``splits`` (array of "train"/"test"), positives and negatives come from the dataset's own
     split instead of one pool. When a class has too few positives, about 5/6 go to training and at
-    least one to test (if there are two or more). Negatives shrink proportionally when scarce.
+    least one to test (if there are two or more). Negatives shrink proportionally when scarce,
+    keeping at least one on each side that asks for any.
     """
     labels = np.asarray(labels)
     name = category_name or f"category {category}"
@@ -81,6 +82,12 @@ def design_samples(
         want = n_neg + n_test_neg
         if neg.size < want:
             k_tr = int(math.floor(neg.size * n_neg / max(want, 1)))
+            # Rounding must not leave either side empty: a model trained on positives alone
+            # learns nothing about the class boundary (n_neg=5 beside n_test_neg=2000 gave 0).
+            if n_neg > 0:
+                k_tr = max(k_tr, 1)
+            if n_test_neg > 0 and neg.size >= 2:
+                k_tr = min(k_tr, neg.size - 1)
             tr_neg, te_neg = neg[:k_tr], neg[k_tr:]
         else:
             tr_neg, te_neg = neg[:n_neg], neg[n_neg:want]

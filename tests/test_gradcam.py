@@ -134,3 +134,24 @@ def test_grad_contexts_dtypes_and_bad_inputs():
             gradcam_maps(m, bad, [0], readout="layer4")
     with pytest.raises(InputError, match="expected a flat nn.Sequential, got ResNet"):
         excitation_maps(m, x, [0], readout=None)
+
+
+def test_half_batches_large_values_empty_batches_and_numpy_readouts():
+    """A float16 batch of ordinary images sums past float16's max (65504): it is still finite and
+    gives the float32 result; a float64 value beyond float32's range is named after the cast;
+    an empty batch is named; a numpy index works as a readout, as in excitation_maps."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                        nn.Linear(16, 3))
+    x = torch.rand(2, 3, 224, 224)
+    half = x.half()
+    assert float(half.float().sum()) > 65504
+    for fn in (excitation_maps, gradcam_maps):
+        assert torch.equal(fn(net, half, [0], readout=0), fn(net, half.float(), [0], readout=0))
+        assert torch.equal(fn(net, x, [1], readout=np.int64(0)), fn(net, x, [1], readout=0))
+        with pytest.raises(InputError, match=r"contains NaN or inf \(after the cast to the model's torch.float32\)"):
+            fn(net, x.double() * 1e300, [0], readout=0)
+        with pytest.raises(InputError, match=r"empty batch \(B = 0\)"):
+            fn(net, x[:0], [0], readout=0)
+    with pytest.raises(InputError, match="output_size 0: expected a positive int"):
+        excitation_maps(net, x, [0], readout=0, output_size=0)

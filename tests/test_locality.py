@@ -146,6 +146,30 @@ def test_accepts_torch_and_rejects_bad_input(rng) -> None:
         part_probabilities(maps[0], parts, bbox)
 
 
+def test_extreme_scales_bfloat16_and_empty_label_maps(rng) -> None:
+    """Maps are normalised to sum 1, so a map near float64's limit (whose sum overflows) gives
+    the same probabilities as at scale 1, not NaN rows; bfloat16 tensors are read; an empty
+    label map is named."""
+    import warnings
+
+    maps, parts, bbox = random_case(rng, 9, 7, n=3, num_parts=4)
+    ref = brute_part_probabilities(maps, parts, bbox)
+    labels = rng.integers(0, 5, (9, 7))
+    obj = object_probabilities(maps, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warnings either
+        big = maps * 1e308
+        big[1] = maps[1]  # one map at an ordinary scale beside them
+        np.testing.assert_allclose(part_probabilities(big, parts, bbox), ref, atol=1e-12)
+        np.testing.assert_allclose(object_probabilities(big, labels), obj, atol=1e-12)
+    half = torch.from_numpy(maps).bfloat16()
+    np.testing.assert_allclose(part_probabilities(half, parts, bbox),
+                               brute_part_probabilities(half.float().numpy().astype(np.float64), parts, bbox),
+                               atol=1e-9)
+    with pytest.raises(InputError, match=r"label_map: is empty \(shape \(0, 7\)\)"):
+        object_probabilities(maps, np.zeros((0, 7), dtype=np.int64))
+
+
 def test_entropy_hand_values() -> None:
     got = entropy(np.array([[1.0, 1.0, 0.0], [0.0, 5.0, 0.0], [1.0, 2.0, 1.0], [0.0, 0.0, 0.0]]))
     assert got[0] == pytest.approx(math.log(2), abs=1e-12)

@@ -100,6 +100,18 @@ def test_explainer_roundtrip_and_encoder_export(planted, trained, tmp_path):
     np.testing.assert_allclose(feats, loaded.features(rows), rtol=1e-4, atol=1e-5)
     # contributions sum to the prediction (no predictor bias by default)
     np.testing.assert_allclose(loaded.contributions(rows).sum(1), loaded.predict(rows), rtol=1e-9, atol=1e-9)
+    # non-finite meta values (e.g. F_reg on an empty test set) are written as null: strict JSON
+    import json
+
+    e.meta.update(F_reg_test=float("nan"), extra=np.array([1.0, np.inf]))
+    try:
+        path = e.save(tmp_path / "nan")
+    finally:
+        del e.meta["extra"]
+        e.meta["F_reg_test"] = loaded.meta["F_reg_test"]
+    text = (path / "meta.json").read_text()
+    meta = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in meta.json"))
+    assert meta["F_reg_test"] is None and meta["extra"] == [1.0, None]
 
 
 def test_lasso_sweep_weights_positives_like_train_lasso(planted, trained):
@@ -173,3 +185,21 @@ def test_lasso_inputs_are_checked_before_scikit_learn(planted, trained):
             train_lasso(*args, folds=1)
     with pytest.raises(InputError, match="alpha nan"):
         lasso_sweep(z, logits, d, [float("nan")])
+    with pytest.raises(InputError, match="Z has negative values"):
+        train_lasso(z - 0.5, logits, d, [0.1], folds=1)  # the ReLU'd explainer would not be the fitted model
+    for folds in (0, -1, 2.5, True, len(d.train_idx) + 1):
+        with pytest.raises(InputError, match="folds"):
+            train_lasso(z, logits, d, [0.1], folds=folds)
+
+
+def test_lasso_takes_numpy_alphas_and_says_when_max_features_cannot_hold(planted, trained, caplog):
+    z, logits, _ = planted
+    d = trained["SRAE"].designs[0]
+    alphas = np.array([0.05, 0.5])
+    a = train_lasso(z, logits, d, alphas, folds=2, seed=1)
+    b = train_lasso(z, logits, d, alphas.tolist(), folds=2, seed=1)
+    assert a.meta["hparams"] == b.meta["hparams"] and torch.equal(a.v, b.v)
+    with caplog.at_level("WARNING", logger="srae.baselines"):
+        e = train_lasso(z, logits, d, [1e-4], folds=1, max_features=0, class_name="finch")
+    assert e.n_features > 0
+    assert "finch: no alpha selects at most 0 dims; using the sparsest, alpha 0.0001" in caplog.text

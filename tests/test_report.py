@@ -120,6 +120,15 @@ def test_validate_metrics_errors(long_table):
     with pytest.raises(InputError, match="split must be train/test"):
         R.validate_metrics(bad)
     assert json.loads(R.validate_metrics(long_table)["hparams"].iloc[16]) == {"alpha": 0.5, "sweep": False}
+    frac = long_table.astype({"category": "float64"})
+    frac.loc[3, "category"] = 1.5  # used to become category 1 without a word
+    with pytest.raises(InputError, match="category 1.5 is not a class index"):
+        R.validate_metrics(frac)
+    assert R.validate_metrics(long_table.astype({"category": "float64"}))["category"].tolist() == \
+        long_table["category"].tolist()
+    odd = pd.concat([long_table, pd.DataFrame([row(0, "SRAE", "mask_acc@abc", "test", 0.5)])], ignore_index=True)
+    with pytest.raises(InputError, match="masking metric 'mask_acc@abc' is not mask_acc@<gamma>"):
+        R.table_masking(odd)
 
 
 def _main(**cols) -> pd.DataFrame:
@@ -173,6 +182,7 @@ def test_build_report_writes_everything(tmp_path, long_table):
     for name in ("table_lasso_sweep", "table_masking", "table_concepts", "table_per_category"):
         assert (tmp_path / "rep" / f"{name}.parquet").is_file() and (tmp_path / "rep" / f"{name}.md").is_file()
     # an empty run still yields a report that says so
+    assert inp.metrics is long_table and inp.notes == []  # the caller's inputs are left alone
     empty = build_report(ReportInputs("exp", pd.DataFrame(), tmp_path / "empty"))
     assert "0 categories scored" in empty.read_text()
     assert to_markdown(pd.DataFrame()) == "_(no data)_\n"

@@ -93,6 +93,14 @@ def test_design_counts_and_disjointness():
     # scarce positives: about 5/6 train, at least one test
     d2 = design_samples(labels, 1, n_pos=100, n_neg=10, n_test_neg=10, seed=0)
     assert d2.counts()["train_pos"] == 33 and d2.counts()["test_pos"] == 7
+    # scarce negatives (160 < 5 + 2000 asked): proportional shrink, but
+    # never rounded down to no training negative; and never all of them in training
+    d3 = design_samples(labels, 2, n_pos=30, n_neg=5, n_test_neg=2000, seed=0)
+    assert d3.counts()["train_neg"] == 1 and d3.counts()["test_neg"] == 159
+    d4 = design_samples(labels, 2, n_pos=30, n_neg=2000, n_test_neg=1, seed=0)
+    assert d4.counts()["train_neg"] == 159 and d4.counts()["test_neg"] == 1
+    d5 = design_samples(labels, 2, n_pos=30, n_neg=100, n_test_neg=100, seed=0)  # floor(160/2) each
+    assert d5.counts()["train_neg"] == 80 and d5.counts()["test_neg"] == 80
     folds = stratified_folds(d.train_pos, 3, seed=1)
     assert sorted(np.concatenate(folds).tolist()) == list(range(len(d.train_idx)))
     assert all(abs(d.train_pos[f].sum() - 10) <= 1 for f in folds)
@@ -136,6 +144,13 @@ def test_bad_input_names_the_array_or_category():
     labels0[labels0 == 1] = 0
     with pytest.raises(InputError, match="warbler: no positive samples"):
         train_explainers(z, logits, labels0, [1], "SRAE", SMALL, class_names=["a", "warbler", "c"])
+    with pytest.raises(InputError, match="categories: expected a list of class indices, got 0"):
+        train_explainers(z, logits, labels, 0, "SRAE", SMALL)
+    split_settings = ExplainerSettings(**{**SMALL.__dict__, "use_dataset_split": True})
+    with pytest.raises(InputError, match="use_dataset_split is set, but no splits array"):
+        train_explainers(z, logits, labels, [0], "SRAE", split_settings)
+    with pytest.raises(InputError, match=r"splits: shape \(5,\), expected \(300,\)"):
+        train_explainers(z, logits, labels, [0], "SRAE", split_settings, splits=np.array(["train"] * 5))
     big = ExplainerSettings(**{**SMALL.__dict__, "n": 13})
     with pytest.raises(InputError, match="n = 13 x-features is larger than the Z dimension D = 12"):
         train_explainers(z, logits, labels, [0], "SRAE", big)
@@ -193,6 +208,14 @@ def test_fixed_epoch_members_stop_at_their_own_budget():
     assert res.steps == 5 * 3  # 96 rows / 32 per step = 3 steps per epoch
     assert [len(c["train"]) for c in res.curves] == [2, 5]
     assert res.best_epoch == [2, 5]
+
+
+def test_torch_inputs_with_grad_train_like_numpy():
+    z, logits, labels = _toy()
+    ref = train_explainers(z, logits, labels, [1], "NN", SMALL).explainers[1]
+    got = train_explainers(torch.tensor(z, requires_grad=True), torch.tensor(logits), torch.tensor(labels),
+                           [1], "NN", SMALL).explainers[1]
+    assert torch.equal(ref.v, got.v) and all(torch.equal(a, b) for a, b in zip(ref.weights, got.weights))
 
 
 def test_refit_keeps_the_best_fitting_of_several_inits():

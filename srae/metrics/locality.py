@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 def as_numpy(x: Any, name: str) -> np.ndarray:
     """Return ``x`` (numpy array or torch tensor) as a numpy array without importing torch."""
     if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+            x = x.float()
+        x = x.numpy()
     try:
         return np.asarray(x)
     except Exception as exc:  # noqa: BLE001 - anything unconvertible is a user error
@@ -44,7 +47,9 @@ def check_maps(maps: Any, ndim: int, name: str = "maps") -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
         raise InputError(f"{name}: expected real numbers, got dtype {arr.dtype}")
     if arr.size:
-        check_values(arr, float(arr.sum(dtype=np.float64)), name)
+        with np.errstate(over="ignore"):  # an overflowing sum only triggers the full check
+            total = float(arr.sum(dtype=np.float64))
+        check_values(arr, total, name)
     return arr
 
 
@@ -179,9 +184,24 @@ def part_probabilities(maps: Any, parts: Any, bbox: Any) -> np.ndarray:
     ``sum_{G_p} (1 - dbar) * S`` over the Voronoi cell of visible part ``p`` inside the bbox
     (invisible parts get 0); the last column (context) is the mass outside the bbox.
     """
-    arr = check_maps(maps, 3)
+    arr = _summable(check_maps(maps, 3))
     geom = part_geometry(parts, bbox, arr.shape[1], arr.shape[2])
     return geom.apply(arr)
+
+
+def _summable(arr: np.ndarray) -> np.ndarray:
+    """``arr`` ``(n, H, W)``, with any map whose float64 sum overflows (finite entries near the
+    float64 limit) divided by its maximum first: normalisation to sum 1 undoes the scale."""
+    if arr.size == 0 or arr.dtype.itemsize < 8:  # float32 and smaller cannot overflow a float64 sum
+        return arr
+    flat = arr.reshape(arr.shape[0], -1)
+    with np.errstate(over="ignore"):
+        tot = flat.sum(axis=1, dtype=np.float64)
+    if np.isfinite(tot).all():
+        return arr
+    peak = flat.max(axis=1).astype(np.float64)
+    scale = np.where(np.isfinite(tot) | (peak <= 0), 1.0, peak)
+    return (flat.astype(np.float64) / scale[:, None]).reshape(arr.shape)
 
 
 def resize_labels_nearest(label_map: Any, height: int, width: int) -> np.ndarray:
@@ -194,6 +214,8 @@ def resize_labels_nearest(label_map: Any, height: int, width: int) -> np.ndarray
     if labels.ndim != 2:
         raise InputError(f"label_map: expected 2 dimensions, got shape {labels.shape}")
     src_h, src_w = labels.shape
+    if labels.size == 0:
+        raise InputError(f"label_map: is empty (shape {labels.shape})")
     if (src_h, src_w) == (height, width):
         return labels
     rows = np.minimum(((np.arange(height) + 0.5) * src_h / height).astype(np.int64), src_h - 1)
@@ -209,7 +231,7 @@ def object_probabilities(maps: Any, label_map: Any, num_labels: int | None = Non
     ``label_map`` is an integer array at any resolution; it is nearest-neighbour resized to the
     map grid. ``num_labels`` defaults to ``label_map.max() + 1``.
     """
-    arr = check_maps(maps, 3)
+    arr = _summable(check_maps(maps, 3))
     n, height, width = arr.shape
     labels = resize_labels_nearest(label_map, height, width)
     if not np.issubdtype(labels.dtype, np.integer):
