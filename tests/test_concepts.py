@@ -72,3 +72,11 @@ def test_absent_known_evidence_is_a_zero_column() -> None:
         with_evidence_columns(hist, names, ["pilow"], known=["pillow"])
     with pytest.raises(InputError, match="column_names"):
         with_evidence_columns(hist, names[:1], ["bed"])
+
+
+def test_evidence_columns_must_be_integer_indices() -> None:
+    h = np.array([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0]])
+    assert concept_recovery(h, np.array([0, 2])) == pytest.approx((4 / 6 + 0.0) / 2)
+    for bad in ([0.7], [True], ["a"]):  # 0.7 used to be read as column 0
+        with pytest.raises(InputError, match="expected integer column indices"):
+            concept_recovery(h, bad)

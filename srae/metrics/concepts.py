@@ -75,7 +75,11 @@ def with_evidence_columns(hist: Any, column_names: Sequence[str], evidence: Sequ
 
 
 def _check_columns(columns: Sequence[int], k: int) -> np.ndarray:
-    cols = np.asarray(list(columns), dtype=np.int64)
+    raw = np.asarray(list(columns))
+    if raw.size and (raw.dtype == bool or not np.issubdtype(raw.dtype, np.number)
+                     or not np.array_equal(raw, np.round(raw))):
+        raise InputError(f"evidence columns {raw.tolist()}: expected integer column indices")
+    cols = raw.astype(np.int64)
     if cols.size and (cols.min() < 0 or cols.max() >= k):
         raise InputError(f"evidence columns {cols.tolist()} out of range for {k} histogram columns")
     return cols
