@@ -158,6 +158,12 @@ def _category_mean(df: pd.DataFrame, keys: list[str], infinite: list[dict[str, A
             vals = key if isinstance(key, tuple) else (key,)
             infinite.append({**{c: str(v) for c, v in zip(keys, vals)}, "infinite": int(k),
                              "categories": int(total[key])})
+        # NaN (not computable, e.g. F_reg of an empty test set) is skipped by the mean too: say so
+        n_nan = per_cat.isna().groupby(level=levels, sort=False).sum()
+        for key, k in n_nan[n_nan > 0].items():
+            vals = key if isinstance(key, tuple) else (key,)
+            infinite.append({**{c: str(v) for c, v in zip(keys, vals)}, "missing": int(k),
+                             "categories": int(total[key])})
     return means
 
 
@@ -165,7 +171,16 @@ def infinite_categories(t: pd.DataFrame) -> dict[tuple[str, str, str], tuple[int
     """``{(metric, split, method): (infinite, categories)}`` of a :func:`table_main` frame:
     the cells whose mean left out categories with an infinite value (kept in ``t.attrs``)."""
     recs = t.attrs.get("infinite_categories", []) if hasattr(t, "attrs") else []
-    return {(r["metric"], r["split"], r["method"]): (int(r["infinite"]), int(r["categories"])) for r in recs}
+    return {(r["metric"], r["split"], r["method"]): (int(r["infinite"]), int(r["categories"]))
+            for r in recs if "infinite" in r}
+
+
+def missing_categories(t: pd.DataFrame) -> dict[tuple[str, str, str], tuple[int, int]]:
+    """``{(metric, split, method): (missing, categories)}``: the cells of a :func:`table_main`
+    frame whose mean skipped categories with a NaN value."""
+    recs = t.attrs.get("infinite_categories", []) if hasattr(t, "attrs") else []
+    return {(r["metric"], r["split"], r["method"]): (int(r["missing"]), int(r["categories"]))
+            for r in recs if "missing" in r}
 
 
 # ---------------------------------------------------------------------- wide tables
@@ -192,11 +207,18 @@ def table_main(df: pd.DataFrame, lasso_alpha: float | None = None) -> pd.DataFra
 
 def main_display(t: pd.DataFrame) -> pd.DataFrame:
     """:func:`table_main` for reading: a cell that left out infinite categories reads
-    ``"2.5000 (1 of 4 inf)"``; the other cells keep their numbers."""
+    ``"2.5000 (1 of 4 inf)"``, one that skipped NaN categories ``"0.5000 (1 of 3 n/a)"``;
+    the other cells keep their numbers."""
     out = t.astype(object)
-    for (metric, split, method), (k, n) in infinite_categories(t).items():
+    notes: dict[tuple[str, str, str], list[str]] = {}
+    for cell, (k, n) in infinite_categories(t).items():
+        notes.setdefault(cell, []).append(f"{k} of {n} inf")
+    for cell, (k, n) in missing_categories(t).items():
+        notes.setdefault(cell, []).append(f"{k} of {n} n/a")
+    for (metric, split, method), parts in notes.items():
         v = float(t.loc[(metric, split), method])
-        out.loc[(metric, split), method] = f"{'inf' if math.isinf(v) else f'{v:.4f}'} ({k} of {n} inf)"
+        shown = "inf" if math.isinf(v) else "n/a" if math.isnan(v) else f"{v:.4f}"
+        out.loc[(metric, split), method] = f"{shown} ({', '.join(parts)})"
     return out
 
 

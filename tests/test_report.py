@@ -245,6 +245,13 @@ def test_infinite_o2_category_is_left_out_and_counted(tmp_path, long_table):
     path = build_report(ReportInputs("exp", df, tmp_path / "rep"))
     html = path.read_text()
     assert "2.5000 (1 of 3 inf)" in html and "O2 test SRAE: 1 of 3" in html
+    # a NaN category value is skipped by the mean, and the cell says so
+    nan_df = pd.concat([df, pd.DataFrame([row(2, "NN", "O2", "test", math.nan)])], ignore_index=True)
+    t_nan = R.table_main(nan_df)
+    assert t_nan.loc[("O2", "test"), "NN"] == pytest.approx(4.5)
+    assert R.missing_categories(t_nan) == {("O2", "test", "NN"): (1, 3)}
+    assert R.main_display(t_nan).loc[("O2", "test"), "NN"] == "4.5000 (1 of 3 n/a)"
+    assert R.main_display(t_nan).loc[("O2", "test"), "SRAE"] == "2.5000 (1 of 3 inf)"
     assert "| O2 | test | 2.5000 (1 of 3 inf) | 4.5000 | inf (2 of 2 inf) |" in (tmp_path / "rep" / "table_main.md").read_text()
     assert list(R.table_concepts(df).index) == ["0", "1", "mean"]  # no class names: still writable
     assert (tmp_path / "rep" / "table_concepts.parquet").is_file()
