@@ -289,7 +289,9 @@ def save_backbone(bb: Backbone, path: str | Path) -> str:
     # One metadata key: safetensors writes its metadata map in hash order, so several keys
     # would make the bytes (and the sha256 the features are keyed by) vary between runs.
     info = {"arch": bb.name, "num_classes": bb.num_classes, "input_size": bb.input_size}
-    tmp = path.with_name(path.name + ".tmp")
+    from srae.stores import temp_beside
+
+    tmp = temp_beside(path)
     save_file(sd, str(tmp), metadata={"srae": json.dumps(info, sort_keys=True)})
     tmp.replace(path)
     bb.checkpoint_path = path

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from srae.errors import InputError, SraeError
+from srae.stores import temp_beside
 
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "meta.json"
@@ -100,13 +99,12 @@ class Explainer:
         tensors |= {f"encoder.{i}.bias": b.detach().float().contiguous().cpu() for i, b in enumerate(self.biases)}
         tensors["v"] = self.v.detach().float().contiguous().cpu()
         tensors["bias"] = torch.tensor([float(self.bias)])
-        tag = f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # concurrent writers never share a temp file
-        tmp = directory / (WEIGHTS_FILE + tag)
+        tmp = temp_beside(directory / WEIGHTS_FILE)  # concurrent writers never share a temp file
         save_file(tensors, str(tmp))
         tmp.replace(directory / WEIGHTS_FILE)
         meta = dict(self.meta, method=self.method, category=int(self.category), n_features=self.n_features,
                     layers=len(self.weights))
-        tmp = directory / (META_FILE + tag)
+        tmp = temp_beside(directory / META_FILE)
         tmp.write_text(json.dumps(_strict_json(meta), indent=1, default=_json_default, allow_nan=False))
         tmp.replace(directory / META_FILE)
         return directory
@@ -137,14 +135,22 @@ def _strict_json(obj):
 
 
 def is_complete(directory: Path) -> bool:
+    """Both files present and ``meta.json`` readable: a truncated meta (a full disk, a killed
+    copy) counts as not done, so the pipeline retrains that category instead of failing on it."""
     d = Path(directory)
-    return (d / META_FILE).is_file() and (d / WEIGHTS_FILE).is_file()
+    if not ((d / META_FILE).is_file() and (d / WEIGHTS_FILE).is_file()):
+        return False
+    try:
+        meta = json.loads((d / META_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(meta, dict) and "layers" in meta
 
 
 def load_explainer(directory: Path) -> Explainer:
     """Load an explainer written by :meth:`Explainer.save`."""
     d = Path(directory)
-    if not is_complete(d):
+    if not ((d / META_FILE).is_file() and (d / WEIGHTS_FILE).is_file()):
         raise SraeError(f"no complete explainer at {d} (expected {WEIGHTS_FILE} and {META_FILE})")
     try:
         meta = json.loads((d / META_FILE).read_text())

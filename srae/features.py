@@ -148,12 +148,13 @@ def _create_store(path: Path, index: DatasetIndex, attrs: dict, z_dim: int, chun
     if path.exists():
         shutil.rmtree(path)
     n, c = len(index.images), index.num_classes
-    root = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
+    root = zarr.open_group(str(path), mode="w", zarr_format=3, attributes={**attrs, stores.ALL_CHUNKS: True})
     rows = (chunk_rows,)
-    root.create_array("z", shape=(n, z_dim), chunks=(chunk_rows, z_dim), dtype="float32", fill_value=0.0)
-    root.create_array("logits", shape=(n, c), chunks=(chunk_rows, c), dtype="float32", fill_value=0.0)
+    cfg = stores.ARRAY_CONFIG  # every chunk stored, so a missing chunk file is found (stores.missing_chunks)
+    root.create_array("z", shape=(n, z_dim), chunks=(chunk_rows, z_dim), dtype="float32", fill_value=0.0, config=cfg)
+    root.create_array("logits", shape=(n, c), chunks=(chunk_rows, c), dtype="float32", fill_value=0.0, config=cfg)
     for name, dtype in (("labels", "int64"), ("image_id", "int64"), ("split", "int8"), ("valid", "bool")):
-        root.create_array(name, shape=(n,), chunks=rows, dtype=dtype, fill_value=0)
+        root.create_array(name, shape=(n,), chunks=rows, dtype=dtype, fill_value=0, config=cfg)
     frame = index.images
     root["labels"][:] = frame["label"].to_numpy(dtype=np.int64)
     root["image_id"][:] = frame["image_id"].to_numpy(dtype=np.int64)
@@ -167,6 +168,9 @@ def _open_for_writing(path: Path, index: DatasetIndex, attrs: dict, z_dim: int, 
 
     old = stores.root_attrs(path)
     if old is None or "rows_done" not in old or old.get("fingerprint") != attrs["fingerprint"]:
+        _create_store(path, index, attrs, z_dim, chunk_rows)
+    elif old.get("complete") is True:  # marked done, yet not complete: chunk files are missing
+        log.warning("features: %s is damaged (%s); rebuilding it", path, "; ".join(stores.missing_chunks(path)))
         _create_store(path, index, attrs, z_dim, chunk_rows)
     else:
         log.info("features: resuming %s at row %d/%d (batch size %d as started)", path, old["rows_done"],
@@ -268,7 +272,7 @@ def extract_features(index: DatasetIndex, backbone: Backbone, store_root: str | 
     attrs = {"fingerprint": fp, **inputs, "backbone": backbone.name, "dataset": index.name,
              "class_names": list(index.class_names), "split_names": list(SPLIT_NAMES), "num_images": n,
              "z_dim": backbone.z_dim, "batch_size": batch_size, "chunk_rows": rows, "bad_inputs": []}
-    with writer_lock(path) as lock_fd:
+    with writer_lock(path) as lock_fd, stores.every_chunk_written():
         if is_complete(path):  # another writer finished between our check and the lock
             return path
         root = _open_for_writing(path, index, attrs, backbone.z_dim, rows)
@@ -339,6 +343,9 @@ def open_features(path: str | Path, *, rows: np.ndarray | None = None,
         raise InputError(f"feature store {path}: not found")
     if attrs.get("complete") is not True:
         raise InputError(f"feature store {path}: incomplete (extraction interrupted); rerun `srae features` to resume")
+    if not stores.is_complete(path):  # marked done, but chunk files are gone: never read them as zeros
+        raise InputError(f"feature store {path}: damaged ({'; '.join(stores.missing_chunks(path))}); "
+                         "rerun `srae features` (or `srae run`) to rebuild it")
     root = zarr.open_group(str(path), mode="r")
     sel = slice(None) if rows is None else _row_positions(rows, int(attrs["num_images"]), path)
 

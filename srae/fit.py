@@ -30,6 +30,7 @@ from srae.backbones import Backbone, build_backbone, file_sha256, load_backbone,
 from srae.datasets.common import DatasetIndex
 from srae.errors import InputError
 from srae.images import BAD_LABEL, ImageDataset, normalize
+from srae.stores import temp_beside
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def evaluate(bb: Backbone, ds: ImageDataset, *, device: torch.device, batch_size
 
 
 def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_beside(path)
     torch.save(state, tmp)
     tmp.replace(path)
 
@@ -238,7 +239,7 @@ def fit(index: DatasetIndex, out_dir: str | Path, *, backbone: str = "demo_cnn",
         acc = evaluate(bb, test, device=dev, batch_size=max(batch_size, 64), num_workers=workers)
     sha = save_backbone(bb, out / MODEL_FILE)
     summary = {"config": cfg, "history": history, "test_accuracy": acc, "checkpoint_sha256": sha}
-    tmp = out / (SUMMARY_FILE + ".tmp")
+    tmp = temp_beside(out / SUMMARY_FILE)
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(out / SUMMARY_FILE)
     state_path.unlink(missing_ok=True)

@@ -108,7 +108,8 @@ def pending_image_ids(job: HeatmapJob, image_ids: Sequence[int] | np.ndarray, *,
 
     ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
     spec = _spec(job, kind, readout, ids, (len(ids), len(job.units), *_size(output_size)))
-    if not _resumable(stores.root_attrs(Path(job.store)), spec):
+    old = stores.root_attrs(Path(job.store))
+    if _damaged(old, job.store) or not _resumable(old, spec):
         return ids
     done = np.asarray(zarr.open_group(str(job.store), mode="r")["done"][:])
     return ids[~done]
@@ -155,6 +156,11 @@ def _size(output_size: int | tuple[int, int]) -> tuple[int, int]:
     return (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
 
 
+def _damaged(old: dict | None, store: str | Path) -> bool:
+    """Marked complete, yet chunk files are missing: rebuilt, never read as zeros."""
+    return old is not None and old.get("complete") is True and not stores.is_complete(store)
+
+
 def _resumable(old: dict | None, spec: dict) -> bool:
     """A store with these root attributes holds (part of) exactly what ``spec`` asks for."""
     return old is not None and "done_rows" in old and all(old.get(k) == v for k, v in spec.items())
@@ -176,21 +182,26 @@ def _open_store(job: HeatmapJob, spec: dict, ids: np.ndarray, chunk_rows: int):
     import zarr
 
     old = stores.root_attrs(job.store)
-    if _resumable(old, spec):
+    if _damaged(old, job.store):
+        log.warning("heatmaps: %s is damaged (%s); rebuilding it", job.store,
+                    "; ".join(stores.missing_chunks(job.store)))
+    elif _resumable(old, spec):
         root = zarr.open_group(str(job.store), mode="r+")
         if not old.get("complete"):
             log.info("heatmaps: resuming %s (%d/%d images done)", job.store, old["done_rows"], len(ids))
         return root
-    if old is not None:
-        log.info("heatmaps: %s was made for other inputs; rebuilding it", job.store)
+    elif old is not None:
+        log.info("heatmaps: %s was made for other inputs, or never finished its set-up; rebuilding it", job.store)
     if job.store.exists():
         shutil.rmtree(job.store)
     m, n, h, w = spec["shape"]
-    root = zarr.open_group(str(job.store), mode="w", zarr_format=3, attributes={**spec, "complete": False})
+    root = zarr.open_group(str(job.store), mode="w", zarr_format=3,
+                           attributes={**spec, "complete": False, stores.ALL_CHUNKS: True})
+    cfg = stores.ARRAY_CONFIG  # every chunk stored: a missing chunk file is damage, not zeros
     root.create_array("maps", shape=(m, n, h, w), chunks=(min(chunk_rows, max(m, 1)), n, h, w),
-                      dtype="float32", fill_value=0.0, compressors=map_compressors())
-    root.create_array("image_id", shape=(m,), chunks=(max(m, 1),), dtype="int64", fill_value=0)
-    root.create_array("done", shape=(m,), chunks=(max(m, 1),), dtype="bool", fill_value=False)
+                      dtype="float32", fill_value=0.0, compressors=map_compressors(), config=cfg)
+    root.create_array("image_id", shape=(m,), chunks=(max(m, 1),), dtype="int64", fill_value=0, config=cfg)
+    root.create_array("done", shape=(m,), chunks=(max(m, 1),), dtype="bool", fill_value=False, config=cfg)
     root["image_id"][:] = ids
     root.attrs.update({"done_rows": 0})  # written last: a store without it is rebuilt
     return root
@@ -236,58 +247,59 @@ def compute_heatmaps(trunk: nn.Sequential, jobs: Sequence[HeatmapJob], batches: 
     run on the device of ``trunk``'s parameters. ``kind``: "c-MWP" (default), "MWP" or
     "Grad-CAM". Returns the store paths.
     """
-    if kind not in HEATMAP_KINDS:
-        raise InputError(f"heatmap kind {kind!r}: expected one of {', '.join(HEATMAP_KINDS)}")
-    if not jobs:
-        return []
-    # a readout name (e.g. "pool3") like excitation_maps takes; stored as the trunk index
-    readout = resolve_readout(trunk, readout) if isinstance(readout, str) else readout
-    ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
-    if len(np.unique(ids)) != len(ids):
-        raise InputError("image_ids: contains duplicates")
-    size = _size(output_size)
-    jobs = [HeatmapJob(Path(j.store), j.head, list(j.units), dict(j.attrs)) for j in jobs]
-    roots = [_open_store(j, _spec(j, kind, readout, ids, (len(ids), len(j.units), *size)), ids, chunk_rows)
-             for j in jobs]
-    done = [np.asarray(r["done"][:]) for r in roots]
-    if all(d.all() for d in done):
+    with stores.every_chunk_written():  # a missing chunk file must mean damage (stores.missing_chunks)
+        if kind not in HEATMAP_KINDS:
+            raise InputError(f"heatmap kind {kind!r}: expected one of {', '.join(HEATMAP_KINDS)}")
+        if not jobs:
+            return []
+        # a readout name (e.g. "pool3") like excitation_maps takes; stored as the trunk index
+        readout = resolve_readout(trunk, readout) if isinstance(readout, str) else readout
+        ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+        if len(np.unique(ids)) != len(ids):
+            raise InputError("image_ids: contains duplicates")
+        size = _size(output_size)
+        jobs = [HeatmapJob(Path(j.store), j.head, list(j.units), dict(j.attrs)) for j in jobs]
+        roots = [_open_store(j, _spec(j, kind, readout, ids, (len(ids), len(j.units), *size)), ids, chunk_rows)
+                 for j in jobs]
+        done = [np.asarray(r["done"][:]) for r in roots]
+        if all(d.all() for d in done):
+            for r in roots:
+                r.attrs.update({"complete": True})
+            return [j.store for j in jobs]
+        row_of = {int(i): k for k, i in enumerate(ids)}
+        device = next(trunk.parameters()).device
+        for batch in batches:
+            x, bids = _unpack(batch)
+            unknown = [int(i) for i in bids if int(i) not in row_of]
+            if unknown:
+                raise InputError(f"heatmap batches: image ids {unknown[:5]} are not in image_ids")
+            rows = np.array([row_of[int(i)] for i in bids], dtype=np.int64)
+            todo = [k for k, d in enumerate(done) if not d[rows].all()]
+            keep = np.zeros(len(rows), bool)
+            for k in todo:
+                keep |= ~done[k][rows]
+            if not keep.any():
+                continue
+            x = x[torch.from_numpy(keep)].to(device)
+            if x.dtype == torch.uint8:
+                if mean is None or std is None:
+                    raise InputError("heatmap batches: uint8 images need mean and std to normalise them")
+                from srae.images import normalize
+
+                x = normalize(x, mean, std)
+            maps = _maps_for(trunk, [jobs[k] for k in todo], x, kind, readout, size)
+            for k, m in zip(todo, maps):
+                m = m.float().cpu().numpy()
+                for i, row in enumerate(rows[keep]):
+                    roots[k]["maps"][int(row)] = m[i]
+                done[k][rows[keep]] = True
+                roots[k]["done"][:] = done[k]
+                roots[k].attrs.update({"done_rows": int(done[k].sum())})
+        missing = [(j.store, int((~d).sum())) for j, d in zip(jobs, done) if not d.all()]
+        if missing:
+            store, n = missing[0]
+            raise SraeError(f"heatmaps {store}: {n} planned images never came in the batches; "
+                            "rerun with the missing images to finish it")
         for r in roots:
             r.attrs.update({"complete": True})
         return [j.store for j in jobs]
-    row_of = {int(i): k for k, i in enumerate(ids)}
-    device = next(trunk.parameters()).device
-    for batch in batches:
-        x, bids = _unpack(batch)
-        unknown = [int(i) for i in bids if int(i) not in row_of]
-        if unknown:
-            raise InputError(f"heatmap batches: image ids {unknown[:5]} are not in image_ids")
-        rows = np.array([row_of[int(i)] for i in bids], dtype=np.int64)
-        todo = [k for k, d in enumerate(done) if not d[rows].all()]
-        keep = np.zeros(len(rows), bool)
-        for k in todo:
-            keep |= ~done[k][rows]
-        if not keep.any():
-            continue
-        x = x[torch.from_numpy(keep)].to(device)
-        if x.dtype == torch.uint8:
-            if mean is None or std is None:
-                raise InputError("heatmap batches: uint8 images need mean and std to normalise them")
-            from srae.images import normalize
-
-            x = normalize(x, mean, std)
-        maps = _maps_for(trunk, [jobs[k] for k in todo], x, kind, readout, size)
-        for k, m in zip(todo, maps):
-            m = m.float().cpu().numpy()
-            for i, row in enumerate(rows[keep]):
-                roots[k]["maps"][int(row)] = m[i]
-            done[k][rows[keep]] = True
-            roots[k]["done"][:] = done[k]
-            roots[k].attrs.update({"done_rows": int(done[k].sum())})
-    missing = [(j.store, int((~d).sum())) for j, d in zip(jobs, done) if not d.all()]
-    if missing:
-        store, n = missing[0]
-        raise SraeError(f"heatmaps {store}: {n} planned images never came in the batches; "
-                        "rerun with the missing images to finish it")
-    for r in roots:
-        r.attrs.update({"complete": True})
-    return [j.store for j in jobs]

@@ -1,11 +1,26 @@
-"""Small helpers shared by the Zarr stores (features, heatmaps): root attributes, completion."""
+"""Small helpers shared by the stores (features, heatmaps, checkpoints): root attributes,
+completion, temporary file names."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
+import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from srae.errors import SraeError
+
+
+def temp_beside(path: str | Path) -> Path:
+    """A temporary name next to ``path``, unique to this process and call: two runs writing the
+    same file at once (two schedules on one cache) never write into each other's temp file,
+    and the final ``replace`` is atomic."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
 def root_attrs(path: str | Path) -> dict | None:
@@ -26,7 +41,63 @@ def root_attrs(path: str | Path) -> dict | None:
     return attrs
 
 
+# Root attribute of stores whose arrays store every chunk (zarr's write_empty_chunks): a chunk
+# file that is missing there means damage, not "all fill value", and reads would silently
+# return the fill value (zeros) in its place.
+ALL_CHUNKS = "all_chunks"
+ARRAY_CONFIG = {"write_empty_chunks": True}
+_WRITERS = {"count": 0, "saved": None}  # nesting of every_chunk_written(), guarded by _WRITERS_LOCK
+_WRITERS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def every_chunk_written() -> Iterator[None]:
+    """While any such block runs (in any thread), zarr stores chunks that equal the fill value
+    too. zarr's write_empty_chunks is not saved with an array, and each ``group[name]`` handle
+    starts from the global default, so the setting is made global, reference-counted: two
+    writers in Prefect's thread pool must not switch it off under each other."""
+    import zarr
+
+    with _WRITERS_LOCK:
+        if _WRITERS["count"] == 0:
+            _WRITERS["saved"] = zarr.config.get("array.write_empty_chunks")
+            zarr.config.set({"array.write_empty_chunks": True})
+        _WRITERS["count"] += 1
+    try:
+        yield
+    finally:
+        with _WRITERS_LOCK:
+            _WRITERS["count"] -= 1
+            if _WRITERS["count"] == 0:
+                zarr.config.set({"array.write_empty_chunks": _WRITERS["saved"]})
+
+
 def is_complete(path: str | Path) -> bool:
-    """True iff the store at ``path`` carries ``complete: true`` (written last on success)."""
+    """True iff the store at ``path`` carries ``complete: true`` (written last on success) and,
+    where every chunk is stored, no chunk file is missing."""
     attrs = root_attrs(path)
-    return bool(attrs and attrs.get("complete") is True)
+    if not (attrs and attrs.get("complete") is True):
+        return False
+    return not (attrs.get(ALL_CHUNKS) and missing_chunks(path))
+
+
+def missing_chunks(path: str | Path) -> list[str]:
+    """``"<array>: k of n chunk files missing"`` for each array of the Zarr v3 group at ``path``
+    with fewer chunk files (default "c/..." keys) than its chunk grid has chunks."""
+    out = []
+    for meta_file in sorted(Path(path).glob("*/zarr.json")):
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            if meta.get("node_type") != "array":
+                continue
+            shape = meta["shape"]
+            grid = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        except (ValueError, OSError, KeyError, TypeError):
+            out.append(f"{meta_file.parent.name}: metadata unreadable")
+            continue
+        expected = math.prod(-(-int(s) // int(c)) for s, c in zip(shape, grid)) if all(shape) else 0
+        base = meta_file.parent / "c"
+        found = sum(len(files) for _, _, files in os.walk(base)) if base.is_dir() else 0
+        if found < expected:
+            out.append(f"{meta_file.parent.name}: {expected - found} of {expected} chunk files missing")
+    return out

@@ -165,6 +165,34 @@ def test_finished_store_is_reused_and_inputs_change_the_store(tiny, tmp_path: Pa
         extract_features(index, bb, tmp_path / "feat", layer="fc7", **OPTS)
 
 
+def test_a_store_with_a_missing_chunk_file_is_rebuilt_not_read_as_zeros(tiny, tmp_path: Path) -> None:
+    """zarr reads a missing chunk as its fill value (0): a "complete" store that lost a chunk
+    file used to feed zeros to training. Every chunk is now stored (also all-zero ones, e.g. a
+    chunk of label 0 or split "train"), so a missing file means damage: not complete, rebuilt."""
+    import shutil
+
+    from srae import stores
+
+    index, bb = tiny
+    path = extract_features(index, bb, tmp_path / "feat", **OPTS)
+    ref = tmp_path / "ref.zarr"
+    shutil.copytree(path, ref)
+    assert stores.missing_chunks(path) == [] and is_complete(path)
+    assert not zarr.open_group(str(path), mode="r")["labels"][:4].any()  # a chunk equal to the fill, yet stored
+    chunk = next((path / "z" / "c").rglob("*"))
+    while chunk.is_dir():
+        chunk = next(chunk.iterdir())
+    chunk.unlink()
+    assert stores.missing_chunks(path) == ["z: 1 of 5 chunk files missing"]  # 18 rows, 4 per chunk
+    assert not is_complete(path)
+    with pytest.raises(InputError, match=r"damaged \(z: 1 of 5 chunk files missing\); rerun"):
+        open_features(path)
+    calls: list[int] = []
+    assert extract_features(index, bb, tmp_path / "feat", on_batch=calls.append, **OPTS) == path
+    assert calls and is_complete(path)  # recomputed
+    _assert_same_store(path, ref)
+
+
 def test_second_writer_gets_a_clear_error(tiny, tmp_path: Path) -> None:
     index, bb = tiny
     with pytest.raises(Interrupt):

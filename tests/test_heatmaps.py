@@ -81,6 +81,48 @@ def test_store_matches_direct_maps_and_resumes(tmp_path) -> None:
     compute_heatmaps(trunk, jobs, untouchable(), IDS, readout=2, output_size=16)
 
 
+def test_a_store_that_lost_a_chunk_file_is_redrawn(tmp_path) -> None:
+    """A missing chunk of a "complete" store was read as zero maps and scored silently."""
+    import threading
+
+    import zarr
+
+    from srae import stores
+
+    trunk, head, enc = _models()
+    x = _images()
+    jobs = _jobs(tmp_path, head, enc)
+    compute_heatmaps(trunk, jobs, _batches(x, IDS), IDS, readout=2, output_size=8)
+    ref = np.asarray(open_heatmaps(jobs[0].store).maps[:])
+    (jobs[0].store / "maps" / "c" / "3" / "0" / "0" / "0").unlink()
+    assert stores.missing_chunks(jobs[0].store) == ["maps: 1 of 6 chunk files missing"]
+    assert not is_complete(jobs[0].store) and is_complete(jobs[1].store)
+    with pytest.raises(SraeError, match="no complete heatmap store"):
+        open_heatmaps(jobs[0].store)
+    np.testing.assert_array_equal(pending_image_ids(jobs[0], IDS, readout=2, output_size=8), IDS)
+    compute_heatmaps(trunk, jobs, _batches(x, IDS), IDS, readout=2, output_size=8)
+    assert is_complete(jobs[0].store)
+    np.testing.assert_array_equal(open_heatmaps(jobs[0].store).maps[:], ref)
+    # the zarr setting that stores all-fill chunks is process-wide and overlapping writers share it
+    assert zarr.config.get("array.write_empty_chunks") is False
+    inside, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with stores.every_chunk_written():
+            inside.set()
+            release.wait(5)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    inside.wait(5)
+    with stores.every_chunk_written():
+        pass  # ends first: must not switch the setting off under the other writer
+    assert zarr.config.get("array.write_empty_chunks") is True
+    release.set()
+    t.join()
+    assert zarr.config.get("array.write_empty_chunks") is False
+
+
 def test_changed_request_rebuilds_and_missing_images_fail(tmp_path) -> None:
     trunk, head, enc = _models()
     x = _images()

@@ -151,6 +151,7 @@ def test_explainer_inputs_and_damaged_files_are_named(planted, trained, tmp_path
     """predict() on NaN rows returned NaN and on the wrong width failed in a matmul; a damaged
     meta.json / weights file raised JSONDecodeError / SafetensorError / KeyError."""
     from srae.errors import InputError, SraeError
+    from srae.explainers import is_complete
 
     z, _, _ = planted
     e = trained["SRAE"].explainers[0]
@@ -170,6 +171,9 @@ def test_explainer_inputs_and_damaged_files_are_named(planted, trained, tmp_path
         (d / name).write_text(damage)
         with pytest.raises(SraeError, match=f"explainer at .*{what}"):
             load_explainer(d)
+        # not done: the pipeline retrains such a category instead of failing on it
+        assert is_complete(d) is (name == "weights.safetensors")
+    assert is_complete(good)
 
 
 def test_lasso_inputs_are_checked_before_scikit_learn(planted, trained):
