@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -102,22 +103,33 @@ def is_complete(path: str | Path) -> bool:
 
 
 @contextlib.contextmanager
-def writer_lock(store: Path) -> Iterator[int]:
+def writer_lock(store: Path, wait: float = 0.0) -> Iterator[int]:
     """Hold the exclusive writer lock of ``store`` (``<store>.lock``); yields its fd.
 
-    flock locks die with their process, so a killed writer never leaves a stale lock.
+    flock locks die with their process, so a killed writer never leaves a stale lock. When
+    another writer holds it: wait up to ``wait`` seconds for it (a second scheduled run on
+    the same cache then reuses the first one's store), else a one-line error.
     """
     import fcntl
 
     lock_path = store.with_name(store.name + ".lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
-        os.close(fd)
-        raise SraeError(f"feature store {store}: another writer ({holder}) holds {lock_path}; "
-                        "wait for it to finish") from None
+    deadline = time.monotonic() + max(0.0, wait)
+    told = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise SraeError(f"feature store {store}: another writer ({holder}) holds {lock_path}; "
+                                "wait for it to finish") from None
+            if not told:
+                log.info("features: %s is being written by another run (%s); waiting for it", store, holder)
+                told = True
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
@@ -229,7 +241,7 @@ def extract_features(index: DatasetIndex, backbone: Backbone, store_root: str | 
                      checkpoint_sha256: str | None = None, layer: str = "fc6", device: str = "auto",
                      batch_size: int = 64, num_workers: int | None = None, precision: str = "fp32",
                      chunk_rows: int | None = None, progress: bool = True,
-                     on_batch: Callable[[int], None] | None = None) -> Path:
+                     on_batch: Callable[[int], None] | None = None, wait_for_writer: float = 0.0) -> Path:
     """Z and logits of every image of ``index`` -> ``<store_root>/<fingerprint>.zarr``.
 
     Reuses a finished store with the same fingerprint, resumes an unfinished one (with the
@@ -237,7 +249,8 @@ def extract_features(index: DatasetIndex, backbone: Backbone, store_root: str | 
     ``backbone.checkpoint_sha256``. ``precision``: fp32 (default), bf16 or fp16 (autocast;
     stored as float32). ``chunk_rows`` must be a multiple of ``batch_size``
     (default: about 4 MB of z per chunk). ``on_batch(rows_processed)`` runs after each batch.
-    The backbone is moved to the device and put in eval mode.
+    The backbone is moved to the device and put in eval mode. ``wait_for_writer``: seconds to
+    wait when another process is writing the same store (0: fail at once, naming it).
     """
     if layer != backbone.z_layer:
         raise InputError(f"features: layer {layer!r} not supported by {backbone.name} (Z is {backbone.z_layer!r})")
@@ -272,7 +285,7 @@ def extract_features(index: DatasetIndex, backbone: Backbone, store_root: str | 
     attrs = {"fingerprint": fp, **inputs, "backbone": backbone.name, "dataset": index.name,
              "class_names": list(index.class_names), "split_names": list(SPLIT_NAMES), "num_images": n,
              "z_dim": backbone.z_dim, "batch_size": batch_size, "chunk_rows": rows, "bad_inputs": []}
-    with writer_lock(path) as lock_fd, stores.every_chunk_written():
+    with writer_lock(path, wait_for_writer) as lock_fd, stores.every_chunk_written():
         if is_complete(path):  # another writer finished between our check and the lock
             return path
         root = _open_for_writing(path, index, attrs, backbone.z_dim, rows)

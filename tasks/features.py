@@ -19,6 +19,10 @@ from tasks.backbone import load_fitted_backbone
 from tasks.common import retry_unless_user_error, TASK_DEFAULTS, atomic_write_text, record_work, resolve_device, run_logger, stage_cache, timed
 from tasks.download import load_index
 
+# A second run on the same cache (overlapping schedules) waits this long for the first one's
+# feature extraction and then reuses its store, instead of failing the whole run.
+WAIT_FOR_OTHER_RUN_S = 12 * 3600.0
+
 
 def store_complete(path: str | Path) -> bool:
     """Whether a feature store finished (its ``complete`` attribute)."""
@@ -77,7 +81,8 @@ def extract_features_task(dataset: dict[str, Any], backbone: dict[str, Any], fea
     with timed() as t:
         path = extract_features(index, bb, store_root, checkpoint_sha256=backbone["sha256"], layer=features["layer"],
                                 device=dev, batch_size=int(features["batch_size"]),
-                                num_workers=int(features["num_workers"]), progress=False)
+                                num_workers=int(features["num_workers"]), progress=False,
+                                wait_for_writer=WAIT_FOR_OTHER_RUN_S)
         seconds = t()
     fs = open_features(path)
     out = {"path": str(path), "fingerprint": str(fs.attrs["fingerprint"]), "n": int(len(fs.labels)),

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,34 @@ def test_second_writer_gets_a_clear_error(tiny, tmp_path: Path) -> None:
         with pytest.raises(SraeError, match=f"another writer \\(pid {os.getpid()}"):
             extract_features(index, bb, tmp_path / "feat", **OPTS)
     assert extract_features(index, bb, tmp_path / "feat", **OPTS) == store  # lock released
+
+
+def test_a_second_run_can_wait_for_the_writer_and_reuse_its_store(tiny, tmp_path: Path) -> None:
+    """Two scheduled runs on one cache: the second waits for the first's extraction (it used
+    to fail the whole run with "another writer holds ...") and then reuses the finished store."""
+    import threading
+
+    index, bb = tiny
+    with pytest.raises(Interrupt):
+        extract_features(index, bb, tmp_path / "feat", on_batch=_stop_after(1), **OPTS)
+    (store,) = (tmp_path / "feat").glob("*.zarr")
+    held, order = threading.Event(), []
+
+    def first_run() -> None:
+        with writer_lock(store):
+            held.set()
+            time.sleep(0.5)
+            order.append("first done")
+
+    t = threading.Thread(target=first_run)
+    t.start()
+    held.wait(5)
+    with pytest.raises(SraeError, match="another writer"):
+        extract_features(index, bb, tmp_path / "feat", wait_for_writer=0.1, **OPTS)
+    got = extract_features(index, bb, tmp_path / "feat", wait_for_writer=30, on_batch=lambda r: order.append(r),
+                           **OPTS)
+    t.join()
+    assert got == store and is_complete(store) and order[0] == "first done"
 
 
 def test_unreadable_image_is_marked_invalid(tiny, tmp_path: Path) -> None:
