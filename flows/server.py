@@ -47,7 +47,28 @@ def _launch(port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
            "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "error", "--lifespan", "on"]
-    return subprocess.Popen(cmd, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(dies_with_parent(cmd), env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+
+
+# Run in the child before it execs the real command: on Linux ask the kernel for SIGTERM when
+# the parent (this srae process) dies, even by SIGKILL, when no handler of ours can run; then
+# check the parent did not die before that request took effect.
+_PARENT_DEATH_BOOT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(0)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def dies_with_parent(cmd: list[str]) -> list[str]:
+    """``cmd`` (an absolute executable first) wrapped so that its process gets SIGTERM when
+    the calling process dies (Linux; elsewhere ``cmd`` unchanged). The temporary server of a
+    ``srae run`` that was killed with SIGKILL used to stay up, re-parented to init, for good."""
+    if not sys.platform.startswith("linux"):
+        return list(cmd)
+    return [sys.executable, "-c", _PARENT_DEATH_BOOT, str(os.getpid()), *cmd]
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -65,30 +65,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("srae %s failed", args.command, exc_info=True)
         print(f"srae {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except Terminated:
-        print(f"srae {args.command}: terminated", file=sys.stderr)
-        return 143
+    except Terminated as exc:
+        word = "hung up" if exc.signum == getattr(signal, "SIGHUP", None) else "terminated"
+        print(f"srae {args.command}: {word}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print(f"srae {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return int(result or 0)
 
 
-def _on_sigterm_raise():
-    """Make SIGTERM raise :class:`Terminated` in the main thread (so a pipeline's temporary
-    server and other resources are released); returns the previous handler, or None when
-    handlers cannot be set here (not the main thread)."""
+def _on_sigterm_raise() -> dict[int, object]:
+    """Make SIGTERM and SIGHUP (a closed terminal) raise :class:`Terminated` in the main thread,
+    so a pipeline's temporary server and other resources are released, and Ctrl-C raise
+    KeyboardInterrupt as usual; each also asks the work running in other threads to stop
+    (:mod:`srae.cancel`). Returns the previous handlers (none when handlers cannot be set
+    here: not the main thread)."""
+    from srae import cancel
 
-    def handler(_signum, _frame):
-        raise Terminated()
+    def handler(signum, _frame):
+        cancel.request_stop()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated(signum)
 
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:
-        return None
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP", "SIGINT"):
+        signum = getattr(signal, name, None)
+        if signum is None:  # no SIGHUP on Windows
+            continue
+        try:
+            previous[signum] = signal.signal(signum, handler)
+        except ValueError:
+            break
+    return previous
 
 
 def _one_line(exc: BaseException) -> str:

@@ -10,5 +10,10 @@ class InputError(SraeError, ValueError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so cleanup runs
-    (``finally`` blocks, context managers) before the command exits with status 143."""
+    """SIGTERM (or SIGHUP: the terminal closed), raised in the main thread like Ctrl-C's
+    KeyboardInterrupt, so cleanup runs (``finally`` blocks, context managers) before the
+    command exits with status 128 + the signal number (143, 129)."""
+
+    def __init__(self, signum: int = 15) -> None:
+        super().__init__(signum)
+        self.signum = signum

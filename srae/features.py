@@ -39,7 +39,7 @@ from tqdm import tqdm
 from srae import __version__
 from srae.backbones import Backbone, resolve_device
 from srae.datasets.common import DatasetIndex
-from srae import stores
+from srae import cancel, stores
 from srae.errors import InputError, SraeError
 from srae.images import BAD_LABEL, ImageDataset, normalize
 
@@ -199,6 +199,7 @@ def _forward_batches(loader: DataLoader, bb: Backbone, dev: torch.device,
     mean = torch.tensor(bb.mean, device=dev)
     std = torch.tensor(bb.std, device=dev)
     for x, y, _ in loader:
+        cancel.check(f"features {bb.name}")
         x = normalize(x.to(dev, non_blocking=True), mean, std)
         amp = (torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype is not None
                else contextlib.nullcontext())

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from srae import __version__
+from srae import __version__, cancel
 from srae.backbones import Backbone, build_backbone, file_sha256, load_backbone, resolve_device, save_backbone
 from srae.datasets.common import DatasetIndex
 from srae.errors import InputError
@@ -131,6 +131,7 @@ def _train_epoch(bb: Backbone, model: nn.Module, opt: torch.optim.Optimizer, ds:
     bar = tqdm(total=steps_per_epoch, desc=f"fit {bb.name} epoch {epoch + 1}/{cfg['epochs']}",
                disable=not progress, leave=False, unit="batch")
     for i, (x, y, _) in enumerate(loader):
+        cancel.check(f"fit {bb.name}")
         bar.update(1)
         if cfg["augment"]:
             x = augment_batch(x, aug_gen, max(1, bb.input_size // 16))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from srae import stores
+from srae import cancel, stores
 from srae.errors import InputError, SraeError
 from srae.excitation import excitation_maps_multi, resolve_readout
 from srae.gradcam import gradcam_maps
@@ -269,6 +269,7 @@ def compute_heatmaps(trunk: nn.Sequential, jobs: Sequence[HeatmapJob], batches: 
         row_of = {int(i): k for k, i in enumerate(ids)}
         device = next(trunk.parameters()).device
         for batch in batches:
+            cancel.check("heatmaps")
             x, bids = _unpack(batch)
             unknown = [int(i) for i in bids if int(i) not in row_of]
             if unknown:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from srae import cancel
 from srae.errors import InputError
 from srae.losses import balanced_weights_np, srae_objective
 from srae.model import Architecture, StackedSRAE, init_uniform, method_spec
@@ -171,6 +172,7 @@ def fit_stack(
     step = 0
     while step < total:
         step += 1
+        cancel.check("explainer training")
         local = np.stack([next(s) for s in streams])  # (B, mb)
         if batch_log is not None:
             batch_log.append(local)

@@ -91,3 +91,51 @@ def test_ctrl_c_and_sigterm_stop_the_run_and_its_server_and_a_rerun_finishes(tmp
     assert Path(done.stdout.strip().splitlines()[-1]).name == "report.html"
     redone = {r["stage"] for r in read_work_log(cache)[before:]}
     assert redone and not redone & {"dataset", "backbone", "features"}, redone
+
+
+def test_the_temporary_server_dies_with_a_killed_run():
+    """SIGKILL leaves no handler to run: the temporary server used to stay up, re-parented to
+    init, for good. It is started so that the kernel stops it when its parent dies (Linux)."""
+    from flows.server import dies_with_parent
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time\n"
+         f"p = subprocess.Popen({dies_with_parent(sleeper)!r}, start_new_session=True)\n"
+         "print(p.pid, flush=True)\ntime.sleep(120)\n"],
+        stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+    child = int(parent.stdout.readline())
+    try:
+        os.kill(child, 0)  # running
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            with open(f"/proc/{child}/stat") as fh:  # a zombie waiting for init counts as gone
+                if fh.read().split(") ")[1].startswith("Z"):
+                    break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the child outlived its killed parent")
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_sighup_stops_a_command_like_sigterm(tmp_path: Path):
+    """Closing the terminal (SIGHUP) ends the command through the same clean-up as SIGTERM."""
+    proc = subprocess.Popen([sys.executable, "-m", "srae.cli", "synth", "birds", "--out", str(tmp_path / "b"),
+                             "--classes", "4", "--per-class", "3000", "--size", "128"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # past the imports, generating
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 129, err[-1000:]
+    assert err.strip().splitlines()[-1] == "srae synth: hung up"

@@ -472,3 +472,37 @@ def replace_train(s, **kw):
     from dataclasses import replace
 
     return replace(s, train=replace(s.train, **kw))
+
+
+def test_a_stop_request_ends_training_in_another_thread_promptly():
+    """Ctrl-C reaches the main thread only; training in a Prefect worker thread used to run to
+    its end (minutes) before the interrupted command could exit."""
+    import threading
+    import time
+
+    from srae import cancel
+
+    z, logits, labels = _toy()
+    member = Member(0, np.arange(200), labels[:200] == 0, {"lr": 1e-3}, seed=1)
+    outcome: dict = {}
+
+    def train() -> None:
+        try:
+            fit_stack(torch.as_tensor(z), torch.as_tensor(logits), [member], "NN", Architecture(12, 3, (8,)),
+                      TrainSettings(batch_size=32, max_steps=10_000_000))
+        except cancel.Stopped as exc:
+            outcome["stopped"] = (str(exc), time.monotonic())
+
+    t = threading.Thread(target=train)
+    t.start()
+    time.sleep(0.3)
+    asked = time.monotonic()
+    try:
+        cancel.request_stop()
+        t.join(10)
+    finally:
+        cancel.reset()
+    assert not t.is_alive()
+    message, when = outcome["stopped"]
+    assert message == "explainer training: stopped (the command was interrupted)" and when - asked < 2
+    assert not cancel.stop_requested()
