@@ -22,8 +22,6 @@ import json
 import logging
 import os
 import shutil
-import socket
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -102,41 +100,9 @@ def is_complete(path: str | Path) -> bool:
     return stores.is_complete(path)
 
 
-@contextlib.contextmanager
-def writer_lock(store: Path, wait: float = 0.0) -> Iterator[int]:
-    """Hold the exclusive writer lock of ``store`` (``<store>.lock``); yields its fd.
-
-    flock locks die with their process, so a killed writer never leaves a stale lock. When
-    another writer holds it: wait up to ``wait`` seconds for it (a second scheduled run on
-    the same cache then reuses the first one's store), else a one-line error.
-    """
-    import fcntl
-
-    lock_path = store.with_name(store.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + max(0.0, wait)
-    told = False
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                raise SraeError(f"feature store {store}: another writer ({holder}) holds {lock_path}; "
-                                "wait for it to finish") from None
-            if not told:
-                log.info("features: %s is being written by another run (%s); waiting for it", store, holder)
-                told = True
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        yield fd
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+def writer_lock(store: Path, wait: float = 0.0) -> contextlib.AbstractContextManager[int]:
+    """The feature store's exclusive writer lock (:func:`srae.stores.writer_lock`)."""
+    return stores.writer_lock(Path(store), wait, what="feature store")
 
 
 def _close_inherited_lock(fd: int, ident: tuple[int, int], _worker_id: int) -> None:

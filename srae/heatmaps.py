@@ -14,6 +14,7 @@ forward and one batched Excitation Backprop pass per image batch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -237,7 +238,7 @@ def compute_heatmaps(trunk: nn.Sequential, jobs: Sequence[HeatmapJob], batches: 
                      image_ids: Sequence[int] | np.ndarray, *, readout: int | str,
                      output_size: int | tuple[int, int], kind: str = "c-MWP",
                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                     chunk_rows: int = 1) -> list[Path]:
+                     chunk_rows: int = 1, wait_for_writer: float = 0.0) -> list[Path]:
     """Fill (or resume) one heatmap store per job over the images ``image_ids``.
 
     ``batches`` yields ``(x, ..., image_id)`` (e.g. a DataLoader over
@@ -245,9 +246,15 @@ def compute_heatmaps(trunk: nn.Sequential, jobs: Sequence[HeatmapJob], batches: 
     ``mean``/``std`` are given. Images already done in every store are skipped without any
     compute; when every store is complete ``batches`` is not consumed at all. The models
     run on the device of ``trunk``'s parameters. ``kind``: "c-MWP" (default), "MWP" or
-    "Grad-CAM". Returns the store paths.
+    "Grad-CAM". Returns the store paths. Each store is written under its writer lock: another
+    process writing one of them is waited for up to ``wait_for_writer`` seconds (then its
+    finished maps are reused), else a one-line error naming it.
     """
-    with stores.every_chunk_written():  # a missing chunk file must mean damage (stores.missing_chunks)
+    with stores.every_chunk_written(), contextlib.ExitStack() as locks:
+        # a missing chunk file must mean damage (stores.missing_chunks); sorted: no lock-order deadlock
+        for store in sorted({str(j.store) for j in jobs}):
+            Path(store).parent.mkdir(parents=True, exist_ok=True)
+            locks.enter_context(stores.writer_lock(Path(store), wait_for_writer, what="heatmaps"))
         if kind not in HEATMAP_KINDS:
             raise InputError(f"heatmap kind {kind!r}: expected one of {', '.join(HEATMAP_KINDS)}")
         if not jobs:

@@ -161,7 +161,11 @@ def score_chunk(spec: ChunkSpec) -> ChunkStats:
             mine = [(k, r) for k, r in enumerate(spec.rows) if lo <= spec.start + r < hi]
             if not mine:
                 continue
-            maps = np.asarray(arr[lo:hi, f0:f1])
+            try:
+                maps = np.asarray(arr[lo:hi, f0:f1])
+            except Exception as exc:  # noqa: BLE001 - a damaged chunk file: codec errors of any kind
+                raise SraeError(f"heatmaps {spec.path}: images {lo}..{hi - 1} cannot be read "
+                                f"({type(exc).__name__}: {exc}); delete the store to redraw it") from None
             for k, r in mine:
                 # Work on the stored dtype (float32): sums and sparse mat-vecs cast in cache-sized
                 # pieces instead of materialising float64 copies of the block.
@@ -408,7 +412,21 @@ def score(jobs: Sequence[ScoreJob], index: DatasetIndex, *, client: Any = None, 
     return reduce_results(jobs, index, _run(client, specs), ann)
 
 
+def _score_chunk_or_error(spec: ChunkSpec) -> ChunkStats | tuple[str, BaseException]:
+    """:func:`score_chunk` with its failure returned as a value: a task that raises makes each
+    Dask worker log "Compute Failed" with the task's arguments and a traceback (about 40
+    lines on the console per failed chunk); the client raises the error instead."""
+    try:
+        return score_chunk(spec)
+    except Exception as exc:  # noqa: BLE001 - re-raised by _run in the client
+        return ("error", exc)
+
+
 def _run(client: Any, specs: list[ChunkSpec]) -> list[ChunkStats]:
     """Run every chunk as one Dask task; results come back in spec order."""
     log.info("scoring %d chunks as Dask tasks", len(specs))
-    return client.gather(client.map(score_chunk, specs, pure=False))
+    out = client.gather(client.map(_score_chunk_or_error, specs, pure=False))
+    for res in out:
+        if isinstance(res, tuple):
+            raise res[1]
+    return out

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from srae.errors import SraeError
+
+log = logging.getLogger(__name__)
 
 
 def temp_beside(path: str | Path) -> Path:
@@ -101,3 +106,40 @@ def missing_chunks(path: str | Path) -> list[str]:
         if found < expected:
             out.append(f"{meta_file.parent.name}: {expected - found} of {expected} chunk files missing")
     return out
+
+
+@contextlib.contextmanager
+def writer_lock(store: Path, wait: float = 0.0, what: str = "store") -> Iterator[int]:
+    """Hold the exclusive writer lock of ``store`` (``<store>.lock``); yields its fd.
+
+    flock locks die with their process, so a killed writer never leaves a stale lock. When
+    another writer holds it: wait up to ``wait`` seconds for it (a second scheduled run on
+    the same cache then reuses the first one's store), else a one-line error.
+    """
+    import fcntl
+
+    lock_path = store.with_name(store.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + max(0.0, wait)
+    told = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise SraeError(f"{what} {store}: another writer ({holder}) holds {lock_path}; "
+                                "wait for it to finish") from None
+            if not told:
+                log.info("%s %s is being written by another run (%s); waiting for it", what, store, holder)
+                told = True
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield fd
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

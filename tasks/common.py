@@ -32,6 +32,9 @@ from prefect.utilities.hashing import hash_objects
 log = logging.getLogger(__name__)
 
 WORK_LOG = "work_log.jsonl"
+# A second run on the same cache (overlapping schedules) waits this long for the first one's
+# feature extraction or heatmaps and then reuses them, instead of failing or redoing them.
+WAIT_FOR_OTHER_RUN_S = 12 * 3600.0
 _LOG_LOCK = threading.Lock()
 
 

@@ -16,12 +16,8 @@ from prefect import task
 
 from srae.config import stable_hash
 from tasks.backbone import load_fitted_backbone
-from tasks.common import retry_unless_user_error, TASK_DEFAULTS, atomic_write_text, record_work, resolve_device, run_logger, stage_cache, timed
+from tasks.common import WAIT_FOR_OTHER_RUN_S, retry_unless_user_error, TASK_DEFAULTS, atomic_write_text, record_work, resolve_device, run_logger, stage_cache, timed
 from tasks.download import load_index
-
-# A second run on the same cache (overlapping schedules) waits this long for the first one's
-# feature extraction and then reuses its store, instead of failing the whole run.
-WAIT_FOR_OTHER_RUN_S = 12 * 3600.0
 
 
 def store_complete(path: str | Path) -> bool:

@@ -20,7 +20,7 @@ import numpy as np
 from prefect import task
 
 from srae.config import ExperimentConfig, stable_hash
-from tasks.common import TASK_DEFAULTS, record_work, resolve_device, run_logger, short_error, stage_cache, timed
+from tasks.common import TASK_DEFAULTS, WAIT_FOR_OTHER_RUN_S, record_work, resolve_device, run_logger, short_error, stage_cache, timed
 
 LOCALITY_ONLY = ("locality", "concept_recovery")
 ALL_METRICS = ("locality", "O1", "O2", "concept_recovery")
@@ -200,7 +200,8 @@ def heatmap_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone:
                         _drop_derived(j["heatmaps"])
                     compute_heatmaps(base, hjobs, _batches(index, path_of, ids, bb.input_size,
                                                            int(heatmaps.get("batch_size", 16))),
-                                     ids, readout=ro, output_size=bb.input_size, mean=bb.mean, std=bb.std)
+                                     ids, readout=ro, output_size=bb.input_size, mean=bb.mean, std=bb.std,
+                                     wait_for_writer=WAIT_FOR_OTHER_RUN_S)
                 record_work(cache_dir, "heatmaps", f"{c}/{split}", t(), category=int(c),
                             methods=[j["method"] for j in cj])
             except Exception as exc:  # one category's failure must not stop the others

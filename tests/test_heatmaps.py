@@ -123,6 +123,38 @@ def test_a_store_that_lost_a_chunk_file_is_redrawn(tmp_path) -> None:
     assert zarr.config.get("array.write_empty_chunks") is False
 
 
+def test_two_runs_on_one_store_take_turns(tmp_path) -> None:
+    """Two runs drawing the same heatmap group used to rebuild it under each other (failed
+    categories with "'image_id'" errors); the second now waits, then reuses the maps."""
+    import threading
+    import time
+
+    from srae import stores
+
+    trunk, head, enc = _models()
+    x = _images()
+    jobs = _jobs(tmp_path, head, enc)
+    jobs[0].store.parent.mkdir(parents=True, exist_ok=True)
+    held = threading.Event()
+
+    def other_run() -> None:
+        with stores.writer_lock(jobs[1].store, what="heatmaps"):
+            held.set()
+            compute_heatmaps(trunk, jobs[:1], _batches(x, IDS), IDS, readout=2, output_size=8)
+            time.sleep(0.3)
+
+    t = threading.Thread(target=other_run)
+    t.start()
+    held.wait(5)
+    with pytest.raises(SraeError, match=r"heatmaps .*ebp\.zarr: another writer \(pid"):
+        compute_heatmaps(trunk, jobs, _batches(x, IDS), IDS, readout=2, output_size=8)
+    compute_heatmaps(trunk, jobs, _batches(x, IDS), IDS, readout=2, output_size=8, wait_for_writer=30)
+    t.join()
+    assert is_complete(jobs[0].store) and is_complete(jobs[1].store)
+    direct = excitation_maps(nn.Sequential(*trunk, *enc), x, [0, 1], readout=2, output_size=8)
+    np.testing.assert_allclose(open_heatmaps(jobs[0].store).maps[:], direct.numpy(), rtol=1e-5, atol=1e-7)
+
+
 def test_changed_request_rebuilds_and_missing_images_fail(tmp_path) -> None:
     trunk, head, enc = _models()
     x = _images()

@@ -229,3 +229,20 @@ def test_local_clusters_keep_status_servers_on_loopback_and_free_ports():
             assert {s.address for s in servers} == {"127.0.0.1"}
             assert servers[0].port != servers[1].port
     assert not [w for w in caught if "already in use" in str(w.message)]
+
+
+def test_a_damaged_chunk_is_one_error_naming_the_store_without_dask_dumps(tmp_path, rng, client, caplog) -> None:
+    """A truncated chunk file failed inside a Dask task: each worker logged "Compute Failed"
+    with the task's arguments and a traceback, and the error named no store."""
+    index = cub_like(rng, 10)
+    ids = index.images["image_id"].to_numpy()
+    maps = (rng.random((10, 3, H, W)) ** 3).astype(np.float32)
+    path = write_group(tmp_path / "x.zarr", maps, ids, 2)
+    chunk = tmp_path / "x.zarr" / "maps" / "c" / "1" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:20])
+    jobs = [ScoreJob(path, "a", "SRAE", class_index=0)]
+    for run in (lambda: score_serial(jobs, index, chunk_size=4), lambda: score(jobs, index, client=client, chunk_size=4)):
+        with caplog.at_level("WARNING"):
+            with pytest.raises(SraeError, match=rf"heatmaps {path}: images 2..3 cannot be read \(.*\); delete the store"):
+                run()
+    assert "Compute Failed" not in caplog.text
