@@ -3,8 +3,9 @@
 Elementwise the update equals ``torch.optim.Adam`` (no weight decay) for each member, so a
 member trained in a stack follows the same trajectory as alone. The update itself is
 PyTorch's fused Adam kernel (one pass over parameters, gradients and moments) applied to
-slices of the stacked tensors: consecutive members that share a learning rate and a step
-count form one slice, so a typical stack costs one kernel call per parameter tensor. The
+slices of the stacked tensors: on CUDA, consecutive members that share a learning rate and a
+step count form one slice, so a typical stack costs one kernel call per parameter tensor; on
+the CPU each member is its own slice (see :meth:`StackedAdam.step`). The
 elementwise formula the earlier hand-written version used reads each tensor about eight
 times; on 20 paper-size members that took 17x longer than the fused pass (measured on CPU).
 """
@@ -38,11 +39,13 @@ class StackedAdam:
         for p in self.params:
             p.grad = None
 
-    def _runs(self, act: np.ndarray) -> list[tuple[int, int]]:
-        """Maximal ranges ``[a, e)`` of active members with equal learning rate and step count."""
+    def _runs(self, act: np.ndarray, per_member: bool = False) -> list[tuple[int, int]]:
+        """Maximal ranges ``[a, e)`` of active members with equal learning rate and step count
+        (with ``per_member``, each active member alone)."""
         runs: list[tuple[int, int]] = []
         for b in np.flatnonzero(act).tolist():
-            if runs and runs[-1][1] == b and self.lr[b] == self.lr[runs[-1][0]] and self.t[b] == self.t[runs[-1][0]]:
+            if (not per_member and runs and runs[-1][1] == b and self.lr[b] == self.lr[runs[-1][0]]
+                    and self.t[b] == self.t[runs[-1][0]]):
                 runs[-1] = (runs[-1][0], b + 1)
             else:
                 runs.append((b, b + 1))
@@ -71,7 +74,13 @@ class StackedAdam:
             return
         dev = live[0][0].device
         fused = dev.type in _FUSED_DEVICES
-        for a, e in self._runs(act):
+        # On the CPU the fused kernel splits its range into SIMD blocks and threads' chunks
+        # measured from the slice it is given, and computes block tails another way (no FMA):
+        # a member in a longer slice got other roundings than alone, which training (revivals,
+        # early stopping) turned into a different model when categories were added. One slice
+        # per member keeps its update identical alone or in any stack. CUDA computes every
+        # element the same way wherever it lies, so there slices stay as long as possible.
+        for a, e in self._runs(act, per_member=dev.type == "cpu"):
             # The fused kernel increments each step tensor before using it for bias correction.
             steps = list(torch.full((len(live),), float(self.t[a]), dtype=torch.float32, device=dev).unbind())
             adam([p[a:e] for p, _, _ in live], [p.grad[a:e] for p, _, _ in live], [m[a:e] for _, m, _ in live],
