@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -425,7 +426,9 @@ def _score_chunk_or_error(spec: ChunkSpec) -> ChunkStats | tuple[str, BaseExcept
 def _run(client: Any, specs: list[ChunkSpec]) -> list[ChunkStats]:
     """Run every chunk as one Dask task; results come back in spec order."""
     log.info("scoring %d chunks as Dask tasks", len(specs))
-    out = client.gather(client.map(_score_chunk_or_error, specs, pure=False))
+    # keys named after score_chunk: what a user watching the cluster's dashboard looks for
+    keys = [f"score_chunk-{uuid.uuid4().hex}" for _ in specs]
+    out = client.gather(client.map(_score_chunk_or_error, specs, key=keys, pure=False))
     for res in out:
         if isinstance(res, tuple):
             raise res[1]

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from srae import cancel
 from srae.errors import SraeError
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ def writer_lock(store: Path, wait: float = 0.0, what: str = "store") -> Iterator
             if not told:
                 log.info("%s %s is being written by another run (%s); waiting for it", what, store, holder)
                 told = True
+            cancel.check(f"waiting for {what} {store}")
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
     try:
         os.ftruncate(fd, 0)

@@ -12,6 +12,7 @@ seed), so changing e.g. SRAE's ``eta`` leaves NN, SAE, CAE and Lasso untouched.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,9 @@ from prefect import task
 
 from srae.config import ExplainerConfig
 from srae.errors import SraeError
-from tasks.common import TASK_DEFAULTS, record_work, resolve_device, run_logger, short_error, stage_cache, timed
+from srae.stores import writer_lock
+from tasks.common import (TASK_DEFAULTS, WAIT_FOR_OTHER_RUN_S, record_work, resolve_device, run_logger, short_error,
+                          stage_cache, timed)
 
 SAMPLE_KEYS = ("n_pos", "n_neg", "n_test_neg", "use_dataset_split", "seed")
 
@@ -179,6 +182,25 @@ def train_explainer_group(method: str, categories: list[int], settings: dict[str
     logger = run_logger()
     dirs = {c: explainer_path(out_root, features["fingerprint"], method, settings, c) for c in categories}
     todo = [c for c in categories if not is_complete(dirs[c])]
+    with contextlib.ExitStack() as locks:
+        # Another run training the same categories (overlapping schedules on one cache) is
+        # waited for, and what it finished is reused rather than trained a second time.
+        for c in sorted(todo):
+            dirs[c].parent.mkdir(parents=True, exist_ok=True)
+            locks.enter_context(writer_lock(dirs[c], WAIT_FOR_OTHER_RUN_S, what=f"{method} explainer"))
+        todo = [c for c in todo if not is_complete(dirs[c])]
+        failed = _train_and_save(method, todo, dirs, settings, features, dataset, cache_dir, device)
+    logger.info("%s: trained %d, failed %d, reused %d", method, len(todo) - len(failed), len(failed),
+                len(categories) - len(todo))
+    return {"method": method, "settings": settings,
+            "explainers": {str(c): str(d) for c, d in dirs.items() if is_complete(d)},
+            "failed": {str(c): msg for c, msg in failed.items()}}
+
+
+def _train_and_save(method: str, todo: list[int], dirs: dict[int, Path], settings: dict[str, Any],
+                    features: dict[str, Any], dataset: dict[str, Any], cache_dir: str,
+                    device: str) -> dict[int, str]:
+    """Train ``method`` for ``todo`` and save each explainer; returns {category: error}."""
     failed: dict[int, str] = {}
     if todo:
         z, logits, labels, ids = load_feature_arrays(features["path"])
@@ -199,8 +221,4 @@ def train_explainer_group(method: str, categories: list[int], settings: dict[str
             expl.save(dirs[c])
             record_work(cache_dir, "explainers", f"{method}/{c}", seconds / max(1, len(trained)),
                         method=method, category=int(c), alpha=settings.get("alpha"))
-        logger.info("%s: trained %d, failed %d, reused %d", method, len(trained), len(failed),
-                    len(categories) - len(todo))
-    return {"method": method, "settings": settings,
-            "explainers": {str(c): str(d) for c, d in dirs.items() if is_complete(d)},
-            "failed": {str(c): msg for c, msg in failed.items()}}
+    return failed
