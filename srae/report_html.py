@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from srae import __version__
@@ -100,6 +101,22 @@ def _records_table(records: list[dict[str, Any]], empty: str) -> str:
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>"
                    for r in records)
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def failed_records(failed: list[dict[str, Any]], class_names: list[str]) -> list[dict[str, Any]]:
+    """Failed-category records for reading: the class as the CLI and logs name it (1-based id
+    and name, e.g. ``"1: 001.Yellow_winged"``) instead of the 0-based index; no empty columns."""
+    out = []
+    for f in failed:
+        rec = {k: v for k, v in f.items() if k != "category" and v not in (None, "")}
+        c = f.get("category")
+        if isinstance(c, (int, np.integer)) and not isinstance(c, bool):
+            name = class_names[c] if 0 <= c < len(class_names) else ""
+            rec = {"class": f"{int(c) + 1}: {name}" if name else str(int(c) + 1), **rec}
+        elif c is not None:
+            rec = {"class": str(c), **rec}
+        out.append(rec)
+    return out
 
 
 def _flat_for_parquet(df: pd.DataFrame) -> pd.DataFrame:
@@ -185,7 +202,8 @@ def render_html(inp: ReportInputs, tables: dict[str, pd.DataFrame], findings: li
     for caption, png in figures:
         b64 = base64.b64encode(png).decode()
         s.append(f"<h3>{html.escape(caption)}</h3><img alt='{html.escape(caption)}' src='data:image/png;base64,{b64}'>")
-    s += ["<h2>Failed categories</h2>", _records_table(inp.failed, "None: every category completed."),
+    s += ["<h2>Failed categories</h2>", _records_table(failed_records(inp.failed, inp.class_names),
+                                                       "None: every category completed."),
           "<h2>Bad inputs</h2>", _records_table(inp.bad_inputs, "None: every input was readable.")]
     if inp.notes:
         s.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in inp.notes) + "</ul>")
@@ -215,7 +233,9 @@ def render_markdown(inp: ReportInputs, tables: dict[str, pd.DataFrame], findings
         if key == "main" and infinite_note(tables[key]):
             lines += [infinite_note(tables[key]), ""]
     if inp.failed:
-        lines += ["## Failed categories", ""] + [f"- {f}" for f in inp.failed] + [""]
+        lines += ["## Failed categories", ""] + [
+            "- " + "; ".join(f"{k} {v}" for k, v in rec.items()) for rec in failed_records(inp.failed, inp.class_names)
+        ] + [""]
     if inp.timings:
         lines += ["## Stage wall time", ""] + [f"- {k}: {v:.1f} s" for k, v in inp.timings.items()]
     return "\n".join(lines) + "\n"

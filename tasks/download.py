@@ -26,7 +26,9 @@ from prefect import task
 from srae.config import DatasetConfig, stable_hash
 from srae.datasets.common import GEN_PARAMS, DatasetIndex, dataset_dir, find_dataset_dir  # noqa: F401 - re-exported
 from srae.errors import SraeError
-from tasks.common import retry_unless_user_error, TASK_DEFAULTS, record_work, run_logger, stage_cache, timed
+from srae.stores import writer_lock
+from tasks.common import (WAIT_FOR_OTHER_RUN_S, retry_unless_user_error, TASK_DEFAULTS, record_work, run_logger,
+                          stage_cache, timed)
 
 
 def _lib(module: str, name: str):
@@ -179,15 +181,22 @@ def prepare_dataset(dataset: dict[str, Any], cache_dir: str) -> dict[str, Any]:
         if ds.kind.startswith("synth"):
             found = _generated_root(path)
             if found is None:
-                path.mkdir(parents=True, exist_ok=True)
-                found = _generate(ds, path)
-                record_work(cache_dir, "dataset", str(path), t())
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with writer_lock(path, WAIT_FOR_OTHER_RUN_S, what="dataset"):  # another run may be generating it
+                    found = _generated_root(path)
+                    if found is None:
+                        path.mkdir(parents=True, exist_ok=True)
+                        found = _generate(ds, path)
+                        record_work(cache_dir, "dataset", str(path), t())
             path = found
         elif not _present(ds, path):
             if not ds.download:
                 raise SraeError(f"dataset.root: no {ds.kind} dataset under {path} and dataset.download is false")
-            _fetch(ds, path)
-            record_work(cache_dir, "dataset", str(path), t())
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with writer_lock(path, WAIT_FOR_OTHER_RUN_S, what="dataset"):  # another run may be fetching it
+                if not _present(ds, path):
+                    _fetch(ds, path)
+                    record_work(cache_dir, "dataset", str(path), t())
     info = {"kind": ds.kind, "root": str(path), "reader": reader_options(ds)}
     index = load_index(info)
     logger.info("dataset %s: %d images, %d classes, %d bad inputs", ds.kind, len(index.images),

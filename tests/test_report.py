@@ -167,6 +167,12 @@ def test_build_report_writes_everything(tmp_path, long_table):
     assert path == tmp_path / "rep" / "report.html"
     html = path.read_text()
     assert "planted &lt;failure&gt;" in html and "images/x.jpg" in html
+    from srae.report_html import failed_records
+
+    assert failed_records(inp.failed, ["bird_a", "bird_b", "bird_c"]) == [
+        {"class": "3: bird_c", "stage": "explainers", "method": "SRAE", "error": "planted <failure>"}]
+    assert failed_records([{"category": 0, "stage": "heatmaps", "method": None, "error": "x"}], []) == [
+        {"class": "1", "stage": "heatmaps", "error": "x"}]  # 1-based as in the CLI; empty columns dropped
     assert "10.2 s" in html and "11.8 s" in html  # stage time and total in the footer
     assert "qualitative findings hold on this data" in html and "data:image/png;base64," in html
     schema = pq.read_schema(tmp_path / "rep" / "metrics.parquet")
