@@ -287,3 +287,17 @@ def test_download_root_that_is_a_file_names_the_option(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert "--root" in _fails_in_one_line(capsys, ["download", "cub", "--root", str(afile)])
+
+
+@pytest.mark.parametrize("argv, prog, extra", [
+    (["run", "configs/demo.yaml", "--bogus"], "srae run", "--bogus"),
+    (["synth", "birds", "--out", "OUT", "--zzz", "1"], "srae synth", "--zzz 1"),
+    (["--bogus"], "srae", "--bogus"),
+])
+def test_unknown_options_are_reported_by_the_subcommand(capsys, argv, prog, extra):
+    """`srae run X --bogus` printed the top-level usage, which does not list run's options."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err[0].startswith(f"usage: {prog} ")
+    assert err[-1] == f"{prog}: error: unrecognized arguments: {extra}"
