@@ -128,14 +128,38 @@ def test_the_temporary_server_dies_with_a_killed_run():
             pass
 
 
-def test_sighup_stops_a_command_like_sigterm(tmp_path: Path):
-    """Closing the terminal (SIGHUP) ends the command through the same clean-up as SIGTERM."""
-    proc = subprocess.Popen([sys.executable, "-m", "srae.cli", "synth", "birds", "--out", str(tmp_path / "b"),
-                             "--classes", "4", "--per-class", "3000", "--size", "128"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)  # past the imports, generating
-    assert proc.poll() is None
-    proc.send_signal(signal.SIGHUP)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 129, err[-1000:]
-    assert err.strip().splitlines()[-1] == "srae synth: hung up"
+def test_sighup_stops_a_command_like_sigterm(monkeypatch, capsys):
+    """Closing the terminal (SIGHUP) ends the command through the same clean-up as SIGTERM:
+    the handler raises Terminated in the main thread and asks worker threads to stop."""
+    import argparse
+
+    from srae import cancel, cli
+    from srae.errors import Terminated
+
+    cleaned = []
+
+    def command(_args):
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)  # handled in this (main) thread
+            time.sleep(5)
+        finally:
+            cleaned.append(cancel.stop_requested())
+        return 0
+
+    def fake_parser():
+        parser = argparse.ArgumentParser(prog="srae")
+        parser.add_argument("-v", "--verbose", action="store_true")
+        parser.set_defaults(func=command, command="work")
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", fake_parser)
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        t0 = time.monotonic()
+        assert cli.main([]) == 129 and time.monotonic() - t0 < 4
+    finally:
+        cancel.reset()
+    assert cleaned == [True]  # finally blocks ran, with the stop requested for other threads
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "srae work: hung up"
+    assert signal.getsignal(signal.SIGHUP) is before  # handlers restored
+    assert issubclass(Terminated, KeyboardInterrupt)

@@ -161,7 +161,8 @@ def probe_images(root: Path, rel_paths: list[str], workers: int = 2,
 
     sizes: dict[str, tuple[int, int]] = {}
     bad: list[dict] = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         results = pool.map(one, rel_paths)
         for rel, size, reason in tqdm(results, total=len(rel_paths), desc=desc, unit="img", disable=None,
                                       mininterval=1.0, leave=False):
@@ -169,6 +170,10 @@ def probe_images(root: Path, rel_paths: list[str], workers: int = 2,
                 bad.append({"path": rel, "reason": f"unreadable image ({reason})"})
             else:
                 sizes[rel] = size
+    finally:
+        # On Ctrl-C / SIGTERM the queued probes are dropped (a `with` block would wait for all
+        # of them: minutes on CUB or ADE20K); only those already running finish.
+        pool.shutdown(wait=True, cancel_futures=True)
     return sizes, bad
 
 
