@@ -19,7 +19,9 @@ from prefect import task
 
 from srae.config import BackboneConfig, stable_hash
 from srae.errors import SraeError
-from tasks.common import retry_unless_user_error, TASK_DEFAULTS, record_work, resolve_device, run_logger, stage_cache, timed
+from srae.stores import writer_lock
+from tasks.common import (WAIT_FOR_OTHER_RUN_S, retry_unless_user_error, TASK_DEFAULTS, record_work, resolve_device,
+                          run_logger, stage_cache, timed)
 from tasks.download import load_index
 
 MODEL_FILE = "model.safetensors"
@@ -114,8 +116,10 @@ def prepare_backbone(backbone: dict[str, Any], dataset: dict[str, Any], cache_di
     # keyed by the index fit itself is given, so the directory matches what fit checks
     out = backbone_dir(cache_dir, backbone, {"fingerprint": index.manifest_fingerprint(),
                                              "num_classes": index.num_classes})
-    done = (out / MODEL_FILE).is_file() and (out / SUMMARY_FILE).is_file()
-    with timed() as t:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # another run fitting the same backbone (overlapping schedules) is waited for, then reused
+    with writer_lock(out, WAIT_FOR_OTHER_RUN_S, what="backbone"), timed() as t:
+        done = (out / MODEL_FILE).is_file() and (out / SUMMARY_FILE).is_file()
         res = fit(index, out, backbone=bb.name, checkpoint=bb.checkpoint, pretrained=bb.pretrained,
                   input_size=bb.input_size, epochs=bb.fit.epochs, lr=bb.fit.lr, batch_size=bb.fit.batch_size,
                   weight_decay=bb.fit.weight_decay, seed=bb.fit.seed, augment=bb.fit.augment,
