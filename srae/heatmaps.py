@@ -195,6 +195,11 @@ def _open_store(job: HeatmapJob, spec: dict, ids: np.ndarray, chunk_rows: int):
         log.info("heatmaps: %s was made for other inputs, or never finished its set-up; rebuilding it", job.store)
     if job.store.exists():
         shutil.rmtree(job.store)
+    # Results computed from the old maps (``<store>.*.parquet``: scores, masking) are stale now.
+    # Dropped here, under the store's writer lock: a run that waited for another run's drawing
+    # must not delete the scores that run has written since.
+    for derived in job.store.parent.glob(job.store.name + ".*.parquet"):
+        derived.unlink(missing_ok=True)
     m, n, h, w = spec["shape"]
     root = zarr.open_group(str(job.store), mode="w", zarr_format=3,
                            attributes={**spec, "complete": False, stores.ALL_CHUNKS: True})

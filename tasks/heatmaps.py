@@ -197,7 +197,6 @@ def heatmap_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone:
                             attrs["explainer"] = str(j["explainer"])
                             attrs["explainer_sha256"] = _explainer_sha(j["explainer"])
                         hjobs.append(HeatmapJob(Path(j["heatmaps"]), head, units, attrs))
-                        _drop_derived(j["heatmaps"])
                     compute_heatmaps(base, hjobs, _batches(index, path_of, ids, bb.input_size,
                                                            int(heatmaps.get("batch_size", 16))),
                                      ids, readout=ro, output_size=bb.input_size, mean=bb.mean, std=bb.std,
@@ -217,13 +216,6 @@ def _explainer_sha(explainer_dir: str) -> str:
     from srae.explainers import META_FILE
 
     return hashlib.sha256((Path(explainer_dir) / META_FILE).read_bytes()).hexdigest()
-
-
-def _drop_derived(heatmap_group: str) -> None:
-    """Remove scores / masking results derived from a heatmap group that is being (re)drawn."""
-    p = Path(heatmap_group)
-    for f in p.parent.glob(p.name + ".*.parquet"):
-        f.unlink(missing_ok=True)
 
 
 def _z_dims(z: np.ndarray, k: int, category: int) -> list[int]:

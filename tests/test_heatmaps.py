@@ -159,9 +159,14 @@ def test_changed_request_rebuilds_and_missing_images_fail(tmp_path) -> None:
     trunk, head, enc = _models()
     x = _images()
     compute_heatmaps(trunk, _jobs(tmp_path, head, enc), _batches(x, IDS), IDS, readout=2, output_size=8)
+    scores = tmp_path / "srae.zarr.scores.parquet"  # a result derived from the maps
+    scores.write_bytes(b"derived")
+    compute_heatmaps(trunk, _jobs(tmp_path, head, enc), _batches(x, IDS), IDS, readout=2, output_size=8)
+    assert scores.is_file()  # unchanged maps: their results stay
     jobs = _jobs(tmp_path, head, enc, units=(1,))
     np.testing.assert_array_equal(pending_image_ids(jobs[0], IDS[:3], readout=2, output_size=8), IDS[:3])
     compute_heatmaps(trunk, jobs[:1], _batches(x, IDS), IDS, readout=2, output_size=8)
+    assert not scores.exists()  # redrawn: results of the old maps are dropped
     hs = open_heatmaps(jobs[0].store)
     assert hs.maps.shape == (6, 1, 8, 8) and hs.attrs["units"] == [1]
     direct = excitation_maps(nn.Sequential(*trunk, *enc), x, [1], readout=2, output_size=8)
