@@ -96,12 +96,15 @@ def _on_sigterm_raise() -> dict[int, object]:
             raise KeyboardInterrupt
         raise Terminated(signum)
 
+    cancel.reset()  # a stop requested in an earlier command of this process is over
     previous = {}
     for name in ("SIGTERM", "SIGHUP", "SIGINT"):
         signum = getattr(signal, name, None)
         if signum is None:  # no SIGHUP on Windows
             continue
         try:
+            if signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # ignored on purpose (nohup, a shell's background job): keep it so
             previous[signum] = signal.signal(signum, handler)
         except ValueError:
             break

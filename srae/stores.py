@@ -4,6 +4,7 @@ completion, temporary file names."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -101,11 +102,14 @@ def missing_chunks(path: str | Path) -> list[str]:
         except (ValueError, OSError, KeyError, TypeError):
             out.append(f"{meta_file.parent.name}: metadata unreadable")
             continue
-        expected = math.prod(-(-int(s) // int(c)) for s, c in zip(shape, grid)) if all(shape) else 0
+        counts = [-(-int(s) // int(c)) for s, c in zip(shape, grid)]
+        expected = math.prod(counts) if all(shape) else 0
         base = meta_file.parent / "c"
-        found = sum(len(files) for _, _, files in os.walk(base)) if base.is_dir() else 0
-        if found < expected:
-            out.append(f"{meta_file.parent.name}: {expected - found} of {expected} chunk files missing")
+        # each expected key ("c/i/j/..."), so zarr's leftover temp files cannot stand in for one
+        missing = sum(1 for idx in itertools.product(*(range(k) for k in counts))
+                      if not base.joinpath(*map(str, idx)).is_file()) if expected else 0
+        if missing:
+            out.append(f"{meta_file.parent.name}: {missing} of {expected} chunk files missing")
     return out
 
 
@@ -123,21 +127,24 @@ def writer_lock(store: Path, wait: float = 0.0, what: str = "store") -> Iterator
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + max(0.0, wait)
     told = False
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                raise SraeError(f"{what} {store}: another writer ({holder}) holds {lock_path}; "
-                                "wait for it to finish") from None
-            if not told:
-                log.info("%s %s is being written by another run (%s); waiting for it", what, store, holder)
-                told = True
-            cancel.check(f"waiting for {what} {store}")
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+                if time.monotonic() >= deadline:
+                    raise SraeError(f"{what} {store}: another writer ({holder}) holds {lock_path}; "
+                                    "wait for it to finish") from None
+                if not told:
+                    log.info("%s %s is being written by another run (%s); waiting for it", what, store, holder)
+                    told = True
+                cancel.check(f"waiting for {what} {store}")
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    except BaseException:  # gave up, stopped or interrupted while waiting: no descriptor left open
+        os.close(fd)
+        raise
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)

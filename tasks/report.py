@@ -39,8 +39,9 @@ def faithfulness_rows(experiment: str, explainer_results: list[dict[str, Any]]) 
             hp = row_hparams(res["method"], settings, meta)
             for metric in ("F_reg", "F_cls"):
                 for split in ("train", "test"):
-                    v = meta.get(f"{metric}_{split}")
-                    if v is not None:
+                    key = f"{metric}_{split}"
+                    if key in meta:  # null (strict JSON for NaN, e.g. an empty test set) -> a NaN row
+                        v = float("nan") if meta[key] is None else meta[key]
                         rows.append(R.metric_row(experiment, int(cat), res["method"], metric, split, float(v),
                                                  int(meta.get("n_features", 0)), hp))
             if "dead_features" in meta:  # absent in explainers saved before it was recorded

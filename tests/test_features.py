@@ -184,6 +184,7 @@ def test_a_store_with_a_missing_chunk_file_is_rebuilt_not_read_as_zeros(tiny, tm
     while chunk.is_dir():
         chunk = next(chunk.iterdir())
     chunk.unlink()
+    chunk.with_name(chunk.name + ".partial").write_bytes(b"x")  # zarr's leftover temp file is no chunk
     assert stores.missing_chunks(path) == ["z: 1 of 5 chunk files missing"]  # 18 rows, 4 per chunk
     assert not is_complete(path)
     with pytest.raises(InputError, match=r"damaged \(z: 1 of 5 chunk files missing\); rerun"):
@@ -303,3 +304,37 @@ def test_features_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(InputError, match="--checkpoint"):
         args.func(parser.parse_args(["features", str(tmp_path / "c.yaml")]))
+
+
+def test_a_stopped_or_failed_wait_for_the_lock_leaves_no_descriptor_open(tmp_path: Path) -> None:
+    import threading
+
+    from srae import cancel
+
+    store = tmp_path / "s.zarr"
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with writer_lock(store):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(5)
+    fds = len(os.listdir("/proc/self/fd"))
+    try:
+        for _ in range(20):
+            with pytest.raises(SraeError, match="another writer"):
+                with writer_lock(store, wait=0.01):
+                    pass
+        cancel.request_stop()
+        for _ in range(20):
+            with pytest.raises(cancel.Stopped, match="waiting for feature store"):
+                with writer_lock(store, wait=30):
+                    pass
+    finally:
+        cancel.reset()
+        release.set()
+        t.join()
+    assert len(os.listdir("/proc/self/fd")) <= fds

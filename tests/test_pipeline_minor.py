@@ -3,6 +3,7 @@ crashed scoring task lists the categories it left unscored as failed-category ro
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -118,3 +119,20 @@ def test_cv_rule_keys_the_explainers_only_when_not_the_default():
 
     assert "cv_rule" not in method_settings(ExplainerConfig(), "SRAE")[0]
     assert method_settings(ExplainerConfig(cv_rule="one_se"), "SRAE")[0]["cv_rule"] == "one_se"
+
+
+def test_a_null_faithfulness_value_becomes_a_nan_row(tmp_path):
+    """meta.json stores NaN as null (strict JSON); the report must still see the category as
+    not computable (a NaN row, counted as "n/a"), not leave it out without a word."""
+    import json
+
+    from tasks.report import faithfulness_rows
+
+    d = tmp_path / "cat0000"
+    d.mkdir()
+    (d / "meta.json").write_text(json.dumps({"hparams": {"lr": 0.01}, "n_features": 5, "F_reg_train": 0.5,
+                                             "F_reg_test": None, "dead_features": [1]}))
+    rows = faithfulness_rows("e", [{"method": "NN", "settings": {}, "explainers": {"0": str(d)}}])
+    got = {(r["metric"], r["split"]): r["value"] for r in rows}
+    assert got[("F_reg", "train")] == 0.5 and got[("dead_x", "train")] == 1.0
+    assert math.isnan(got[("F_reg", "test")]) and ("F_cls", "test") not in got

@@ -163,3 +163,36 @@ def test_sighup_stops_a_command_like_sigterm(monkeypatch, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == "srae work: hung up"
     assert signal.getsignal(signal.SIGHUP) is before  # handlers restored
     assert issubclass(Terminated, KeyboardInterrupt)
+
+
+def test_ignored_signals_stay_ignored_and_an_old_stop_request_is_cleared(monkeypatch, capsys):
+    """`nohup srae run` (SIGHUP ignored) must survive a closed terminal; a stop requested by an
+    earlier interrupted command in the same process must not stop the next one."""
+    import argparse
+
+    from srae import cancel, cli
+
+    seen = []
+
+    def command(_args):
+        seen.append(cancel.stop_requested())
+        os.kill(os.getpid(), signal.SIGHUP)  # ignored: the command goes on
+        time.sleep(0.05)
+        return 0
+
+    def fake_parser():
+        parser = argparse.ArgumentParser(prog="srae")
+        parser.add_argument("-v", "--verbose", action="store_true")
+        parser.set_defaults(func=command, command="work")
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", fake_parser)
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        cancel.request_stop()  # left over from an earlier interrupted command
+        assert cli.main([]) == 0
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+        cancel.reset()
+    assert seen == [False]

@@ -510,9 +510,11 @@ def test_a_stop_request_ends_training_in_another_thread_promptly():
 
 def test_a_member_trains_the_same_alone_or_beside_others_in_float32():
     """Incremental runs must match a full run: a member trained alone equals itself trained
-    beside another, bit for bit (float32, CPU, with revivals). On the CPU the fused Adam kernel
-    rounded a member differently inside a longer slice, and revivals and early stopping turned
-    that into a different model (weights apart by 0.3 on the demo)."""
+    beside another, bit for bit (float32, CPU, one torch thread as conftest sets, with
+    revivals). On the CPU the fused Adam kernel rounded a member differently inside a longer
+    slice, and revivals and early stopping turned that into a different model (weights apart by
+    0.3 on the demo). With several threads batched matmuls still split work by stack size
+    (README: Incremental and scheduled runs)."""
     g = np.random.default_rng(0)
     n_rows, d = 400, 128
     z = torch.as_tensor(g.uniform(0, 2, (n_rows, d)).astype(np.float32))
