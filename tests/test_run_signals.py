@@ -128,11 +128,24 @@ def test_the_temporary_server_dies_with_a_killed_run():
             pass
 
 
+def _cli_running(monkeypatch, command) -> None:
+    """Make ``srae.cli.main`` run ``command`` as a subcommand named "work"."""
+    import argparse
+
+    from srae import cli
+
+    def fake_parser():
+        parser = argparse.ArgumentParser(prog="srae")
+        parser.add_argument("-v", "--verbose", action="store_true")
+        parser.set_defaults(func=command, command="work")
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", fake_parser)
+
+
 def test_sighup_stops_a_command_like_sigterm(monkeypatch, capsys):
     """Closing the terminal (SIGHUP) ends the command through the same clean-up as SIGTERM:
     the handler raises Terminated in the main thread and asks worker threads to stop."""
-    import argparse
-
     from srae import cancel, cli
     from srae.errors import Terminated
 
@@ -146,13 +159,7 @@ def test_sighup_stops_a_command_like_sigterm(monkeypatch, capsys):
             cleaned.append(cancel.stop_requested())
         return 0
 
-    def fake_parser():
-        parser = argparse.ArgumentParser(prog="srae")
-        parser.add_argument("-v", "--verbose", action="store_true")
-        parser.set_defaults(func=command, command="work")
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", fake_parser)
+    _cli_running(monkeypatch, command)
     before = signal.getsignal(signal.SIGHUP)
     try:
         t0 = time.monotonic()
@@ -168,8 +175,6 @@ def test_sighup_stops_a_command_like_sigterm(monkeypatch, capsys):
 def test_ignored_signals_stay_ignored_and_an_old_stop_request_is_cleared(monkeypatch, capsys):
     """`nohup srae run` (SIGHUP ignored) must survive a closed terminal; a stop requested by an
     earlier interrupted command in the same process must not stop the next one."""
-    import argparse
-
     from srae import cancel, cli
 
     seen = []
@@ -180,13 +185,7 @@ def test_ignored_signals_stay_ignored_and_an_old_stop_request_is_cleared(monkeyp
         time.sleep(0.05)
         return 0
 
-    def fake_parser():
-        parser = argparse.ArgumentParser(prog="srae")
-        parser.add_argument("-v", "--verbose", action="store_true")
-        parser.set_defaults(func=command, command="work")
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", fake_parser)
+    _cli_running(monkeypatch, command)
     before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         cancel.request_stop()  # left over from an earlier interrupted command
