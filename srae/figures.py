@@ -14,6 +14,7 @@ import torch
 
 from srae.errors import InputError
 from srae.excitation import resize_maps
+from srae.stores import temp_beside
 
 __all__ = ["order_features", "map_scales", "excitation_grid", "save_excitation_grid"]
 NORMALISED_NOTE = "each heatmap normalised to its own max (c-MWP per x-feature per image)"
@@ -139,7 +140,7 @@ def save_excitation_grid(path: str | Path, images: np.ndarray, ebp_maps: np.ndar
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = excitation_grid(images, ebp_maps, xfeature_maps, contributions, **kwargs)
-    tmp = path.with_name(path.name + ".tmp.png")
+    tmp = temp_beside(path)
     fig.savefig(tmp, format="png")
     tmp.replace(path)
     return path

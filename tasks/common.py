@@ -29,6 +29,8 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
+from srae.stores import temp_beside
+
 log = logging.getLogger(__name__)
 
 WORK_LOG = "work_log.jsonl"
@@ -109,14 +111,14 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
 
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{uuid.uuid4().hex[:6]}")
+    tmp = temp_beside(path)
     tmp.write_text(text)
     tmp.replace(path)
 
 
 def atomic_write_parquet(df: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{uuid.uuid4().hex[:6]}")
+    tmp = temp_beside(path)
     df.to_parquet(tmp, index=False)
     tmp.replace(path)
 
