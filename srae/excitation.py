@@ -19,7 +19,6 @@ and never modified, so torchvision's ``ReLU(inplace=True)`` is harmless and para
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -31,6 +30,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.utils import _pair
 
 from srae.errors import InputError
+from srae.shared_setting import SharedSetting
 
 __all__ = [
     "SUPPORTED_MODULES", "excitation_maps", "excitation_maps_multi", "excitation_signals", "full_fp32",
@@ -267,35 +267,16 @@ def _top(mods: list[nn.Module], tr: _Trace, units: Units, contrastive: bool,
     return mwp, t
 
 
-class _Fp32Guard:
-    """Process-wide hold on torch's TF32 flags (they are process-wide too): the first holder
-    saves them and turns TF32 off, the last one to leave restores them. With a plain
-    save/restore, two heatmap tasks running in parallel threads (Prefect's thread pool) could
-    interleave so that the first to finish turned cuDNN's TF32 back on while the other was still
-    computing, silently putting its maps off by several times their size."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._holders = 0
-        self._saved: tuple[bool, bool] | None = None
-
-    def enter(self) -> None:
-        with self._lock:
-            if self._holders == 0:
-                self._saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-                torch.backends.cudnn.allow_tf32 = False
-                torch.backends.cuda.matmul.allow_tf32 = False
-            self._holders += 1
-
-    def leave(self) -> None:
-        with self._lock:
-            self._holders -= 1
-            if self._holders == 0 and self._saved is not None:
-                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self._saved
-                self._saved = None
+def _set_tf32(flags: tuple[bool, bool]) -> None:
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
-_FP32 = _Fp32Guard()
+# torch's TF32 flags are process-wide: two heatmap tasks running in parallel threads (Prefect's
+# thread pool) with a plain save/restore could interleave so that the first to finish turned
+# cuDNN's TF32 back on while the other was still computing, silently putting its maps off by
+# several times their size. Held, TF32 stays off until the last block exits.
+_FP32 = SharedSetting(lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32),
+                      _set_tf32, (False, False))
 
 
 @contextlib.contextmanager
@@ -307,11 +288,8 @@ def full_fp32() -> Iterator[None]:
     Blocks may overlap across threads: TF32 stays off until the last one exits, which restores
     the flags as the first one found them. (Code that sets the flags itself while a block runs
     is not guarded against.)"""
-    _FP32.enter()
-    try:
+    with _FP32.held():
         yield
-    finally:
-        _FP32.leave()
 
 
 def check_input(x: Tensor, model: nn.Module | Sequence[nn.Module], what: str = "excitation") -> Tensor:

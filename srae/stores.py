@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from srae import cancel
 from srae.errors import SraeError
+from srae.shared_setting import SharedSetting
 
 log = logging.getLogger(__name__)
 
@@ -53,30 +53,30 @@ def root_attrs(path: str | Path) -> dict | None:
 # return the fill value (zeros) in its place.
 ALL_CHUNKS = "all_chunks"
 ARRAY_CONFIG = {"write_empty_chunks": True}
-_WRITERS = {"count": 0, "saved": None}  # nesting of every_chunk_written(), guarded by _WRITERS_LOCK
-_WRITERS_LOCK = threading.Lock()
 
 
-@contextlib.contextmanager
-def every_chunk_written() -> Iterator[None]:
-    """While any such block runs (in any thread), zarr stores chunks that equal the fill value
-    too. zarr's write_empty_chunks is not saved with an array, and each ``group[name]`` handle
-    starts from the global default, so the setting is made global, reference-counted: two
-    writers in Prefect's thread pool must not switch it off under each other."""
+def _write_empty_chunks(value: bool) -> None:
     import zarr
 
-    with _WRITERS_LOCK:
-        if _WRITERS["count"] == 0:
-            _WRITERS["saved"] = zarr.config.get("array.write_empty_chunks")
-            zarr.config.set({"array.write_empty_chunks": True})
-        _WRITERS["count"] += 1
-    try:
-        yield
-    finally:
-        with _WRITERS_LOCK:
-            _WRITERS["count"] -= 1
-            if _WRITERS["count"] == 0:
-                zarr.config.set({"array.write_empty_chunks": _WRITERS["saved"]})
+    zarr.config.set({"array.write_empty_chunks": value})
+
+
+def _read_empty_chunks() -> bool:
+    import zarr
+
+    return zarr.config.get("array.write_empty_chunks")
+
+
+# zarr's write_empty_chunks is not saved with an array, and each ``group[name]`` handle starts
+# from the global default, so the setting is made global while writing, shared by the writers
+# in Prefect's thread pool (none may switch it off under another).
+_EVERY_CHUNK = SharedSetting(_read_empty_chunks, _write_empty_chunks, True)
+
+
+def every_chunk_written() -> contextlib.AbstractContextManager[None]:
+    """While any such block runs (in any thread), zarr stores chunks that equal the fill value
+    too, so a missing chunk file means damage (:func:`missing_chunks`)."""
+    return _EVERY_CHUNK.held()
 
 
 def is_complete(path: str | Path) -> bool:
