@@ -134,11 +134,15 @@ def _strict_json(obj):
     return obj
 
 
+def _files_present(d: Path) -> bool:
+    return (d / META_FILE).is_file() and (d / WEIGHTS_FILE).is_file()
+
+
 def is_complete(directory: Path) -> bool:
     """Both files present and ``meta.json`` readable: a truncated meta (a full disk, a killed
     copy) counts as not done, so the pipeline retrains that category instead of failing on it."""
     d = Path(directory)
-    if not ((d / META_FILE).is_file() and (d / WEIGHTS_FILE).is_file()):
+    if not _files_present(d):
         return False
     try:
         meta = json.loads((d / META_FILE).read_text())
@@ -150,7 +154,7 @@ def is_complete(directory: Path) -> bool:
 def load_explainer(directory: Path) -> Explainer:
     """Load an explainer written by :meth:`Explainer.save`."""
     d = Path(directory)
-    if not ((d / META_FILE).is_file() and (d / WEIGHTS_FILE).is_file()):
+    if not _files_present(d):
         raise SraeError(f"no complete explainer at {d} (expected {WEIGHTS_FILE} and {META_FILE})")
     try:
         meta = json.loads((d / META_FILE).read_text())

@@ -147,8 +147,8 @@ def _open_for_writing(path: Path, index: DatasetIndex, attrs: dict, z_dim: int, 
     old = stores.root_attrs(path)
     if old is None or "rows_done" not in old or old.get("fingerprint") != attrs["fingerprint"]:
         _create_store(path, index, attrs, z_dim, chunk_rows)
-    elif old.get("complete") is True:  # marked done, yet not complete: chunk files are missing
-        log.warning("features: %s is damaged (%s); rebuilding it", path, "; ".join(stores.missing_chunks(path)))
+    elif damage := stores.damage(path, old):  # marked done, yet chunk files are missing
+        log.warning("features: %s is damaged (%s); rebuilding it", path, "; ".join(damage))
         _create_store(path, index, attrs, z_dim, chunk_rows)
     else:
         log.info("features: resuming %s at row %d/%d (batch size %d as started)", path, old["rows_done"],
@@ -323,8 +323,8 @@ def open_features(path: str | Path, *, rows: np.ndarray | None = None,
         raise InputError(f"feature store {path}: not found")
     if attrs.get("complete") is not True:
         raise InputError(f"feature store {path}: incomplete (extraction interrupted); rerun `srae features` to resume")
-    if not stores.is_complete(path):  # marked done, but chunk files are gone: never read them as zeros
-        raise InputError(f"feature store {path}: damaged ({'; '.join(stores.missing_chunks(path))}); "
+    if damage := stores.damage(path, attrs):  # marked done, but chunk files are gone: never read them as zeros
+        raise InputError(f"feature store {path}: damaged ({'; '.join(damage)}); "
                          "rerun `srae features` (or `srae run`) to rebuild it")
     root = zarr.open_group(str(path), mode="r")
     sel = slice(None) if rows is None else _row_positions(rows, int(attrs["num_images"]), path)

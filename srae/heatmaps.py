@@ -110,7 +110,7 @@ def pending_image_ids(job: HeatmapJob, image_ids: Sequence[int] | np.ndarray, *,
     ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
     spec = _spec(job, kind, readout, ids, (len(ids), len(job.units), *_size(output_size)))
     old = stores.root_attrs(Path(job.store))
-    if _damaged(old, job.store) or not _resumable(old, spec):
+    if stores.damage(job.store, old) or not _resumable(old, spec):
         return ids
     done = np.asarray(zarr.open_group(str(job.store), mode="r")["done"][:])
     return ids[~done]
@@ -157,11 +157,6 @@ def _size(output_size: int | tuple[int, int]) -> tuple[int, int]:
     return (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
 
 
-def _damaged(old: dict | None, store: str | Path) -> bool:
-    """Marked complete, yet chunk files are missing: rebuilt, never read as zeros."""
-    return old is not None and old.get("complete") is True and not stores.is_complete(store)
-
-
 def _resumable(old: dict | None, spec: dict) -> bool:
     """A store with these root attributes holds (part of) exactly what ``spec`` asks for."""
     return old is not None and "done_rows" in old and all(old.get(k) == v for k, v in spec.items())
@@ -183,9 +178,8 @@ def _open_store(job: HeatmapJob, spec: dict, ids: np.ndarray, chunk_rows: int):
     import zarr
 
     old = stores.root_attrs(job.store)
-    if _damaged(old, job.store):
-        log.warning("heatmaps: %s is damaged (%s); rebuilding it", job.store,
-                    "; ".join(stores.missing_chunks(job.store)))
+    if damage := stores.damage(job.store, old):  # marked complete, yet chunk files are missing
+        log.warning("heatmaps: %s is damaged (%s); rebuilding it", job.store, "; ".join(damage))
     elif _resumable(old, spec):
         root = zarr.open_group(str(job.store), mode="r+")
         if not old.get("complete"):
@@ -255,22 +249,22 @@ def compute_heatmaps(trunk: nn.Sequential, jobs: Sequence[HeatmapJob], batches: 
     process writing one of them is waited for up to ``wait_for_writer`` seconds (then its
     finished maps are reused), else a one-line error naming it.
     """
+    if kind not in HEATMAP_KINDS:
+        raise InputError(f"heatmap kind {kind!r}: expected one of {', '.join(HEATMAP_KINDS)}")
+    if not jobs:
+        return []
+    # a readout name (e.g. "pool3") like excitation_maps takes; stored as the trunk index
+    readout = resolve_readout(trunk, readout) if isinstance(readout, str) else readout
+    ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+    if len(np.unique(ids)) != len(ids):
+        raise InputError("image_ids: contains duplicates")
+    size = _size(output_size)
+    jobs = [HeatmapJob(Path(j.store), j.head, list(j.units), dict(j.attrs)) for j in jobs]
     with stores.every_chunk_written(), contextlib.ExitStack() as locks:
         # a missing chunk file must mean damage (stores.missing_chunks); sorted: no lock-order deadlock
-        for store in sorted({str(j.store) for j in jobs}):
-            Path(store).parent.mkdir(parents=True, exist_ok=True)
-            locks.enter_context(stores.writer_lock(Path(store), wait_for_writer, what="heatmaps"))
-        if kind not in HEATMAP_KINDS:
-            raise InputError(f"heatmap kind {kind!r}: expected one of {', '.join(HEATMAP_KINDS)}")
-        if not jobs:
-            return []
-        # a readout name (e.g. "pool3") like excitation_maps takes; stored as the trunk index
-        readout = resolve_readout(trunk, readout) if isinstance(readout, str) else readout
-        ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
-        if len(np.unique(ids)) != len(ids):
-            raise InputError("image_ids: contains duplicates")
-        size = _size(output_size)
-        jobs = [HeatmapJob(Path(j.store), j.head, list(j.units), dict(j.attrs)) for j in jobs]
+        for store in sorted({j.store for j in jobs}):
+            store.parent.mkdir(parents=True, exist_ok=True)
+            locks.enter_context(stores.writer_lock(store, wait_for_writer, what="heatmaps"))
         roots = [_open_store(j, _spec(j, kind, readout, ids, (len(ids), len(j.units), *size)), ids, chunk_rows)
                  for j in jobs]
         done = [np.asarray(r["done"][:]) for r in roots]

@@ -83,14 +83,20 @@ def is_complete(path: str | Path) -> bool:
     """True iff the store at ``path`` carries ``complete: true`` (written last on success) and,
     where every chunk is stored, no chunk file is missing."""
     attrs = root_attrs(path)
-    if not (attrs and attrs.get("complete") is True):
-        return False
-    return not (attrs.get(ALL_CHUNKS) and missing_chunks(path))
+    return bool(attrs and attrs.get("complete") is True) and not damage(path, attrs)
+
+
+def damage(path: str | Path, attrs: dict | None) -> list[str]:
+    """What is missing from a store marked complete whose arrays store every chunk (``attrs``:
+    its root attributes); ``[]`` for any other store. Such a store must be rebuilt, never read."""
+    if not (attrs and attrs.get("complete") is True and attrs.get(ALL_CHUNKS)):
+        return []
+    return missing_chunks(path)
 
 
 def missing_chunks(path: str | Path) -> list[str]:
     """``"<array>: k of n chunk files missing"`` for each array of the Zarr v3 group at ``path``
-    with fewer chunk files (default "c/..." keys) than its chunk grid has chunks."""
+    lacking some of the chunk files (default "c/i/j/..." keys) its chunk grid has."""
     out = []
     for meta_file in sorted(Path(path).glob("*/zarr.json")):
         try:
