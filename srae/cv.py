@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
+from srae.arrays import as_numpy
 from srae.errors import InputError
 from srae.explainers import Explainer
 from srae.metrics.faithfulness import f_cls, f_reg
@@ -207,10 +208,9 @@ def train_explainers(
     s = checked_settings(s)
     if isinstance(categories, (int, np.integer, str)):
         raise InputError(f"categories: expected a list of class indices, got {categories!r}")
-    z, logits, labels = (a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a for a in (z, logits, labels))
-    z = np.asarray(z, dtype=np.float32)
-    logits = np.asarray(logits, dtype=np.float32)
-    labels = np.asarray(labels)
+    z = np.asarray(as_numpy(z, "Z"), dtype=np.float32)
+    logits = np.asarray(as_numpy(logits, "logits"), dtype=np.float32)
+    labels = as_numpy(labels, "labels")
     if z.ndim != 2 or logits.ndim != 2 or labels.ndim != 1 or len(z) != len(logits) or len(z) != len(labels):
         raise InputError(f"Z {z.shape}, logits {logits.shape} and labels {labels.shape} must share the first dim "
                          "(Z and logits 2-D, labels 1-D)")

@@ -154,33 +154,31 @@ def _category_mean(df: pd.DataFrame, keys: list[str], infinite: list[dict[str, A
         means[only_inf] = per_cat.groupby(level=levels, sort=False).mean()[only_inf]
     if infinite is not None:
         total = per_cat.groupby(level=levels, sort=False).size()
-        for key, k in n_inf[n_inf > 0].items():
-            vals = key if isinstance(key, tuple) else (key,)
-            infinite.append({**{c: str(v) for c, v in zip(keys, vals)}, "infinite": int(k),
-                             "categories": int(total[key])})
         # NaN (not computable, e.g. F_reg of an empty test set) is skipped by the mean too: say so
         n_nan = per_cat.isna().groupby(level=levels, sort=False).sum()
-        for key, k in n_nan[n_nan > 0].items():
-            vals = key if isinstance(key, tuple) else (key,)
-            infinite.append({**{c: str(v) for c, v in zip(keys, vals)}, "missing": int(k),
-                             "categories": int(total[key])})
+        for kind, counts in (("infinite", n_inf), ("missing", n_nan)):
+            for key, k in counts[counts > 0].items():
+                vals = key if isinstance(key, tuple) else (key,)
+                infinite.append({**{c: str(v) for c, v in zip(keys, vals)}, kind: int(k),
+                                 "categories": int(total[key])})
     return means
+
+
+def _left_out(t: pd.DataFrame, kind: str) -> dict[tuple[str, str, str], tuple[int, int]]:
+    recs = t.attrs.get("infinite_categories", []) if hasattr(t, "attrs") else []
+    return {(r["metric"], r["split"], r["method"]): (int(r[kind]), int(r["categories"])) for r in recs if kind in r}
 
 
 def infinite_categories(t: pd.DataFrame) -> dict[tuple[str, str, str], tuple[int, int]]:
     """``{(metric, split, method): (infinite, categories)}`` of a :func:`table_main` frame:
     the cells whose mean left out categories with an infinite value (kept in ``t.attrs``)."""
-    recs = t.attrs.get("infinite_categories", []) if hasattr(t, "attrs") else []
-    return {(r["metric"], r["split"], r["method"]): (int(r["infinite"]), int(r["categories"]))
-            for r in recs if "infinite" in r}
+    return _left_out(t, "infinite")
 
 
 def missing_categories(t: pd.DataFrame) -> dict[tuple[str, str, str], tuple[int, int]]:
     """``{(metric, split, method): (missing, categories)}``: the cells of a :func:`table_main`
     frame whose mean skipped categories with a NaN value."""
-    recs = t.attrs.get("infinite_categories", []) if hasattr(t, "attrs") else []
-    return {(r["metric"], r["split"], r["method"]): (int(r["missing"]), int(r["categories"]))
-            for r in recs if "missing" in r}
+    return _left_out(t, "missing")
 
 
 # ---------------------------------------------------------------------- wide tables

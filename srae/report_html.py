@@ -143,18 +143,18 @@ def _findings_html(findings: list[R.Finding]) -> str:
 
 def infinite_note(main: pd.DataFrame) -> str:
     """The sentence under Table 1/3 when some categories had an infinite value ("" if none)."""
+    def cells(counts: dict) -> str:
+        return ", ".join(f"{metric} {split} {method}: {k} of {n}" for (metric, split, method), (k, n) in counts.items())
+
     inf, missing = R.infinite_categories(main), R.missing_categories(main)
     out = []
     if inf:
-        cells = ", ".join(f"{metric} {split} {method}: {k} of {n}" for (metric, split, method), (k, n) in inf.items())
         out.append("O2 is infinite for a category whose x-feature maps are linearly dependent (singular correlation "
                    "matrix); such categories are left out of the mean and counted as \"(k of n inf)\" in the cell. "
-                   f"Infinite categories: {cells}.")
+                   f"Infinite categories: {cells(inf)}.")
     if missing:
-        cells = ", ".join(f"{metric} {split} {method}: {k} of {n}"
-                          for (metric, split, method), (k, n) in missing.items())
         out.append("Categories whose value could not be computed (NaN) are left out of the mean and counted as "
-                   f"\"(k of n n/a)\": {cells}.")
+                   f"\"(k of n n/a)\": {cells(missing)}.")
     return " ".join(out)
 
 

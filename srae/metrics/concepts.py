@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 
 from srae.errors import InputError
-from srae.metrics.locality import as_numpy, normalised_rows
+from srae.arrays import as_numpy
+from srae.metrics.locality import normalised_rows
 
 log = logging.getLogger(__name__)
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from srae.arrays import as_numpy
 from srae.errors import InputError
 
 
 def _np(x, name: str) -> np.ndarray:
     """``x`` as float64, refusing what cannot be a finite score input (NaN would score as a
     plausible number in f_cls and as NaN in f_reg, silently either way)."""
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
     try:
-        arr = np.asarray(x, dtype=np.float64)
+        arr = np.asarray(as_numpy(x, name), dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise InputError(f"{name}: not an array of numbers ({exc})") from None
     if not np.isfinite(arr).all():

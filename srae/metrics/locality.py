@@ -21,22 +21,10 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
+from srae.arrays import as_numpy  # also srae.metrics.locality.as_numpy, as before
 from srae.errors import InputError
 
 log = logging.getLogger(__name__)
-
-
-def as_numpy(x: Any, name: str) -> np.ndarray:
-    """Return ``x`` (numpy array or torch tensor) as a numpy array without importing torch."""
-    if hasattr(x, "detach"):
-        x = x.detach().cpu()
-        if str(x.dtype) == "torch.bfloat16":  # numpy has no bfloat16
-            x = x.float()
-        x = x.numpy()
-    try:
-        return np.asarray(x)
-    except Exception as exc:  # noqa: BLE001 - anything unconvertible is a user error
-        raise InputError(f"{name}: cannot be read as an array ({exc})") from exc
 
 
 def check_maps(maps: Any, ndim: int, name: str = "maps") -> np.ndarray:
