@@ -146,7 +146,8 @@ def pipeline(config: str | dict[str, Any] = "configs/demo.yaml", categories: str
                 continue  # trained as variant shared[i]
             for g in groups:
                 fut = opt(train_explainer_group).submit(method, g, settings, ft, ds, explainer_root, cache,
-                                                        cfg.stage_device(cfg.explainer.device))
+                                                        cfg.stage_device(cfg.explainer.device),
+                                                        cfg.explainer.stack_categories)
                 futs.append(((method, i, g), fut))
 
     def expl_failed(meta, exc):

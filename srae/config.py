@@ -202,6 +202,9 @@ class ExplainerConfig(_Model):
         "best", description="best: lowest CV criterion; one_se: the most regularised config within one "
                             "standard error of it (faithfulness alone favours the weakest eta/beta)")
     group_size: int = Field(4, ge=1, description="categories per mapped task")
+    stack_categories: bool | None = Field(
+        None, description="train the categories of a group in shared stacks: faster on a GPU, but a category's "
+                          "explainers then depend on the categories trained beside it (None: on a GPU only)")
     device: Device = "auto"
     seed: int = Field(0, ge=0, description="sample design, CV folds, inits (default: the top-level seed)")
 

@@ -50,6 +50,11 @@ class ExplainerSettings:
     max_members: int = 128  # members per stacked fit (bounds memory: ~27 MB each at D = 4096, x5 with Adam)
     refit_seeds: int = 2  # final fits per category from different inits; the best-fitting one is kept
     cv_rule: str = "best"  # "best": lowest mean CV criterion; "one_se": see select_config
+    # Whether members of different categories share stacks. Sharing is what makes a GPU fast; on
+    # the CPU it gains little, and a multi-threaded CPU matmul or reduction may split its work by
+    # stack size, so a category's explainer would depend on its neighbours in the run. None: share
+    # on an accelerator only, so CPU runs reproduce category by category at any thread count.
+    stack_categories: bool | None = None
     train: TrainSettings = field(default_factory=TrainSettings)
 
 
@@ -104,6 +109,8 @@ def checked_settings(s: ExplainerSettings) -> ExplainerSettings:
         raise InputError(f"settings.n_test_neg = {s.n_test_neg!r}: must be an integer >= 0")
     if not all(isinstance(h, (int, np.integer)) and h >= 1 for h in s.hidden):
         raise InputError(f"settings.hidden = {tuple(s.hidden)!r}: layer sizes must be integers >= 1")
+    if s.stack_categories is not None and not isinstance(s.stack_categories, bool):
+        raise InputError(f"settings.stack_categories = {s.stack_categories!r}: expected true, false or None")
     if s.cv_rule not in CV_RULES:
         raise InputError(f"settings.cv_rule {s.cv_rule!r}: expected one of {', '.join(CV_RULES)}")
     if not (math.isfinite(s.train.positive_factor) and s.train.positive_factor > 0):
@@ -130,14 +137,27 @@ def method_configs(method: str, grid: dict[str, list[float]]) -> list[dict[str, 
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
 
+def stacks_categories(s: ExplainerSettings) -> bool:
+    """Whether ``s`` lets members of different categories share a stack (see ``stack_categories``)."""
+    if s.stack_categories is not None:
+        return bool(s.stack_categories)
+    return torch.device(s.train.device).type != "cpu"
+
+
 def _fit_chunked(z, y, members: list[Member], method: str, arch: Architecture, s: ExplainerSettings) -> list[tuple[FitResult, int]]:
-    """Fit members in stacks (shared minibatch size, at most ``max_members``); return
-    (result, index in its stack) per member, in the order of ``members``."""
+    """Fit members in stacks (shared minibatch size, at most ``max_members``, one category per
+    stack unless :func:`stacks_categories`); return (result, index in its stack) per member, in
+    the order of ``members``."""
+    parts: dict[int, list[int]] = {}
+    for i, m in enumerate(members):
+        parts.setdefault(-1 if stacks_categories(s) else m.category, []).append(i)
     out: list[tuple[FitResult, int] | None] = [None] * len(members)
-    for group in stack_groups(members, s.train.batch_size, s.max_members):
-        res = fit_stack(z, y, [members[i] for i in group], method, arch, s.train)
-        for j, i in enumerate(group):
-            out[i] = (res, j)
+    for part in parts.values():
+        sub = [members[i] for i in part]
+        for group in stack_groups(sub, s.train.batch_size, s.max_members):
+            res = fit_stack(z, y, [sub[j] for j in group], method, arch, s.train)
+            for k, j in enumerate(group):
+                out[part[j]] = (res, k)
     return out  # type: ignore[return-value]
 
 

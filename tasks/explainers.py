@@ -132,7 +132,7 @@ def _outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
     return out
 
 
-def _train_neural(method, cats, settings, z, logits, labels, ids, splits, names, device):
+def _train_neural(method, cats, settings, z, logits, labels, ids, splits, names, device, stack_categories=None):
     from srae.cv import ExplainerSettings, train_explainers
     from srae.train import TrainSettings
 
@@ -141,7 +141,7 @@ def _train_neural(method, cats, settings, z, logits, labels, ids, splits, names,
         n_test_neg=settings["n_test_neg"], use_dataset_split=settings["use_dataset_split"],
         folds=settings["folds"], grid=settings["grid"], seed=settings["seed"],
         refit_seeds=settings.get("refit_seeds", 2), cv_rule=settings.get("cv_rule", "best"),
-        train=TrainSettings(batch_size=settings["batch_size"], max_epochs=settings["max_epochs"],
+        stack_categories=stack_categories, train=TrainSettings(batch_size=settings["batch_size"], max_epochs=settings["max_epochs"],
                             patience=settings["patience"], positive_factor=settings["positive_factor"],
                             device=device))
     res = train_explainers(z, logits, labels, cats, method, s, image_ids=ids, splits=splits,
@@ -175,8 +175,11 @@ def _train_lasso(cats, settings, z, logits, labels, ids, splits, names):
 @task(name="explainers", cache_policy=stage_cache(_outputs), **TASK_DEFAULTS)
 def train_explainer_group(method: str, categories: list[int], settings: dict[str, Any],
                           features: dict[str, Any], dataset: dict[str, Any], out_root: str,
-                          cache_dir: str, device: str = "auto") -> dict[str, Any]:
-    """Train ``method`` for the not-yet-done ``categories``; return dirs and failures."""
+                          cache_dir: str, device: str = "auto",
+                          stack_categories: bool | None = None) -> dict[str, Any]:
+    """Train ``method`` for the not-yet-done ``categories``; return dirs and failures.
+
+    ``stack_categories``: see :class:`srae.cv.ExplainerSettings` (None: share stacks on a GPU only)."""
     from srae.explainers import is_complete
 
     logger = run_logger()
@@ -189,7 +192,8 @@ def train_explainer_group(method: str, categories: list[int], settings: dict[str
             dirs[c].parent.mkdir(parents=True, exist_ok=True)
             locks.enter_context(writer_lock(dirs[c], WAIT_FOR_OTHER_RUN_S, what=f"{method} explainer"))
         todo = [c for c in todo if not is_complete(dirs[c])]
-        failed = _train_and_save(method, todo, dirs, settings, features, dataset, cache_dir, device)
+        failed = _train_and_save(method, todo, dirs, settings, features, dataset, cache_dir, device,
+                                 stack_categories)
     logger.info("%s: trained %d, failed %d, reused %d", method, len(todo) - len(failed), len(failed),
                 len(categories) - len(todo))
     return {"method": method, "settings": settings,
@@ -199,7 +203,7 @@ def train_explainer_group(method: str, categories: list[int], settings: dict[str
 
 def _train_and_save(method: str, todo: list[int], dirs: dict[int, Path], settings: dict[str, Any],
                     features: dict[str, Any], dataset: dict[str, Any], cache_dir: str,
-                    device: str) -> dict[int, str]:
+                    device: str, stack_categories: bool | None = None) -> dict[int, str]:
     """Train ``method`` for ``todo`` and save each explainer; returns {category: error}."""
     failed: dict[int, str] = {}
     if todo:
@@ -212,7 +216,7 @@ def _train_and_save(method: str, todo: list[int], dirs: dict[int, Path], setting
                     trained, failed = _train_lasso(todo, settings, z, logits, labels, ids, splits, names)
                 else:
                     trained, failed = _train_neural(method, todo, settings, z, logits, labels, ids, splits, names,
-                                                    resolve_device(device))
+                                                    resolve_device(device), stack_categories)
             except SraeError as exc:
                 trained, failed = {}, {c: str(exc) for c in todo}
             seconds = t()

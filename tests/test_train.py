@@ -529,3 +529,69 @@ def test_a_member_trains_the_same_alone_or_beside_others_in_float32():
     assert alone.revivals[0] == beside.revivals[0] > 0
     for p_alone, p_beside in zip(alone.model.parameters(), beside.model.parameters()):
         assert torch.equal(p_alone[0], p_beside[0])
+
+
+def _two_thread_case():
+    """A planted problem whose shapes (n = 5, minibatch 64) make this machine's 2-thread CPU
+    matmuls split their work differently for a stack of 1 or 2 members than for one of 4 or 8:
+    with shared stacks, category 3 alone vs beside 0-2 came out 0.02 apart here."""
+    g = np.random.default_rng(0)
+    n, d, k = 1200, 128, 4
+    z = g.uniform(0, 2, (n, d)).astype(np.float32)
+    labels = g.integers(0, k, n)
+    logits = (z[:, :k] * 2 + g.normal(0, 0.3, (n, k))).astype(np.float32)
+    grid = {"beta": [1.0], "eta": [0.1], "q": [10.0], "lr": [1e-2], "weight_decay": [1e-5]}
+    s = ExplainerSettings(n=5, hidden=(64, 32), n_pos=60, n_neg=120, n_test_neg=60, folds=2, refit_seeds=1,
+                          grid=grid, train=TrainSettings(batch_size=64, max_epochs=30, patience=5))
+    return z, logits, labels, s
+
+
+def test_a_category_trains_the_same_alone_or_beside_others_at_two_cpu_threads():
+    """Incremental runs on the CPU at the default thread count: by default (stack_categories
+    None) each category trains in its own stacks there, so its explainer is bit for bit the one
+    a run with more categories makes, whatever the matmul kernels do with stack sizes."""
+    z, logits, labels, s = _two_thread_case()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        alone = train_explainers(z, logits, labels, [3], "SRAE", s).explainers[3]
+        full = train_explainers(z, logits, labels, [0, 1, 2, 3], "SRAE", s).explainers[3]
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(alone.weights + alone.biases + [alone.v], full.weights + full.biases + [full.v]):
+        assert torch.equal(a, b)
+    assert alone.meta["cv"] == full.meta["cv"]
+
+
+def test_stack_categories_setting():
+    from srae.cv import checked_settings, stacks_categories
+
+    cpu, gpu = ExplainerSettings(), ExplainerSettings(train=TrainSettings(device="cuda"))
+    assert not stacks_categories(cpu) and stacks_categories(gpu)  # None: share on an accelerator only
+    assert stacks_categories(ExplainerSettings(stack_categories=True))
+    assert not stacks_categories(ExplainerSettings(stack_categories=False, train=TrainSettings(device="cuda")))
+    with pytest.raises(InputError, match="stack_categories = 'yes'"):
+        checked_settings(ExplainerSettings(stack_categories="yes"))
+
+
+def test_shared_stacks_are_one_fit_per_stack(monkeypatch):
+    """stack_categories=True fits a group's categories together (what makes a GPU fast); the
+    default on the CPU fits each category on its own."""
+    import srae.cv
+
+    z, logits, labels, s = _two_thread_case()
+    calls = []
+    real = srae.cv.fit_stack
+
+    def counting(z, y, members, *args, **kw):
+        calls.append(sorted({m.category for m in members}))
+        return real(z, y, members, *args, **kw)
+
+    monkeypatch.setattr(srae.cv, "fit_stack", counting)
+    train_explainers(z, logits, labels, [0, 1, 2], "NN", s)
+    assert calls == [[0], [1], [2], [0], [1], [2]]  # CV, then refit
+    calls.clear()
+    from dataclasses import replace
+
+    train_explainers(z, logits, labels, [0, 1, 2], "NN", replace(s, stack_categories=True))
+    assert calls == [[0, 1, 2], [0, 1, 2]]
