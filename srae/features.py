@@ -258,7 +258,7 @@ def extract_features(index: DatasetIndex, backbone: Backbone, store_root: str | 
         root = _open_for_writing(path, index, attrs, backbone.z_dim, rows)
         _run_extraction(root, index, backbone, lock_fd, dev, num_workers, PRECISIONS[precision],
                         progress, on_batch)
-        root.attrs.update({"complete": True})
+        root.attrs.update(stores.completion_attrs(path))
     log.info("features: wrote %s (%d images, D=%d)", path, n, backbone.z_dim)
     return path
 

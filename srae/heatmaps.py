@@ -269,8 +269,8 @@ def compute_heatmaps(trunk: nn.Sequential, jobs: Sequence[HeatmapJob], batches: 
                  for j in jobs]
         done = [np.asarray(r["done"][:]) for r in roots]
         if all(d.all() for d in done):
-            for r in roots:
-                r.attrs.update({"complete": True})
+            for j, r in zip(jobs, roots):
+                r.attrs.update(stores.completion_attrs(j.store))
             return [j.store for j in jobs]
         row_of = {int(i): k for k, i in enumerate(ids)}
         device = next(trunk.parameters()).device
@@ -307,6 +307,6 @@ def compute_heatmaps(trunk: nn.Sequential, jobs: Sequence[HeatmapJob], batches: 
             store, n = missing[0]
             raise SraeError(f"heatmaps {store}: {n} planned images never came in the batches; "
                             "rerun with the missing images to finish it")
-        for r in roots:
-            r.attrs.update({"complete": True})
+        for j, r in zip(jobs, roots):
+            r.attrs.update(stores.completion_attrs(j.store))
         return [j.store for j in jobs]

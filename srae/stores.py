@@ -7,9 +7,9 @@ import contextlib
 import itertools
 import json
 import logging
-import math
 import os
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -81,24 +81,43 @@ def every_chunk_written() -> contextlib.AbstractContextManager[None]:
 
 def is_complete(path: str | Path) -> bool:
     """True iff the store at ``path`` carries ``complete: true`` (written last on success) and,
-    where every chunk is stored, no chunk file is missing."""
+    where every chunk is stored, no chunk file is missing or changed size since then."""
     attrs = root_attrs(path)
     return bool(attrs and attrs.get("complete") is True) and not damage(path, attrs)
 
 
+# Root attribute written with ``complete: true``: the byte size of every chunk file then. A chunk
+# file cut short later (a full disk, an interrupted copy of the cache) is then seen before any
+# read, and the store is rebuilt rather than failing in the middle of scoring.
+CHUNK_BYTES = "chunk_bytes"
+
+
+def completion_attrs(path: str | Path) -> dict:
+    """The attributes that mark the store at ``path`` finished: ``complete`` and the chunk
+    file sizes :func:`damage` compares against later."""
+    return {CHUNK_BYTES: {key: f.stat().st_size for key, f in _chunk_files(path)[0].items() if f.is_file()},
+            "complete": True}
+
+
 def damage(path: str | Path, attrs: dict | None) -> list[str]:
-    """What is missing from a store marked complete whose arrays store every chunk (``attrs``:
-    its root attributes); ``[]`` for any other store. Such a store must be rebuilt, never read."""
+    """What is missing or changed in a store marked complete whose arrays store every chunk
+    (``attrs``: its root attributes); ``[]`` for any other store. Such a store must be rebuilt,
+    never read."""
     if not (attrs and attrs.get("complete") is True and attrs.get(ALL_CHUNKS)):
         return []
-    return missing_chunks(path)
+    sizes = attrs.get(CHUNK_BYTES)
+    return missing_chunks(path, sizes if isinstance(sizes, dict) else None)
 
 
-def missing_chunks(path: str | Path) -> list[str]:
-    """``"<array>: k of n chunk files missing"`` for each array of the Zarr v3 group at ``path``
-    lacking some of the chunk files (default "c/i/j/..." keys) its chunk grid has."""
-    out = []
+def _chunk_files(path: str | Path) -> tuple[dict[str, Path], dict[str, list[str]], list[str]]:
+    """Every chunk file the arrays of the Zarr v3 group at ``path`` should have (default
+    "c/i/j/..." keys), as {"<array>/c/i/j": file}; the keys per array; arrays whose metadata
+    cannot be read."""
+    files: dict[str, Path] = {}
+    per_array: dict[str, list[str]] = {}
+    unreadable = []
     for meta_file in sorted(Path(path).glob("*/zarr.json")):
+        name = meta_file.parent.name
         try:
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
             if meta.get("node_type") != "array":
@@ -106,17 +125,40 @@ def missing_chunks(path: str | Path) -> list[str]:
             shape = meta["shape"]
             grid = meta["chunk_grid"]["configuration"]["chunk_shape"]
         except (ValueError, OSError, KeyError, TypeError):
-            out.append(f"{meta_file.parent.name}: metadata unreadable")
+            unreadable.append(name)
             continue
-        counts = [-(-int(s) // int(c)) for s, c in zip(shape, grid)]
-        expected = math.prod(counts) if all(shape) else 0
-        base = meta_file.parent / "c"
-        # each expected key ("c/i/j/..."), so zarr's leftover temp files cannot stand in for one
-        missing = sum(1 for idx in itertools.product(*(range(k) for k in counts))
-                      if not base.joinpath(*map(str, idx)).is_file()) if expected else 0
+        counts = [-(-int(s) // int(c)) for s, c in zip(shape, grid)] if all(shape) else [0]
+        keys = per_array.setdefault(name, [])
+        for idx in itertools.product(*(range(k) for k in counts)):
+            key = "/".join((name, "c", *map(str, idx)))
+            files[key] = meta_file.parent.joinpath("c", *map(str, idx))
+            keys.append(key)
+    return files, per_array, unreadable
+
+
+def missing_chunks(path: str | Path, sizes: dict[str, int] | None = None) -> list[str]:
+    """``"<array>: k of n chunk files missing"`` for each array of the Zarr v3 group at ``path``
+    lacking some of the chunk files its chunk grid has (each expected key is checked, so zarr's
+    leftover temp files cannot stand in for one); with ``sizes`` (:data:`CHUNK_BYTES`), also
+    ``"<array>: k of n chunk files changed size"`` for files whose size differs from it."""
+    files, per_array, unreadable = _chunk_files(path)
+    out = [f"{name}: metadata unreadable" for name in unreadable]
+    for name, keys in per_array.items():
+        missing = changed = 0
+        for key in keys:
+            try:
+                st = files[key].stat()
+            except OSError:
+                st = None
+            if st is None or not stat.S_ISREG(st.st_mode):
+                missing += 1
+            elif sizes is not None and key in sizes and sizes[key] != st.st_size:
+                changed += 1
         if missing:
-            out.append(f"{meta_file.parent.name}: {missing} of {expected} chunk files missing")
-    return out
+            out.append(f"{name}: {missing} of {len(keys)} chunk files missing")
+        if changed:
+            out.append(f"{name}: {changed} of {len(keys)} chunk files changed size since the store was finished")
+    return sorted(out)
 
 
 @contextlib.contextmanager

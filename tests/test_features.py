@@ -195,6 +195,24 @@ def test_a_store_with_a_missing_chunk_file_is_rebuilt_not_read_as_zeros(tiny, tm
     _assert_same_store(path, ref)
 
 
+def test_a_store_with_a_truncated_chunk_file_is_rebuilt(tiny, tmp_path: Path) -> None:
+    """A chunk file cut short after ``complete`` was written is damage too (its size was recorded)."""
+    import shutil
+
+    index, bb = tiny
+    path = extract_features(index, bb, tmp_path / "feat", **OPTS)
+    ref = tmp_path / "ref.zarr"
+    shutil.copytree(path, ref)
+    chunk = path / "logits" / "c" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-1])
+    assert not is_complete(path)
+    with pytest.raises(InputError, match=r"damaged \(logits: 1 of 5 chunk files changed size since the store "
+                                         r"was finished\); rerun"):
+        open_features(path)
+    assert extract_features(index, bb, tmp_path / "feat", **OPTS) == path and is_complete(path)
+    _assert_same_store(path, ref)
+
+
 def test_second_writer_gets_a_clear_error(tiny, tmp_path: Path) -> None:
     index, bb = tiny
     with pytest.raises(Interrupt):

@@ -123,6 +123,29 @@ def test_a_store_that_lost_a_chunk_file_is_redrawn(tmp_path) -> None:
     assert zarr.config.get("array.write_empty_chunks") is False
 
 
+def test_a_store_with_a_truncated_chunk_file_is_redrawn(tmp_path) -> None:
+    """A chunk file cut short after the store was finished (a full disk, a partial copy of the
+    cache) used to pass as complete and fail later, in the middle of scoring, asking the user to
+    delete the store. Its size no longer matches the one recorded with ``complete``."""
+    from srae import stores
+
+    trunk, head, enc = _models()
+    x = _images()
+    jobs = _jobs(tmp_path, head, enc)
+    compute_heatmaps(trunk, jobs, _batches(x, IDS), IDS, readout=2, output_size=8)
+    ref = np.asarray(open_heatmaps(jobs[0].store).maps[:])
+    recorded = stores.root_attrs(jobs[0].store)[stores.CHUNK_BYTES]
+    chunk = jobs[0].store / "maps" / "c" / "2" / "0" / "0" / "0"
+    assert recorded["maps/c/2/0/0/0"] == chunk.stat().st_size > 8 and len(recorded) == 6 + 1 + 1
+    chunk.write_bytes(chunk.read_bytes()[:-8])
+    assert stores.damage(jobs[0].store, stores.root_attrs(jobs[0].store)) == [
+        "maps: 1 of 6 chunk files changed size since the store was finished"]
+    assert not is_complete(jobs[0].store) and is_complete(jobs[1].store)
+    compute_heatmaps(trunk, jobs, _batches(x, IDS), IDS, readout=2, output_size=8)
+    assert is_complete(jobs[0].store)
+    np.testing.assert_array_equal(open_heatmaps(jobs[0].store).maps[:], ref)
+
+
 def test_two_runs_on_one_store_take_turns(tmp_path) -> None:
     """Two runs drawing the same heatmap group used to rebuild it under each other (failed
     categories with "'image_id'" errors); the second now waits, then reuses the maps."""
