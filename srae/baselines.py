@@ -20,16 +20,38 @@ from srae.errors import InputError
 from srae.explainers import Explainer
 from srae.losses import balanced_weights_np
 from srae.sampling import SampleDesign, stratified_folds
+from srae.shared_setting import SharedSetting
 
 log = logging.getLogger(__name__)
+
+_QUIET = ("ignore", None, ConvergenceWarning, None, 0)  # the entry warnings.simplefilter adds
+
+
+def _quiet_on() -> bool:
+    return _QUIET in warnings.filters
+
+
+def _set_quiet(on: bool) -> None:
+    if on:
+        warnings.simplefilter("ignore", ConvergenceWarning)
+    else:
+        # An "ignore" filter leaves no trace in the once/default registries, so taking it out
+        # again needs no cache reset.
+        while _QUIET in warnings.filters:
+            warnings.filters.remove(_QUIET)
+
+
+# sklearn's ConvergenceWarning is reported once per explainer instead (a log line). Lasso fits
+# run in parallel Prefect threads, where warnings.catch_warnings (a save/restore of the
+# process-wide filters) let warnings through and could leave the filter behind for good.
+_CONVERGENCE_QUIET = SharedSetting(_quiet_on, _set_quiet, True)
 
 
 def fit_lasso(z: np.ndarray, y: np.ndarray, is_pos: np.ndarray, alpha: float, max_iter: int = 5000,
               positive_factor: float = 1.0) -> Lasso:
     """scikit-learn Lasso on Z with positives up-weighted to balance the classes (times ``positive_factor``)."""
     model = Lasso(alpha=alpha, max_iter=max_iter)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # reported once per explainer instead
+    with _CONVERGENCE_QUIET.held():
         model.fit(z, y, sample_weight=balanced_weights_np(is_pos, positive_factor))
     return model
 
