@@ -6,14 +6,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 
 from srae import __version__
 from srae.errors import SraeError, Terminated
 
 log = logging.getLogger(__name__)
+
+# Seconds that work still running in other threads gets, after a stop, to notice it and end.
+STOP_GRACE_S = 10.0
 
 # Modules that add subcommands, in the order they appear in --help.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -111,6 +117,41 @@ def _on_sigterm_raise() -> dict[int, object]:
     return previous
 
 
+def entry() -> None:
+    """The ``srae`` console command: :func:`main`, then exit with its status."""
+    code = main()
+    if code >= 128:  # interrupted, terminated or hung up: the last line has been printed
+        _leave_after_stop(code)
+    sys.exit(code)
+
+
+def _leave_after_stop(code: int, grace: float | None = None) -> None:
+    """End a stopped command quietly. Work in other threads that checks no stop flag (a Prefect
+    task in a scikit-learn fit) may still run, and the interpreter would wait for it; its
+    Prefect bookkeeping then meets the temporary API server already stopped and prints
+    tracebacks after the command's last line. The exit goes on as usual (idle worker threads
+    end, exit handlers run) with stderr and logging silenced, but ends the process after
+    ``grace`` seconds (default :data:`STOP_GRACE_S`) whatever still runs: every store survives
+    a kill. Another signal in the meantime ends it at once."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.disable(logging.CRITICAL)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, lambda *_: os._exit(code))
+    seconds = STOP_GRACE_S if grace is None else grace
+
+    def watchdog() -> None:  # the interpreter's exit joins busy threads however long they run
+        time.sleep(seconds)
+        sys.stdout.flush()
+        os._exit(code)
+
+    threading.Thread(target=watchdog, name="srae-stop-watchdog", daemon=True).start()
+
+
 def _one_line(exc: BaseException) -> str:
     """The message of ``exc`` on one line (the type name added for OS-level errors)."""
     text = str(exc).strip().replace("\n", " ") or type(exc).__name__
@@ -118,4 +159,4 @@ def _one_line(exc: BaseException) -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -195,3 +195,40 @@ def test_ignored_signals_stay_ignored_and_an_old_stop_request_is_cleared(monkeyp
         signal.signal(signal.SIGHUP, before)
         cancel.reset()
     assert seen == [False]
+
+
+_STOPPED = """
+import logging, sys, threading, time
+from srae import cli
+
+def late(seconds):
+    time.sleep(seconds)
+    print("late noise on stderr", file=sys.stderr, flush=True)
+    logging.getLogger("prefect.events").error("late noise in the log")
+
+logging.basicConfig()
+cli.STOP_GRACE_S = 1.0
+threading.Thread(target=late, args=(float(sys.argv[1]),)).start()
+
+def stopped(argv=None):
+    print("srae run: interrupted", file=sys.stderr, flush=True)
+    return 130
+
+cli.main = stopped
+cli.entry()
+"""
+
+
+def test_a_stopped_command_ends_on_its_own_last_line():
+    """Ctrl-C twice in a demo run: a Lasso task thread (it checks no stop flag) finished after
+    the command had printed "interrupted", and its Prefect events, meeting the stopped API,
+    printed a wall of tracebacks; the interpreter also waited for such threads however long
+    they ran. Now: silent grace period, then the process ends."""
+    for thread_runs in (0.3, 60.0):  # a thread that ends within the grace period, one that does not
+        t0 = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", _STOPPED, str(thread_runs)], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 130, done.stderr
+        assert done.stderr.strip().splitlines()[-1] == "srae run: interrupted", done.stderr
+        assert "late noise" not in done.stderr + done.stdout
+        assert time.monotonic() - t0 < 30  # not the 60 s the thread would run
