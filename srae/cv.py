@@ -53,7 +53,7 @@ class ExplainerSettings:
     # Whether members of different categories share stacks. Sharing is what makes a GPU fast; on
     # the CPU it gains little, and a multi-threaded CPU matmul or reduction may split its work by
     # stack size, so a category's explainer would depend on its neighbours in the run. None: share
-    # on an accelerator only, so CPU runs reproduce category by category at any thread count.
+    # on an accelerator only, so CPU runs reproduce category by category (for a given thread count).
     stack_categories: bool | None = None
     train: TrainSettings = field(default_factory=TrainSettings)
 
