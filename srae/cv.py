@@ -20,6 +20,7 @@ from srae.explainers import Explainer
 from srae.metrics.faithfulness import f_cls, f_reg
 from srae.losses import balanced_weights_np
 from srae.model import Architecture, method_spec
+from srae.progress import ProgressLog
 from srae.sampling import SampleDesign, derive_seed, design_samples, stratified_folds
 from srae.train import FitResult, Member, TrainSettings, check_finite, fit_stack, stack_groups
 
@@ -144,7 +145,8 @@ def stacks_categories(s: ExplainerSettings) -> bool:
     return torch.device(s.train.device).type != "cpu"
 
 
-def _fit_chunked(z, y, members: list[Member], method: str, arch: Architecture, s: ExplainerSettings) -> list[tuple[FitResult, int]]:
+def _fit_chunked(z, y, members: list[Member], method: str, arch: Architecture, s: ExplainerSettings,
+                 stage: str) -> list[tuple[FitResult, int]]:
     """Fit members in stacks (shared minibatch size, at most ``max_members``, one category per
     stack unless :func:`stacks_categories`); return (result, index in its stack) per member, in
     the order of ``members``."""
@@ -152,12 +154,16 @@ def _fit_chunked(z, y, members: list[Member], method: str, arch: Architecture, s
     for i, m in enumerate(members):
         parts.setdefault(-1 if stacks_categories(s) else m.category, []).append(i)
     out: list[tuple[FitResult, int] | None] = [None] * len(members)
+    progress = ProgressLog(log, f"{method} {stage}", len(members), "members fitted")
+    done = 0
     for part in parts.values():
         sub = [members[i] for i in part]
         for group in stack_groups(sub, s.train.batch_size, s.max_members):
             res = fit_stack(z, y, [sub[j] for j in group], method, arch, s.train)
             for k, j in enumerate(group):
                 out[part[j]] = (res, k)
+            done += len(group)
+            progress.update(done)
     return out  # type: ignore[return-value]
 
 
@@ -297,7 +303,7 @@ def train_explainers(
                     keys.append((c, ci))
         log.info("%s: cross-validating %d members (%d categories x %d configs x %d folds)",
                  method, len(members), len(cats), len(configs), s.folds)
-        fits = _fit_chunked(zt, yt, members, method, arch, s)
+        fits = _fit_chunked(zt, yt, members, method, arch, s, "cross-validation")
         agg: dict[tuple[int, int], list[tuple[float, int]]] = {}
         for (c, ci), (res, b) in zip(keys, fits):
             agg.setdefault((c, ci), []).append((res.best_val[b], res.best_epoch[b]))
@@ -317,7 +323,7 @@ def train_explainers(
     seeds = 1 if method == "CAE" else max(1, s.refit_seeds)  # CAE's v is fitted afterwards anyway
     refit = [Member(c, designs[c].train_idx, designs[c].train_pos, chosen[c][0],
                     seed=derive_seed(s.seed, c, 1_000_003 + r), epochs=chosen[c][1]) for c in cats for r in range(seeds)]
-    fits = _fit_chunked(zt, yt, refit, method, arch, s)
+    fits = _fit_chunked(zt, yt, refit, method, arch, s, "refit")
     out: dict[int, Explainer] = {}
     criterion = "val_faithfulness_mse" if spec.faithfulness > 0 else "val_reconstruction_mse"
     for i, c in enumerate(cats):

@@ -22,6 +22,7 @@ from srae.errors import InputError
 from srae.losses import balanced_weights_np, srae_objective
 from srae.model import Architecture, StackedSRAE, init_uniform, method_spec
 from srae.optim import StackedAdam
+from srae.progress import ProgressLog
 from srae.sampling import derive_seed, minibatch_stream
 
 log = logging.getLogger(__name__)
@@ -169,8 +170,10 @@ def fit_stack(
     if spec.reconstruction == "mean":
         beta = beta * z2
 
+    progress = ProgressLog(log, f"{method} training ({B} members in one stack)", total, "steps")
     step = 0
     while step < total:
+        progress.update(step, f"{int(active.sum())} members still training")
         step += 1
         cancel.check("explainer training")
         local = np.stack([next(s) for s in streams])  # (B, mb)
