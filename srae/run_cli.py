@@ -14,10 +14,12 @@ import logging
 import os
 from pathlib import Path
 
-from srae.config import ExperimentConfig, apply_overrides, load_config, parse_categories
+from srae.config import ExperimentConfig, apply_overrides, default_config, load_config, parse_categories
 from srae.errors import SraeError
 
 log = logging.getLogger(__name__)
+
+DEMO_CONFIG = Path("configs/demo.yaml")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "run", help="run an experiment config end to end (dataset -> report)",
         description="Run the pipeline for CONFIG as a Prefect flow and print the report path. "
                     "Reruns reuse everything already computed.")
-    p.add_argument("config", nargs="?", default="configs/demo.yaml", type=Path,
-                   help="experiment YAML (default: configs/demo.yaml)")
+    p.add_argument("config", nargs="?", default=None, type=Path,
+                   help=f"experiment YAML (default: {DEMO_CONFIG} if present, else the same demo built in)")
     p.add_argument("--categories", metavar="IDS", help="1-based class ids, e.g. 1-20,35 (default: the config's)")
     p.add_argument("--dask-address", metavar="URL", help="existing Dask scheduler, e.g. tcp://host:8786")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides every stage)")
@@ -41,7 +43,13 @@ def quiet_third_party_logs() -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    if args.config is None and not DEMO_CONFIG.is_file():
+        # outside the project checkout: the built-in demo (configs/demo.yaml's contents), with
+        # its relative paths (data/, reports/) under the current directory
+        log.info("no %s here: running the built-in demo experiment", DEMO_CONFIG)
+        cfg = default_config()
+    else:
+        cfg = load_config(args.config if args.config is not None else DEMO_CONFIG)
     cats = parse_categories(args.categories) if args.categories is not None else None
     cfg = apply_overrides(cfg, categories=cats, dask_address=args.dask_address, device=args.device)
     if args.check:

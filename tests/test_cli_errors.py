@@ -301,3 +301,15 @@ def test_unknown_options_are_reported_by_the_subcommand(capsys, argv, prog, extr
     err = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 2 and err[0].startswith(f"usage: {prog} ")
     assert err[-1] == f"{prog}: error: unrecognized arguments: {extra}"
+
+
+def test_run_without_a_config_outside_the_checkout_uses_the_built_in_demo(tmp_path, monkeypatch, capsys):
+    """`srae run` outside the repository used to fail with "configs/demo.yaml: config file not
+    found", although that file only repeats the built-in defaults."""
+    from srae.config import default_config, dump_config
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--check"]) == 0
+    assert capsys.readouterr().out == dump_config(default_config())
+    assert main(["run", "missing.yaml", "--check"]) == 2  # a named config must exist
+    assert "missing.yaml: config file not found" in capsys.readouterr().err
