@@ -34,6 +34,12 @@ def order_features(contributions: np.ndarray, sort: str = "row") -> np.ndarray:
     return np.broadcast_to(base, c.shape).copy()
 
 
+def _signed(v: float) -> str:
+    """``v`` with 2 decimals; a value that rounds to zero reads "0.00", not "-0.00"."""
+    s = f"{float(v):.2f}"
+    return "0.00" if s == "-0.00" else s
+
+
 def map_scales(maps: np.ndarray) -> np.ndarray:
     """Per-map colour scale of ``(..., H, W)`` maps: each map's own maximum (1 if all 0)."""
     m = np.asarray(maps, dtype=np.float64)
@@ -121,7 +127,7 @@ def excitation_grid(images: np.ndarray, ebp_maps: np.ndarray | torch.Tensor,
             if i in dead_set:
                 ax.set_title(f"x{i + 1}: dead (0 on training)", fontsize=8, color="0.45")
             else:
-                ax.set_title(f"x{i + 1}: {contrib[r, i]:.2f}", fontsize=10, fontweight="bold")
+                ax.set_title(f"x{i + 1}: {_signed(contrib[r, i])}", fontsize=10, fontweight="bold")
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])

@@ -194,7 +194,9 @@ def train_explainer_group(method: str, categories: list[int], settings: dict[str
         todo = [c for c in todo if not is_complete(dirs[c])]
         failed = _train_and_save(method, todo, dirs, settings, features, dataset, cache_dir, device,
                                  stack_categories)
-    logger.info("%s: trained %d, failed %d, reused %d", method, len(todo) - len(failed), len(failed),
+    variant = (f" alpha {settings['alpha']:g}" if "alpha" in settings
+               else " (alpha by CV)" if method == "Lasso" else "")
+    logger.info("%s%s: trained %d, failed %d, reused %d", method, variant, len(todo) - len(failed), len(failed),
                 len(categories) - len(todo))
     return {"method": method, "settings": settings,
             "explainers": {str(c): str(d) for c, d in dirs.items() if is_complete(d)},
