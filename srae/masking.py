@@ -5,7 +5,9 @@ For a threshold ``gamma`` a pixel is kept when it reaches ``gamma`` times the ma
 heatmap; with several heatmaps per image (the n x-features) a pixel is kept if *any* of them,
 each scaled by its own maximum, keeps it. Everything else is painted black and filled by
 OpenCV's Telea inpainting; the backbone then classifies the result. A map that is zero
-everywhere keeps nothing.
+everywhere keeps nothing. Next to each accuracy, :func:`masking_report` records the share of
+pixels kept (``mask_area@<gamma>``): the union of n maps keeps far more than one map at the
+same gamma, and the accuracies only compare with the areas beside them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from srae.excitation import resize_maps
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "GAMMAS", "UNMASKED", "metric_name", "keep_mask", "mask_and_inpaint", "masked_images",
+    "GAMMAS", "UNMASKED", "metric_name", "area_metric_name", "keep_mask", "mask_and_inpaint", "masked_images",
     "backbone_classifier", "masking_accuracy", "masking_report",
 ]
 
@@ -35,6 +37,11 @@ Classifier = Callable[[np.ndarray], np.ndarray]  # uint8 (B, H, W, 3) -> logits 
 def metric_name(gamma: float) -> str:
     """Long-table metric name for one threshold, e.g. ``mask_acc@0.05``."""
     return f"mask_acc@{gamma:g}"
+
+
+def area_metric_name(gamma: float) -> str:
+    """Long-table metric name of the share of pixels kept at one threshold, e.g. ``mask_area@0.05``."""
+    return f"mask_area@{gamma:g}"
 
 
 def _maps4(maps: np.ndarray | torch.Tensor, what: str = "maps") -> np.ndarray:
@@ -93,10 +100,17 @@ def masked_images(images: np.ndarray, maps: np.ndarray | torch.Tensor, gamma: fl
     """Mask + inpaint every image with its heatmaps: (M, H, W, 3) uint8, (M, n, h, w) -> uint8.
     Maps at another resolution are resized bilinearly to the images first."""
     images = _check_images(images)
+    return _masked(images, _keep_masks(images, maps, gamma), radius)
+
+
+def _keep_masks(images: np.ndarray, maps: np.ndarray | torch.Tensor, gamma: float) -> np.ndarray:
     m = _maps_at(maps, images.shape[1:3])
     if m.shape[0] != images.shape[0]:
         raise InputError(f"maps: {m.shape[0]} heatmap sets for {images.shape[0]} images")
-    keep = keep_mask(m, gamma)
+    return keep_mask(m, gamma)
+
+
+def _masked(images: np.ndarray, keep: np.ndarray, radius: float) -> np.ndarray:
     return np.stack([mask_and_inpaint(img, k, radius) for img, k in zip(images, keep)])
 
 
@@ -137,7 +151,8 @@ def masking_accuracy(classify: Classifier, images: np.ndarray, labels: Sequence[
                      radius: float = 3.0) -> dict[str, float]:
     """Accuracy of ``classify`` on the unmasked images and on the masked + inpainted images
     for each gamma: ``{"mask_acc@original": a, "mask_acc@0.01": a1, ...}``."""
-    return masking_report(classify, images, labels, {"maps": maps}, gammas, radius)["maps"]
+    res = masking_report(classify, images, labels, {"maps": maps}, gammas, radius)["maps"]
+    return {k: v for k, v in res.items() if k.startswith("mask_acc@")}
 
 
 def masking_report(classify: Classifier, images: np.ndarray, labels: Sequence[int] | np.ndarray,
@@ -145,7 +160,8 @@ def masking_report(classify: Classifier, images: np.ndarray, labels: Sequence[in
                    gammas: Sequence[float] = GAMMAS, radius: float = 3.0) -> dict[str, dict[str, float]]:
     """:func:`masking_accuracy` for several methods' heatmaps of the same images (e.g. SRAE
     x-features, shape (M, n, H, W), and ExcitationBP on the logit, (M, 1, H, W)); the
-    unmasked accuracy is computed once and repeated in each method's dict."""
+    unmasked accuracy is computed once and repeated in each method's dict, which also holds
+    the mean share of pixels kept per gamma (``mask_area@<gamma>``)."""
     images = _check_images(images)
     labels = np.asarray(labels)
     if labels.shape != (images.shape[0],):
@@ -157,7 +173,9 @@ def masking_report(classify: Classifier, images: np.ndarray, labels: Sequence[in
     for method, maps in maps_by_method.items():
         res = {UNMASKED: base}
         for g in gammas:
-            res[metric_name(g)] = _accuracy(classify, masked_images(images, maps, g, radius), labels)
+            keep = _keep_masks(images, maps, g)
+            res[metric_name(g)] = _accuracy(classify, _masked(images, keep, radius), labels)
+            res[area_metric_name(g)] = float(keep.mean())
         log.info("masking test %s: %s", method, ", ".join(f"{k}={v:.3f}" for k, v in res.items()))
         report[method] = res
     return report

@@ -44,6 +44,7 @@ MAIN_ROWS: tuple[tuple[str, str], ...] = (
 EXTRA_ROWS: tuple[tuple[str, str], ...] = (("dead_x", "train"),)
 HEATMAP_METRICS: tuple[str, ...] = ("O1", "O2", "locality")
 ORIGINAL_METRICS: tuple[str, ...] = ("mask_acc@original", "acc_original")  # accuracy on unmasked images
+PERCENT_METRICS: tuple[str, ...] = ("F_cls",)  # shown as percentages
 METRICS_SCHEMA = pa.schema([
     ("experiment", pa.string()), ("category", pa.int64()), ("method", pa.string()),
     ("metric", pa.string()), ("split", pa.string()), ("value", pa.float64()),
@@ -205,8 +206,8 @@ def table_main(df: pd.DataFrame, lasso_alpha: float | None = None) -> pd.DataFra
 
 def main_display(t: pd.DataFrame) -> pd.DataFrame:
     """:func:`table_main` for reading: a cell that left out infinite categories reads
-    ``"2.5000 (1 of 4 inf)"``, one that skipped NaN categories ``"0.5000 (1 of 3 n/a)"``;
-    the other cells keep their numbers."""
+    ``"2.5000 (1 of 4 inf)"``, one that skipped NaN categories ``"0.5000 (1 of 3 n/a)"``
+    (F_cls as a percentage, like the cells beside it); the other cells keep their numbers."""
     out = t.astype(object)
     notes: dict[tuple[str, str, str], list[str]] = {}
     for cell, (k, n) in infinite_categories(t).items():
@@ -215,7 +216,8 @@ def main_display(t: pd.DataFrame) -> pd.DataFrame:
         notes.setdefault(cell, []).append(f"{k} of {n} n/a")
     for (metric, split, method), parts in notes.items():
         v = float(t.loc[(metric, split), method])
-        shown = "inf" if math.isinf(v) else "n/a" if math.isnan(v) else f"{v:.4f}"
+        number = f"{100 * v:.2f}%" if metric in PERCENT_METRICS else f"{v:.4f}"
+        shown = "inf" if math.isinf(v) else "n/a" if math.isnan(v) else number
         out.loc[(metric, split), method] = f"{shown} ({', '.join(parts)})"
     return out
 
@@ -258,9 +260,11 @@ def gamma_metric(gamma: float) -> str:
 
 
 def table_masking(df: pd.DataFrame) -> pd.DataFrame:
-    """Table 2b / 4: index gamma; columns "Original Image" then "Mask by <method>".
+    """Table 2b / 4: index gamma; columns "Original Image", "Mask by <method>", then (where
+    recorded) "Kept area, <method>": the mean share of pixels each method's mask keeps.
 
-    Source rows: metric ``mask_acc@<gamma>`` per method, and ``mask_acc@original`` (any method)."""
+    Source rows: metric ``mask_acc@<gamma>`` and ``mask_area@<gamma>`` per method, and
+    ``mask_acc@original`` (any method)."""
     df = validate_metrics(df)
     is_orig = df["metric"].isin(ORIGINAL_METRICS)
     masked = df[df["metric"].str.startswith("mask_acc@") & ~is_orig].copy()
@@ -281,6 +285,13 @@ def table_masking(df: pd.DataFrame) -> pd.DataFrame:
     for method in order:
         label = "Mask by x-features" if method == "SRAE" else f"Mask by {method}"
         out[label] = [means.get((g, method), np.nan) for g in gammas]
+    area = df[df["metric"].str.startswith("mask_area@")].copy()
+    if not area.empty:
+        area["gamma"] = pd.to_numeric(area["metric"].str.slice(len("mask_area@")), errors="coerce")
+        kept = _category_mean(area.dropna(subset=["gamma"]), ["gamma", "method"])
+        for method in order:
+            label = "Kept area, x-features" if method == "SRAE" else f"Kept area, {method}"
+            out[label] = [kept.get((g, method), np.nan) for g in gammas]
     return out
 
 
@@ -307,13 +318,15 @@ def table_top_parts(top: pd.DataFrame, class_names: list[str] | None = None) -> 
 
     ``top`` holds :func:`srae.metrics.concepts.top_part_table` rows with ``category`` and
     ``method`` columns; cells read ``"crown (0.41)*"``: the part, its share of the feature's
-    mass, and ``*`` when it is one of the class's evidence parts.
+    mass, and ``*`` when it is one of the class's evidence parts; ``"(dead)"`` follows an
+    x-feature that fires on no training image (an optional boolean ``dead`` column).
     """
     need = {"category", "method", "feature", "top_part", "top_mass", "on_evidence"}
     if top is None or top.empty or not need <= set(top.columns):
         return pd.DataFrame(dtype="object")
-    cell = [f"{p} ({m:.2f}){'*' if ev else ''}" if p else "-"
-            for p, m, ev in zip(top["top_part"], top["top_mass"], top["on_evidence"])]
+    dead = top["dead"].fillna(False).astype(bool) if "dead" in top.columns else pd.Series(False, index=top.index)
+    cell = [(f"{p} ({m:.2f}){'*' if ev else ''}" if p else "-") + (" (dead)" if d else "")
+            for p, m, ev, d in zip(top["top_part"], top["top_mass"], top["on_evidence"], dead)]
     frame = top.assign(cell=cell, feature=[f"x{int(f) + 1}" for f in top["feature"]])
     wide = frame.pivot_table(index=["category", "method"], columns="feature", values="cell", aggfunc="first")
     order = [m for m in TABLE_METHODS if m in set(frame["method"])] + sorted(set(frame["method"]) - set(TABLE_METHODS))
@@ -328,15 +341,22 @@ def table_top_parts(top: pd.DataFrame, class_names: list[str] | None = None) -> 
 
 
 def table_per_category(df: pd.DataFrame, metric: str = "F_cls", split: str = "test",
-                       lasso_alpha: float | None = None) -> pd.DataFrame:
-    """One metric per category (rows) and method (columns): for spotting bad categories."""
+                       lasso_alpha: float | None = None, class_names: list[str] | None = None) -> pd.DataFrame:
+    """One metric per category (rows) and method (columns): for spotting bad categories. Rows
+    are named as the CLI and logs name classes: 1-based id and name (``"3: 003.Blue_bird"``)."""
     df = _headline(validate_metrics(df), lasso_alpha)
     sub = df[(df["metric"] == metric) & (df["split"] == split)]
     if sub.empty:
         return pd.DataFrame(dtype="float64")
     wide = sub.groupby(["category", "method"])["value"].mean().unstack("method")
     cols = [m for m in TABLE_METHODS if m in wide.columns]
-    return wide[cols]
+    names = class_names or []
+    wide.index = pd.Index([f"{int(c) + 1}: {names[int(c)]}" if 0 <= int(c) < len(names) else str(int(c) + 1)
+                           for c in wide.index], name=f"class ({metric} {split})")
+    wide.columns.name = None
+    wide = wide[cols]
+    wide.attrs["percent"] = metric in PERCENT_METRICS
+    return wide
 
 
 # ---------------------------------------------------------------------- findings
@@ -347,6 +367,7 @@ class Finding:
     claim: str
     holds: bool | None
     evidence: str
+    rule: str = ""  # what decides the verdict, in words
 
     @property
     def verdict(self) -> str:
@@ -371,27 +392,34 @@ def qualitative_findings(t: pd.DataFrame, faithful_cls: float = 0.95, margin: fl
     """Evaluate the paper's four qualitative claims on a :func:`table_main` frame.
 
     Rules (fixed here, not tuned to the data): (1) SRAE test F_cls >= ``faithful_cls`` and
-    within ``margin`` of the lower of NN/SAE; (2) SRAE locality < ExcitationBP locality;
-    (3) SRAE O1 and O2 below both NN and SAE; (4) CAE and Lasso test F_reg at least
-    ``unfaithful_ratio`` times SRAE's. Means are over categories with finite values; the
-    evidence says in how many categories O2 was infinite."""
+    within ``margin`` of the lower of NN/SAE, and its test F_reg under ``unfaithful_ratio``
+    times the better of NN/SAE (the yardstick rule 4 calls unfaithful); (2) SRAE locality <
+    ExcitationBP locality; (3) SRAE O1 and O2 below both NN and SAE; (4) CAE and Lasso test
+    F_reg at least ``unfaithful_ratio`` times SRAE's. Means are over categories with finite
+    values; the evidence says in how many categories O2 was infinite. Each finding states its
+    rule."""
     g = lambda *a: _get(t, *a)  # noqa: E731
     hs = _heat_split(t)
     out: list[Finding] = []
 
     s, nn, sae = g("F_cls", "test", "SRAE"), g("F_cls", "test", "NN"), g("F_cls", "test", "SAE")
+    rs, rnn, rsae = g("F_reg", "test", "SRAE"), g("F_reg", "test", "NN"), g("F_reg", "test", "SAE")
     ref = np.nanmin([nn, sae]) if not (math.isnan(nn) and math.isnan(sae)) else float("nan")
-    holds = None if math.isnan(s) or math.isnan(ref) else bool(s >= faithful_cls and s >= ref - margin)
+    ref_reg = np.nanmin([rnn, rsae]) if not (math.isnan(rnn) and math.isnan(rsae)) else float("nan")
+    holds = (None if any(math.isnan(v) for v in (s, ref, rs, ref_reg))
+             else bool(s >= faithful_cls and s >= ref - margin and rs < unfaithful_ratio * ref_reg))
     out.append(Finding("SRAE is as faithful as NN and SAE", holds,
-                       f"test F_cls: SRAE {_f(s)}, NN {_f(nn)}, SAE {_f(sae)}; test F_reg: SRAE "
-                       f"{_f(g('F_reg', 'test', 'SRAE'))}, NN {_f(g('F_reg', 'test', 'NN'))}, "
-                       f"SAE {_f(g('F_reg', 'test', 'SAE'))}"))
+                       f"test F_cls: SRAE {_pct(s)}, NN {_pct(nn)}, SAE {_pct(sae)}; test F_reg: SRAE "
+                       f"{_f(rs)}, NN {_f(rnn)}, SAE {_f(rsae)}",
+                       f"SRAE's test F_cls at least {_pct(faithful_cls)} and at most {100 * margin:g} points below "
+                       f"the lower of NN and SAE, and its test F_reg under {unfaithful_ratio:g}x the lower of theirs"))
 
     ls, le = g("locality", hs, "SRAE"), g("locality", hs, "ExcitationBP")
     holds = None if math.isnan(ls) or math.isnan(le) else bool(ls < le)
     out.append(Finding("x-features are more local than ExcitationBP on y-hat", holds,
                        f"locality (entropy, lower = more local): SRAE {_f(ls)}, ExcitationBP {_f(le)}, "
-                       f"Z {_f(g('locality', hs, 'Z'))}"))
+                       f"Z {_f(g('locality', hs, 'Z'))}",
+                       f"SRAE's mean locality on {hs} positives below ExcitationBP's"))
 
     vals = {(o, m): g(o, hs, m) for o in ("O1", "O2") for m in ("SRAE", "NN", "SAE")}
     inf = infinite_categories(t)
@@ -413,7 +441,8 @@ def qualitative_findings(t: pd.DataFrame, faithful_cls: float = 0.95, margin: fl
                                  f"SAE {_f(vals[(o, 'SAE')])}" for o in ("O1", "O2"))
                        + (f" (O2 means over finite categories; O2 = inf, a singular correlation, in "
                           f"{', '.join(inf_notes)} categories, which counts against a method before "
-                          f"its mean{_dead_note(t)})" if inf_notes else "")))
+                          f"its mean{_dead_note(t)})" if inf_notes else ""),
+                       "SRAE's O1 and O2 both below NN's and SAE's (fewer categories with O2 = inf first)"))
 
     fs, fc, fl = g("F_reg", "test", "SRAE"), g("F_reg", "test", "CAE"), g("F_reg", "test", "Lasso")
     if any(math.isnan(v) for v in (fs, fc, fl)):
@@ -422,7 +451,8 @@ def qualitative_findings(t: pd.DataFrame, faithful_cls: float = 0.95, margin: fl
         holds = bool(fc >= unfaithful_ratio * fs and fl >= unfaithful_ratio * fs)
     out.append(Finding("CAE and Lasso are unfaithful", holds,
                        f"test F_reg: SRAE {_f(fs)}, CAE {_f(fc)}, Lasso {_f(fl)}; test F_cls: CAE "
-                       f"{_f(g('F_cls', 'test', 'CAE'))}, Lasso {_f(g('F_cls', 'test', 'Lasso'))}"))
+                       f"{_pct(g('F_cls', 'test', 'CAE'))}, Lasso {_pct(g('F_cls', 'test', 'Lasso'))}",
+                       f"CAE's and Lasso's test F_reg each at least {unfaithful_ratio:g}x SRAE's"))
     return out
 
 
@@ -438,3 +468,7 @@ def _dead_note(t: pd.DataFrame) -> str:
 
 def _f(v: float) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
+
+
+def _pct(v: float) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}%"

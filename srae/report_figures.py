@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from srae import report as R
 from srae.errors import InputError
 
 
@@ -37,23 +38,44 @@ def figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def metric_charts(main: pd.DataFrame) -> bytes:
-    """One bar chart per row of Table 1/3 (metric x split), methods on the x axis."""
-    finite = main.where(np.isfinite(main.astype(float)))
-    rows = [idx for idx in finite.index if finite.loc[idx].notna().any()]
-    if not rows:
+def metric_panels(main: pd.DataFrame) -> list[tuple[str, list[str], np.ndarray]]:
+    """(title, method labels, values) per row of Table 1/3 with any value; labels say in how
+    many categories a mean left out an infinite value (``"SRAE (1/4 inf)"``)."""
+    values = main.astype(float)
+    left_out = R.infinite_categories(main)
+    out = []
+    for idx in values.index:
+        vals = values.loc[idx].dropna()
+        if vals.empty:
+            continue
+        labels = []
+        for c in vals.index:
+            k_n = left_out.get((idx[0], idx[1], c)) if isinstance(idx, tuple) and len(idx) == 2 else None
+            labels.append(f"{c} ({k_n[0]}/{k_n[1]} inf)" if k_n and k_n[0] < k_n[1] else str(c))
+        out.append((" / ".join(str(i) for i in (idx if isinstance(idx, tuple) else (idx,))), labels, vals.to_numpy()))
+    if not out:
         raise InputError("metric_charts: the table has no values")
-    ncol = min(4, len(rows))
-    nrow = math.ceil(len(rows) / ncol)
+    return out
+
+
+def metric_charts(main: pd.DataFrame) -> bytes:
+    """One bar chart per row of Table 1/3 (metric x split), methods on the x axis. A method
+    whose value is infinite (O2 = inf in every category) keeps its place, marked "inf" with no
+    bar; one whose mean left some categories out says how many in its label."""
+    panels = metric_panels(main)
+    ncol = min(4, len(panels))
+    nrow = math.ceil(len(panels) / ncol)
     fig = _figure((3.2 * ncol, 2.6 * nrow))
     axes = fig.subplots(nrow, ncol, squeeze=False)
-    for ax, idx in zip(axes.flat, rows):
-        vals = finite.loc[idx].dropna()
-        ax.bar(range(len(vals)), vals.to_numpy(), color="#4477aa")
-        ax.set_xticks(range(len(vals)), [str(c) for c in vals.index], rotation=45, ha="right", fontsize=7)
-        ax.set_title(" / ".join(str(i) for i in idx), fontsize=9)
+    for ax, (title, labels, values) in zip(axes.flat, panels):
+        inf = np.isinf(values)
+        ax.bar(range(len(values)), np.where(inf, 0.0, values), color="#4477aa")
+        for k in np.flatnonzero(inf):
+            ax.text(k, 0, "inf", ha="center", va="bottom", fontsize=7, color="#a31515")
+        ax.set_xticks(range(len(values)), labels, rotation=45, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
-    for ax in list(axes.flat)[len(rows):]:
+    for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
     return _png(fig)

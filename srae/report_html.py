@@ -27,7 +27,7 @@ from srae import report_figures as F
 
 log = logging.getLogger(__name__)
 
-PERCENT_METRICS = ("F_cls",)
+PERCENT_METRICS = R.PERCENT_METRICS
 
 
 @dataclass
@@ -65,7 +65,8 @@ def _cells(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     rows = []
     for idx, row in df.iterrows():
         keys = list(idx) if isinstance(idx, tuple) else [idx]
-        percent = any(str(k) in PERCENT_METRICS or str(k).startswith("F_cls") for k in keys)
+        percent = bool(df.attrs.get("percent")) or any(str(k) in PERCENT_METRICS or str(k).startswith("F_cls")
+                                                        for k in keys)
         rows.append([str(k) for k in keys] + [_fmt(v, percent) for v in row.tolist()])
     return header, rows
 
@@ -133,11 +134,36 @@ text-align:right;font-size:13px}th{background:#f2f2f2}td:first-child,th:first-ch
 font-size:12px;color:#555;border-top:1px solid #ccc}code{background:#f5f5f5}"""
 
 
+MAIN_CAPTION = (
+    "Mean over categories. F_reg: mean absolute error of y-bar against the logit y-hat (lower is better). "
+    "F_cls: share of images whose predicted class stays the same with y-bar in place of y-hat (higher is "
+    "better). O1, O2 (orthogonality) and locality (entropy in nats of each map's mass over parts or "
+    "objects, log of roughly how many it covers) on positive images, lower is better; they include "
+    "every x-feature's map, dead ones too. Z: ExcitationBP on sampled dimensions of Z; ExcitationBP: on "
+    "y-hat. dead_x (not in the paper): x-features per category that fire on no training image; they add "
+    "nothing to y-hat there, and the figures mark them.")
+
+
+MASKING_CAPTION = (
+    "Accuracy (share of test positives classified correctly, 0-1) after keeping only the pixels at or "
+    "above gamma times a heatmap's peak and inpainting the rest. x-features keep a pixel if any of their "
+    "n maps does, so at one gamma they keep more of the image than ExcitationBP's single map: the kept "
+    "area columns (mean share of pixels kept) say how much; compare accuracies at similar areas.")
+LASSO_CAPTION = ("Columns: Lasso's alpha. Num_x: dimensions of Z selected (mean over categories); F_reg "
+                 "(lower is better) and F_cls (higher is better) as in Table 1.")
+CONCEPTS_CAPTION = (
+    "Per x-feature, the share (0-1, higher is better) of its map mass over parts or objects, averaged "
+    "over test positives, that falls on the class's evidence parts (known on synthetic data); mean over "
+    "the x-features with any mass. metrics.parquet also holds concept_coverage: the share of evidence "
+    "parts that are the top part of at least one x-feature.")
+
+
 def _findings_html(findings: list[R.Finding]) -> str:
     cls = {True: "ok", False: "bad", None: "na"}
     items = "".join(
         f'<li><b>{html.escape(f.claim)}</b>: <span class="{cls[f.holds]}">{f.verdict}</span>'
-        f"<br><small>{html.escape(f.evidence)}</small></li>" for f in findings)
+        f"<br><small>{html.escape(f.evidence)}</small>"
+        + (f"<br><small><i>Rule: {html.escape(f.rule)}.</i></small>" if f.rule else "") + "</li>" for f in findings)
     return f"<ul>{items}</ul>"
 
 
@@ -185,20 +211,23 @@ def render_html(inp: ReportInputs, tables: dict[str, pd.DataFrame], findings: li
          "<h2>Do the paper's qualitative findings hold here?</h2>",
          f"<p><b>{html.escape(summary_line(findings))}</b></p>", _findings_html(findings),
          "<h2>Table 1/3: faithfulness, orthogonality, locality</h2>",
-         "<p>Mean over categories. F_cls as a percentage; O1, O2 and locality on positive images "
-         "(lower is better). Z: ExcitationBP on sampled dimensions of Z; ExcitationBP: on y-hat. "
-         "dead_x (not in the paper): x-features per category that fire on no training image; they add "
-         "nothing to y-hat, and the figures mark them.</p>",
+         f"<p>{html.escape(MAIN_CAPTION)}</p>",
          to_html_table(R.main_display(tables["main"])), _infinite_note_html(tables["main"]),
-         "<h2>Table 2a/5: Lasso alpha sweep</h2>", to_html_table(tables["lasso"]),
-         "<h2>Table 2b/4: classification of masked + inpainted images</h2>", to_html_table(tables["masking"])]
+         "<h2>Table 2a/5: Lasso alpha sweep</h2>", f"<p>{html.escape(LASSO_CAPTION)}</p>",
+         to_html_table(tables["lasso"]),
+         "<h2>Table 2b/4: classification of masked + inpainted images</h2>",
+         f"<p>{html.escape(MASKING_CAPTION)}</p>", to_html_table(tables["masking"])]
     if not tables["concepts"].empty:
-        s += ["<h2>Concept recovery (synthetic ground truth)</h2>", to_html_table(tables["concepts"])]
+        s += ["<h2>Concept recovery (synthetic ground truth)</h2>", f"<p>{html.escape(CONCEPTS_CAPTION)}</p>",
+              to_html_table(tables["concepts"])]
     if not tables["top_parts"].empty:
         s += ["<h3>Where each x-feature lands</h3><p>The part or object with the largest share of each "
-              "x-feature's mass on test positives; * marks one of the class's evidence parts.</p>",
+              "x-feature's mass on test positives; * marks one of the class's evidence parts, \"(dead)\" an "
+              "x-feature that fires on no training image.</p>",
               to_html_table(tables["top_parts"])]
-    s += ["<h2>Per category: test F_cls</h2>", to_html_table(tables["per_category"])]
+    s += ["<h2>Per category: test F_cls</h2>", "<p>Per class (1-based id as in <code>--categories</code>), "
+          "the share of test images whose predicted class stays the same with y-bar in place of y-hat "
+          "(higher is better).</p>", to_html_table(tables["per_category"])]
     for caption, png in figures:
         b64 = base64.b64encode(png).decode()
         s.append(f"<h3>{html.escape(caption)}</h3><img alt='{html.escape(caption)}' src='data:image/png;base64,{b64}'>")
@@ -220,16 +249,19 @@ def _footer(inp: ReportInputs) -> str:
     timing = (f"<table><thead><tr><th>stage</th><th>wall time</th></tr></thead><tbody>{rows}"
               f"<tr><td><b>total</b></td><td><b>{total:.1f} s</b></td></tr></tbody></table>") if inp.timings else ""
     return (f"<footer><p>srae {__version__}, written {time.strftime('%Y-%m-%d %H:%M:%S')}. "
-            f"Wall time per stage of this run (0 s where the stage was already done):</p>{timing}</footer>")
+            f"Wall time per stage of this run (a stage already done shows only its checks and loading):</p>{timing}</footer>")
 
 
 def render_markdown(inp: ReportInputs, tables: dict[str, pd.DataFrame], findings: list[R.Finding]) -> str:
     lines = [f"# {inp.title or 'SRAE report: ' + inp.experiment}", "", summary_line(findings), ""]
-    lines += [f"- {f.claim}: **{f.verdict}** ({f.evidence})" for f in findings] + [""]
+    lines += [f"- {f.claim}: **{f.verdict}** ({f.evidence})" + (f". Rule: {f.rule}." if f.rule else "")
+              for f in findings] + [""]
     for key, caption in (("main", "Table 1/3"), ("lasso", "Table 2a/5 (Lasso sweep)"),
                          ("masking", "Table 2b/4 (masking)"), ("concepts", "Concept recovery"),
                          ("top_parts", "Where each x-feature lands (* = evidence part)")):
-        lines += [f"## {caption}", "", to_markdown(_readable(key, tables[key]))]
+        note = {"main": MAIN_CAPTION, "lasso": LASSO_CAPTION, "masking": MASKING_CAPTION,
+                "concepts": CONCEPTS_CAPTION}.get(key)
+        lines += [f"## {caption}", ""] + ([note, ""] if note else []) + [to_markdown(_readable(key, tables[key]))]
         if key == "main" and infinite_note(tables[key]):
             lines += [infinite_note(tables[key]), ""]
     if inp.failed:
@@ -254,7 +286,7 @@ def derive_tables(inp: ReportInputs) -> dict[str, pd.DataFrame]:
         "lasso": R.table_lasso_sweep(m),
         "masking": R.table_masking(m),
         "concepts": R.table_concepts(m, inp.class_names or None),
-        "per_category": R.table_per_category(m, lasso_alpha=inp.lasso_alpha),
+        "per_category": R.table_per_category(m, lasso_alpha=inp.lasso_alpha, class_names=inp.class_names or None),
         "top_parts": R.table_top_parts(inp.top_parts, inp.class_names or None),
     }
 

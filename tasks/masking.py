@@ -2,8 +2,9 @@
 
 For every category with SRAE and ExcitationBP heatmaps of the test split: keep only the
 pixels at or above ``gamma`` times each heatmap's peak, inpaint the rest, reclassify with the
-backbone and record the accuracy (:mod:`srae.masking`). Rows (``mask_acc@<gamma>`` per method
-and ``mask_acc@original``) go to ``<heatmap group>.masking.parquet``, the stage's marker.
+backbone and record the accuracy (:mod:`srae.masking`). Rows (``mask_acc@<gamma>`` and the share
+of pixels kept, ``mask_area@<gamma>``, per method, and ``mask_acc@original``) go to
+``<heatmap group>.masking2-....parquet``, the stage's marker.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def masking_path(heatmap_group: str, gammas: list[float], max_images: int | None
     """Result file of one group's masking test; named by everything that changes its numbers."""
     p = Path(heatmap_group)
     tag = "-".join(f"{g:g}" for g in gammas)
-    return p.with_name(p.name + f".masking-{tag}-m{max_images if max_images else 'all'}.parquet")
+    # "masking2": since the kept-area rows; files without them are redone once
+    return p.with_name(p.name + f".masking2-{tag}-m{max_images if max_images else 'all'}.parquet")
 
 
 def _mask_jobs(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -44,7 +46,7 @@ def _accuracy_rows(j, bb, index, gammas, max_images, experiment, dev) -> pd.Data
     import zarr
 
     from srae.images import load_image, resize_uint8
-    from srae.masking import backbone_classifier, masking_accuracy
+    from srae.masking import backbone_classifier, masking_report
 
     g = zarr.open_group(j["heatmaps"], mode="r")
     maps = np.asarray(g["maps"][: max_images or None])
@@ -54,7 +56,8 @@ def _accuracy_rows(j, bb, index, gammas, max_images, experiment, dev) -> pd.Data
                        .permute(1, 2, 0).numpy() for i in ids])
     labels = np.array([int(frame.loc[int(i), "label"]) for i in ids])
     classify = backbone_classifier(bb.model, bb.mean, bb.std, device=dev)
-    res = masking_accuracy(classify, images, labels, maps, gammas)
+    label = f"category {int(j['category']) + 1} {j['method']}"
+    res = masking_report(classify, images, labels, {label: maps}, gammas)[label]
     rows = [R.metric_row(experiment, j["category"], j["method"], metric, "test", value, maps.shape[1],
                          j.get("hparams")) for metric, value in res.items()]
     return pd.DataFrame(rows)

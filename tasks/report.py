@@ -27,8 +27,10 @@ from tasks.scoring import concepts_of
 log = logging.getLogger(__name__)
 
 
-def faithfulness_rows(experiment: str, explainer_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """F_reg / F_cls train+test rows, and the dead x-feature count, from every explainer's meta.json."""
+def faithfulness_rows(experiment: str, explainer_results: list[dict[str, Any]],
+                      dead: dict[tuple[int, str], set[int]] | None = None) -> list[dict[str, Any]]:
+    """F_reg / F_cls train+test rows, and the dead x-feature count, from every explainer's meta.json.
+    ``dead`` (if given) receives the dead x-features (0-based) of each headline (category, method)."""
     from srae.explainers import META_FILE
 
     rows = []
@@ -36,6 +38,8 @@ def faithfulness_rows(experiment: str, explainer_results: list[dict[str, Any]]) 
         settings = res.get("settings", {})
         for cat, d in res.get("explainers", {}).items():
             meta = json.loads((Path(d) / META_FILE).read_text())
+            if dead is not None and not settings.get("sweep"):
+                dead[(int(cat), res["method"])] = {int(i) for i in meta.get("dead_features") or ()}
             hp = row_hparams(res["method"], settings, meta)
             for metric in ("F_reg", "F_cls"):
                 for split in ("train", "test"):
@@ -57,9 +61,9 @@ def _read_parquets(paths: list[str]) -> pd.DataFrame:
 
 
 def assemble_metrics(experiment: str, explainer_results: list[dict[str, Any]], score_files: list[str],
-                     masking_files: list[str]) -> pd.DataFrame:
-    """The long metrics table of this run."""
-    parts = [pd.DataFrame(faithfulness_rows(experiment, explainer_results), columns=list(R.METRIC_COLUMNS)),
+                     masking_files: list[str], dead: dict[tuple[int, str], set[int]] | None = None) -> pd.DataFrame:
+    """The long metrics table of this run (``dead``: see :func:`faithfulness_rows`)."""
+    parts = [pd.DataFrame(faithfulness_rows(experiment, explainer_results, dead), columns=list(R.METRIC_COLUMNS)),
              _read_parquets(score_files), _read_parquets(masking_files)]
     parts = [p for p in parts if len(p)]
     if not parts:
@@ -141,8 +145,12 @@ def build_report_task(experiment: str, out_dir: str, explainer_results: list[dic
                       notes: list[str], title: str | None = None) -> str:
     """Write the report; return the path of report.html."""
     logger = run_logger()
-    metrics = assemble_metrics(experiment, explainer_results, score_files, masking_files)
+    dead: dict[tuple[int, str], set[int]] = {}
+    metrics = assemble_metrics(experiment, explainer_results, score_files, masking_files, dead)
     top_parts = _read_parquets([str(concepts_of(f)) for f in score_files])
+    if {"category", "method", "feature"} <= set(top_parts.columns):
+        top_parts["dead"] = [int(f) in dead.get((int(c), m), ()) for c, m, f in
+                             zip(top_parts["category"], top_parts["method"], top_parts["feature"])]
     inp = ReportInputs(experiment=experiment, metrics=metrics, out_dir=Path(out_dir), class_names=class_names,
                        top_parts=top_parts,
                        lasso_alpha=lasso_alpha, failed=failed, bad_inputs=bad_inputs, timings=timings,

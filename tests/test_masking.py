@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from srae.errors import InputError
+from srae.excitation import resize_maps
 from srae.masking import (
     UNMASKED,
     backbone_classifier,
@@ -70,8 +71,12 @@ def test_masking_accuracy_on_toy_task() -> None:
     half = torch.nn.functional.avg_pool2d(torch.from_numpy(good), 2)  # 8x8 maps: resized to 16x16
     rep = masking_report(classify, images, labels, {"SRAE": np.concatenate([maps, good], 1),
                                                     "ExcitationBP": half}, gammas=(0.3,))
-    assert rep["SRAE"] == {UNMASKED: 1.0, "mask_acc@0.3": 1.0}
-    assert rep["ExcitationBP"] == {UNMASKED: 1.0, "mask_acc@0.3": 1.0}
+    # kept at 0.3: SRAE's first map keeps its 6x6 peak block, the second the 6x6 square (36 + 36 of
+    # 256 pixels); ExcitationBP's resized map keeps the square and its bilinear rim
+    assert rep["SRAE"] == {UNMASKED: 1.0, "mask_acc@0.3": 1.0, "mask_area@0.3": 72 / 256}
+    assert rep["ExcitationBP"]["mask_acc@0.3"] == 1.0 and rep["ExcitationBP"][UNMASKED] == 1.0
+    keep = keep_mask(resize_maps(half.float(), (16, 16)).numpy(), 0.3)
+    assert rep["ExcitationBP"]["mask_area@0.3"] == keep.mean() and 36 / 256 <= keep.mean() < 72 / 256
     assert metric_name(0.05) == "mask_acc@0.05"
     with pytest.raises(InputError, match="heatmap sets"):
         masking_accuracy(classify, images, labels, maps[:2])

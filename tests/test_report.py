@@ -101,6 +101,15 @@ def test_table_masking(long_table):
     assert m.loc[0.05, "Mask by ExcitationBP"] == pytest.approx(0.6)
     assert math.isnan(m.loc[0.3, "Mask by ExcitationBP"])
     assert R.gamma_metric(0.05) == "mask_acc@0.05"
+    # the share of pixels kept, beside the accuracies (category mean first, then over categories)
+    areas = [row(0, "SRAE", "mask_area@0.05", "test", 0.9), row(1, "SRAE", "mask_area@0.05", "test", 0.7),
+             row(0, "ExcitationBP", "mask_area@0.05", "test", 0.2)]
+    m = R.table_masking(pd.concat([long_table, pd.DataFrame(areas)], ignore_index=True))
+    assert list(m.columns) == ["Original Image", "Mask by x-features", "Mask by ExcitationBP",
+                               "Kept area, x-features", "Kept area, ExcitationBP"]
+    assert m.loc[0.05, "Kept area, x-features"] == pytest.approx(0.8)
+    assert m.loc[0.05, "Kept area, ExcitationBP"] == pytest.approx(0.2)
+    assert math.isnan(m.loc[0.3, "Kept area, x-features"]) and m.loc[0.05, "Mask by x-features"] == pytest.approx(0.7)
 
 
 def test_table_concepts_and_per_category(long_table):
@@ -109,7 +118,12 @@ def test_table_concepts_and_per_category(long_table):
     assert c.loc["mean", "SRAE"] == pytest.approx(0.6)
     assert c.loc["mean", "NN"] == pytest.approx(0.1)  # NaN for bird_a is skipped
     p = R.table_per_category(long_table, "F_cls", "test")
-    assert p.loc[1, "SRAE"] == pytest.approx(0.9) and p.loc[0, "NN"] == pytest.approx(0.98)
+    assert p.loc["2", "SRAE"] == pytest.approx(0.9) and p.loc["1", "NN"] == pytest.approx(0.98)  # 1-based ids
+    named = R.table_per_category(long_table, "F_cls", "test", class_names=["bird_a", "bird_b"])
+    assert list(named.index) == ["1: bird_a", "2: bird_b"] and named.index.name == "class (F_cls test)"
+    from srae.report_html import to_markdown
+
+    assert "| 2: bird_b | 90.00% |" in to_markdown(named)  # F_cls as a percentage, like Table 1
 
 
 def test_validate_metrics_errors(long_table):
@@ -143,12 +157,17 @@ def test_findings_follow_the_stated_rules():
             ("locality", "test", "SRAE"): 1.2, ("locality", "test", "ExcitationBP"): 1.5,
             ("O1", "test", "SRAE"): 0.5, ("O1", "test", "NN"): 0.9, ("O1", "test", "SAE"): 0.7,
             ("O2", "test", "SRAE"): 2.0, ("O2", "test", "NN"): 4.0, ("O2", "test", "SAE"): 3.0,
-            ("F_reg", "test", "SRAE"): 0.1, ("F_reg", "test", "CAE"): 0.5, ("F_reg", "test", "Lasso"): 0.25}
+            ("F_reg", "test", "SRAE"): 0.1, ("F_reg", "test", "CAE"): 0.5, ("F_reg", "test", "Lasso"): 0.25,
+            ("F_reg", "test", "NN"): 0.08, ("F_reg", "test", "SAE"): 0.06}
     t = _main(**{k: v for k, v in []})
     for k, v in vals.items():
         t.loc[(k[0], k[1]), k[2]] = v
     f = R.qualitative_findings(t)
     assert [x.holds for x in f] == [True, True, True, True]
+    assert f[0].evidence.startswith("test F_cls: SRAE 99.00%, NN 100.00%, SAE 99.50%; test F_reg: SRAE 0.1,")
+    assert "F_reg under 2x the lower of theirs" in f[0].rule and all(x.rule for x in f)
+    t.loc[("F_reg", "test"), "SAE"] = 0.05  # SRAE's F_reg 2x the better baseline's: F_cls alone no longer decides
+    assert [x.holds for x in R.qualitative_findings(t)] == [False, True, True, True]
     t.loc[("O2", "test"), "SRAE"] = 3.5  # O1 better, O2 worse than SAE -> not "more orthogonal"
     t.loc[("F_reg", "test"), "Lasso"] = 0.15  # Lasso within 2x of SRAE -> not unfaithful
     t.loc[("F_cls", "test"), "SRAE"] = 0.94  # below 0.95
@@ -203,6 +222,20 @@ def test_figures_are_png(long_table):
         lasso_chart(pd.DataFrame())
 
 
+def test_metric_charts_keep_methods_whose_value_is_infinite():
+    """NN's O2 was inf in every category: its bar and label vanished from the chart, as if NN
+    had never been scored; SRAE's mean, which left one category out, said nothing."""
+    from srae.report_figures import metric_panels
+
+    o2 = [row(0, "SRAE", "O2", "test", 2.0), row(1, "SRAE", "O2", "test", math.inf),
+          row(0, "NN", "O2", "test", math.inf), row(1, "NN", "O2", "test", math.inf),
+          row(0, "SAE", "O2", "test", 3.0), row(1, "SAE", "O2", "test", 5.0)]
+    main = R.table_main(pd.DataFrame(o2))
+    panels = {title: (labels, list(values)) for title, labels, values in metric_panels(main)}
+    assert panels["O2 / test"] == (["SRAE (1/2 inf)", "NN", "SAE"], [2.0, math.inf, 4.0])
+    assert metric_charts(main).startswith(PNG)
+
+
 def test_top_parts_table_names_the_part_each_x_feature_lands_on():
     import pandas as pd
 
@@ -219,6 +252,9 @@ def test_top_parts_table_names_the_part_each_x_feature_lands_on():
     assert wide.loc[("finch", "SRAE"), "x2"] == "-"
     assert wide.loc[("sparrow", "NN"), "x1"] == "left wing (0.50)"
     assert table_top_parts(pd.DataFrame()).empty
+    # an x-feature that fires on no training image says so (the figures grey it out too)
+    wide = table_top_parts(top.assign(dead=[False, True, False]), ["sparrow", "finch"])
+    assert wide.loc[("finch", "SRAE"), "x2"] == "- (dead)" and wide.loc[("finch", "SRAE"), "x1"] == "crown (0.41)*"
 
 
 def test_infinite_o2_category_is_left_out_and_counted(tmp_path, long_table):
