@@ -268,6 +268,8 @@ def render_markdown(inp: ReportInputs, tables: dict[str, pd.DataFrame], findings
         lines += ["## Failed categories", ""] + [
             "- " + "; ".join(f"{k} {v}" for k, v in rec.items()) for rec in failed_records(inp.failed, inp.class_names)
         ] + [""]
+    if inp.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in inp.notes] + [""]
     if inp.timings:
         lines += ["## Stage wall time", ""] + [f"- {k}: {v:.1f} s" for k, v in inp.timings.items()]
     return "\n".join(lines) + "\n"

@@ -28,18 +28,23 @@ log = logging.getLogger(__name__)
 
 
 def faithfulness_rows(experiment: str, explainer_results: list[dict[str, Any]],
-                      dead: dict[tuple[int, str], set[int]] | None = None) -> list[dict[str, Any]]:
+                      dead: dict[tuple[int, str], set[int]] | None = None,
+                      notes: list[str] | None = None) -> list[dict[str, Any]]:
     """F_reg / F_cls train+test rows, and the dead x-feature count, from every explainer's meta.json.
-    ``dead`` (if given) receives the dead x-features (0-based) of each headline (category, method)."""
+    ``dead`` (if given) receives the dead x-features (0-based) of each headline (category, method);
+    ``notes`` what the report should say about them (:func:`explainer_notes`)."""
     from srae.explainers import META_FILE
 
     rows = []
+    headline: list[tuple[str, int, dict]] = []
     for res in explainer_results:
         settings = res.get("settings", {})
         for cat, d in res.get("explainers", {}).items():
             meta = json.loads((Path(d) / META_FILE).read_text())
-            if dead is not None and not settings.get("sweep"):
-                dead[(int(cat), res["method"])] = {int(i) for i in meta.get("dead_features") or ()}
+            if not settings.get("sweep"):
+                headline.append((res["method"], int(cat), meta))
+                if dead is not None:
+                    dead[(int(cat), res["method"])] = {int(i) for i in meta.get("dead_features") or ()}
             hp = row_hparams(res["method"], settings, meta)
             for metric in ("F_reg", "F_cls"):
                 for split in ("train", "test"):
@@ -51,7 +56,30 @@ def faithfulness_rows(experiment: str, explainer_results: list[dict[str, Any]],
             if "dead_features" in meta:  # absent in explainers saved before it was recorded
                 rows.append(R.metric_row(experiment, int(cat), res["method"], "dead_x", "train",
                                          float(len(meta["dead_features"])), int(meta.get("n_features", 0)), hp))
+    if notes is not None:
+        notes.extend(explainer_notes(headline))
     return rows
+
+
+def explainer_notes(headline: list[tuple[str, int, dict]]) -> list[str]:
+    """Report notes on the headline explainers ((method, 0-based category, meta) each) that
+    training only logged: Lasso selections larger than ``max_features`` (no alpha in the grid
+    was large enough; Table 1 then compares O1/O2 over more maps) and Lasso fits that stopped
+    at ``max_iter``."""
+    wide = [(c, m["n_features"], m["max_features"]) for method, c, m in headline
+            if method == "Lasso" and m.get("max_features") and m.get("n_features", 0) > m["max_features"]]
+    rough = [c for method, c, m in headline if method == "Lasso" and m.get("converged") is False]
+    ids = lambda cs: ", ".join(str(c + 1) for c in sorted(cs))  # noqa: E731  (1-based, as the CLI)
+    out = []
+    if wide:
+        out.append(f"Lasso selected more than {wide[0][2]} dims of Z in class(es) "
+                   + ", ".join(f"{c + 1} ({n})" for c, n, _ in sorted(wide))
+                   + ": no alpha in explainer.lasso_alphas is large enough there (add larger ones); its "
+                   "O1/O2 there are over more maps than the other methods'.")
+    if rough:
+        out.append(f"Lasso stopped at max_iter without converging in class(es) {ids(rough)}: its selection "
+                   "there may be rough.")
+    return out
 
 
 def _read_parquets(paths: list[str]) -> pd.DataFrame:
@@ -61,9 +89,11 @@ def _read_parquets(paths: list[str]) -> pd.DataFrame:
 
 
 def assemble_metrics(experiment: str, explainer_results: list[dict[str, Any]], score_files: list[str],
-                     masking_files: list[str], dead: dict[tuple[int, str], set[int]] | None = None) -> pd.DataFrame:
-    """The long metrics table of this run (``dead``: see :func:`faithfulness_rows`)."""
-    parts = [pd.DataFrame(faithfulness_rows(experiment, explainer_results, dead), columns=list(R.METRIC_COLUMNS)),
+                     masking_files: list[str], dead: dict[tuple[int, str], set[int]] | None = None,
+                     notes: list[str] | None = None) -> pd.DataFrame:
+    """The long metrics table of this run (``dead``, ``notes``: see :func:`faithfulness_rows`)."""
+    parts = [pd.DataFrame(faithfulness_rows(experiment, explainer_results, dead, notes),
+                          columns=list(R.METRIC_COLUMNS)),
              _read_parquets(score_files), _read_parquets(masking_files)]
     parts = [p for p in parts if len(p)]
     if not parts:
@@ -146,7 +176,8 @@ def build_report_task(experiment: str, out_dir: str, explainer_results: list[dic
     """Write the report; return the path of report.html."""
     logger = run_logger()
     dead: dict[tuple[int, str], set[int]] = {}
-    metrics = assemble_metrics(experiment, explainer_results, score_files, masking_files, dead)
+    notes = list(notes)
+    metrics = assemble_metrics(experiment, explainer_results, score_files, masking_files, dead, notes)
     top_parts = _read_parquets([str(concepts_of(f)) for f in score_files])
     if {"category", "method", "feature"} <= set(top_parts.columns):
         top_parts["dead"] = [int(f) in dead.get((int(c), m), ()) for c, m, f in
@@ -154,7 +185,7 @@ def build_report_task(experiment: str, out_dir: str, explainer_results: list[dic
     inp = ReportInputs(experiment=experiment, metrics=metrics, out_dir=Path(out_dir), class_names=class_names,
                        top_parts=top_parts,
                        lasso_alpha=lasso_alpha, failed=failed, bad_inputs=bad_inputs, timings=timings,
-                       figures=_figures(figures, logger), config_yaml=config_yaml, notes=list(notes), title=title)
+                       figures=_figures(figures, logger), config_yaml=config_yaml, notes=notes, title=title)
     path = build_report(inp)
     from srae.report_html import summary_line
 

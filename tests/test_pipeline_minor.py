@@ -136,3 +136,19 @@ def test_a_null_faithfulness_value_becomes_a_nan_row(tmp_path):
     got = {(r["metric"], r["split"]): r["value"] for r in rows}
     assert got[("F_reg", "train")] == 0.5 and got[("dead_x", "train")] == 1.0
     assert math.isnan(got[("F_reg", "test")]) and ("F_cls", "test") not in got
+
+
+def test_lasso_selection_and_convergence_problems_become_report_notes():
+    """Both were only logged during training: the report showed an unexplained x6 column."""
+    from tasks.report import explainer_notes
+
+    notes = explainer_notes([("Lasso", 0, {"n_features": 6, "max_features": 5, "converged": True}),
+                             ("Lasso", 3, {"n_features": 7, "max_features": 5, "converged": False}),
+                             ("Lasso", 2, {"n_features": 5, "max_features": 5, "converged": False}),
+                             ("Lasso", 1, {"n_features": 9, "max_features": None, "converged": True}),  # fixed alpha
+                             ("SRAE", 1, {"n_features": 5, "converged": False})])
+    assert notes == [
+        "Lasso selected more than 5 dims of Z in class(es) 1 (6), 4 (7): no alpha in explainer.lasso_alphas is "
+        "large enough there (add larger ones); its O1/O2 there are over more maps than the other methods'.",
+        "Lasso stopped at max_iter without converging in class(es) 3, 4: its selection there may be rough."]
+    assert explainer_notes([("Lasso", 0, {"n_features": 3, "max_features": 5, "converged": True})]) == []
