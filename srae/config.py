@@ -281,6 +281,7 @@ class ReportConfig(_Model):
     figures: bool = True
     title: str | None = None
     max_figure_categories: int = Field(4, ge=1)
+    include_config: bool = Field(True, description="show the run's config (with this machine's paths) in report.html")
 
 
 class ExperimentConfig(_Model):

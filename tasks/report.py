@@ -171,7 +171,7 @@ def _artifacts(experiment: str, main: pd.DataFrame, path: Path, summary: str, lo
 def build_report_task(experiment: str, out_dir: str, explainer_results: list[dict[str, Any]],
                       score_files: list[str], masking_files: list[str], *, class_names: list[str],
                       lasso_alpha: float | None, failed: list[dict[str, Any]], bad_inputs: list[dict[str, Any]],
-                      timings: dict[str, float], config_yaml: str, figures: list[dict[str, Any]],
+                      timings: dict[str, float], config_yaml: str | None, figures: list[dict[str, Any]],
                       notes: list[str], title: str | None = None) -> str:
     """Write the report; return the path of report.html."""
     logger = run_logger()

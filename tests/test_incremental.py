@@ -30,13 +30,17 @@ def test_first_run_did_every_stage(tiny_run):
 
 
 def test_rerun_does_no_heavy_work_and_a_deleted_store_is_recomputed(tiny_run):
-    assert _run(tiny_run, "same") == []
+    # report.include_config changes only the page (a report to publish without this machine's paths)
+    assert _run(tiny_run, "same", **{"report.include_config": False}) == []
+    page = (tiny_run["base"] / "report-same" / "report.html").read_text()
+    assert "<h2>Configuration</h2>" not in page and str(tiny_run["base"]) not in page
     # The rerun left cached task results for this exact config; deleting one explainer's
     # store must still make exactly that explainer be trained again (markers beat the cache).
     cache = Path(tiny_run["config"]["cache_dir"])
     (victim,) = sorted(cache.glob("explainers/*/NN/*/cat0000"))
     shutil.rmtree(victim)
     new = _run(tiny_run, "deleted")
+    assert "<h2>Configuration</h2>" in (tiny_run["base"] / "report-deleted" / "report.html").read_text()  # default
     assert [(r["method"], r["category"]) for r in new if r["stage"] == "explainers"] == [("NN", 0)]
     # downstream work, if the retrained explainer differs at all, concerns NN / category 0 only
     assert all(r["category"] == 0 and r.get("method", "NN") == "NN" and r.get("methods", ["NN"]) == ["NN"]
