@@ -20,39 +20,37 @@ from srae.errors import InputError
 from srae.explainers import Explainer
 from srae.losses import balanced_weights_np
 from srae.sampling import SampleDesign, stratified_folds
-from srae.shared_setting import SharedSetting
 
 log = logging.getLogger(__name__)
 
-_QUIET = ("ignore", None, ConvergenceWarning, None, 0)  # the entry warnings.simplefilter adds
+# Where sklearn's coordinate descent warns that it stopped at max_iter. srae reports that
+# itself (converged(), meta.json "converged", a note in the report), so the raw warning is
+# ignored in this process: one narrow, permanent filter. Toggling a filter around each fit
+# is not thread-safe: Lasso fits run in parallel Prefect threads, and any
+# warnings.catch_warnings in another thread (sklearn's own input checks use it) saves and
+# restores the whole filter list under the fit, which let the warning through or left a
+# broad filter behind for good.
+_CD_MODULE = r"sklearn\.linear_model\._coordinate_descent"
 
 
-def _quiet_on() -> bool:
-    return _QUIET in warnings.filters
-
-
-def _set_quiet(on: bool) -> None:
-    if on:
-        warnings.simplefilter("ignore", ConvergenceWarning)
-    else:
-        # An "ignore" filter leaves no trace in the once/default registries, so taking it out
-        # again needs no cache reset.
-        while _QUIET in warnings.filters:
-            warnings.filters.remove(_QUIET)
-
-
-# sklearn's ConvergenceWarning is reported once per explainer instead (a log line). Lasso fits
-# run in parallel Prefect threads, where warnings.catch_warnings (a save/restore of the
-# process-wide filters) let warnings through and could leave the filter behind for good.
-_CONVERGENCE_QUIET = SharedSetting(_quiet_on, _set_quiet, True)
+def _quiet_convergence() -> None:
+    """Install the narrow filter if it is not there (re-checked before every fit: a restore
+    in another thread may have dropped it)."""
+    for action, _msg, category, module, _line in warnings.filters:
+        if action == "ignore" and category is ConvergenceWarning and getattr(module, "pattern", None) == _CD_MODULE:
+            return
+    warnings.filterwarnings("ignore", category=ConvergenceWarning, module=_CD_MODULE)
 
 
 def fit_lasso(z: np.ndarray, y: np.ndarray, is_pos: np.ndarray, alpha: float, max_iter: int = 5000,
               positive_factor: float = 1.0) -> Lasso:
-    """scikit-learn Lasso on Z with positives up-weighted to balance the classes (times ``positive_factor``)."""
+    """scikit-learn Lasso on Z with positives up-weighted to balance the classes (times ``positive_factor``).
+
+    Whether it converged is :func:`converged`'s to say: from the first fit on, sklearn's
+    coordinate-descent ConvergenceWarning is ignored in this process (a narrow filter)."""
     model = Lasso(alpha=alpha, max_iter=max_iter)
-    with _CONVERGENCE_QUIET.held():
-        model.fit(z, y, sample_weight=balanced_weights_np(is_pos, positive_factor))
+    _quiet_convergence()
+    model.fit(z, y, sample_weight=balanced_weights_np(is_pos, positive_factor))
     return model
 
 

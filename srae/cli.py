@@ -130,26 +130,41 @@ def _leave_after_stop(code: int, grace: float | None = None) -> None:
     task in a scikit-learn fit) may still run, and the interpreter would wait for it; its
     Prefect bookkeeping then meets the temporary API server already stopped and prints
     tracebacks after the command's last line. The exit goes on as usual (idle worker threads
-    end, exit handlers run) with stderr and logging silenced, but ends the process after
-    ``grace`` seconds (default :data:`STOP_GRACE_S`) whatever still runs: every store survives
-    a kill. Another signal in the meantime ends it at once."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.disable(logging.CRITICAL)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        signum = getattr(signal, name, None)
-        if signum is not None and signal.getsignal(signum) != signal.SIG_IGN:
-            signal.signal(signum, lambda *_: os._exit(code))
+    end, exit handlers run) with stdout, stderr and logging silenced, but ends the process
+    after ``grace`` seconds (default :data:`STOP_GRACE_S`) whatever still runs. The stores,
+    explainers and result tables are written temp-then-rename, so a kill leaves each whole or
+    absent; Prefect's own result files and a work-log line being written may be cut (both
+    only cost recomputation). Another signal in the meantime ends it at once."""
     seconds = STOP_GRACE_S if grace is None else grace
 
     def watchdog() -> None:  # the interpreter's exit joins busy threads however long they run
         time.sleep(seconds)
-        sys.stdout.flush()
-        os._exit(code)
+        try:
+            _flush(sys.stdout)
+        finally:
+            os._exit(code)
 
+    # first, so that nothing below (a flush into a closed or full pipe) can keep it from running
     threading.Thread(target=watchdog, name="srae-stop-watchdog", daemon=True).start()
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, lambda *_: os._exit(code))
+    _flush(sys.stdout)
+    _flush(sys.stderr)
+    logging.disable(logging.CRITICAL)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    # stdout too: a reader that went away with the Ctrl-C (`srae run | tee log`) must not turn
+    # the exit into a BrokenPipeError
+    os.dup2(devnull, 1)
+
+
+def _flush(stream) -> None:
+    try:
+        stream.flush()
+    except (OSError, ValueError):  # a pipe whose reader is gone, a closed stream
+        pass
 
 
 def _one_line(exc: BaseException) -> str:

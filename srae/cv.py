@@ -140,9 +140,15 @@ def method_configs(method: str, grid: dict[str, list[float]]) -> list[dict[str, 
 
 def stacks_categories(s: ExplainerSettings) -> bool:
     """Whether ``s`` lets members of different categories share a stack (see ``stack_categories``)."""
+    from srae.devices import resolve_device
+
     if s.stack_categories is not None:
         return bool(s.stack_categories)
-    return torch.device(s.train.device).type != "cpu"
+    dev = resolve_device("auto") if str(s.train.device) == "auto" else s.train.device
+    try:
+        return torch.device(str(dev)).type != "cpu"
+    except RuntimeError:
+        raise InputError(f"settings.train.device {str(dev)!r}: expected auto, cpu, cuda, cuda:N or mps") from None
 
 
 def _fit_chunked(z, y, members: list[Member], method: str, arch: Architecture, s: ExplainerSettings,
@@ -150,9 +156,10 @@ def _fit_chunked(z, y, members: list[Member], method: str, arch: Architecture, s
     """Fit members in stacks (shared minibatch size, at most ``max_members``, one category per
     stack unless :func:`stacks_categories`); return (result, index in its stack) per member, in
     the order of ``members``."""
+    shared = stacks_categories(s)
     parts: dict[int, list[int]] = {}
     for i, m in enumerate(members):
-        parts.setdefault(-1 if stacks_categories(s) else m.category, []).append(i)
+        parts.setdefault(-1 if shared else m.category, []).append(i)
     out: list[tuple[FitResult, int] | None] = [None] * len(members)
     progress = ProgressLog(log, f"{method} {stage}", len(members), "members fitted")
     done = 0
@@ -339,7 +346,8 @@ def train_explainers(
             "train_ids": ids[d.train_idx].tolist(),
             "test_ids": ids[d.test_idx].tolist(),
             "settings": {k: v for k, v in asdict(s).items() if k not in ("train", "grid")}
-            | {"batch_size": s.train.batch_size, "positive_factor": s.train.positive_factor},
+            | {"batch_size": s.train.batch_size, "positive_factor": s.train.positive_factor,
+               "stack_categories": stacks_categories(s)},  # as in effect (None: by device)
         }
         candidates = []
         for res, b in fits[i * seeds : (i + 1) * seeds]:

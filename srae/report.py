@@ -342,8 +342,10 @@ def table_top_parts(top: pd.DataFrame, class_names: list[str] | None = None) -> 
 
 def table_per_category(df: pd.DataFrame, metric: str = "F_cls", split: str = "test",
                        lasso_alpha: float | None = None, class_names: list[str] | None = None) -> pd.DataFrame:
-    """One metric per category (rows) and method (columns): for spotting bad categories. Rows
-    are named as the CLI and logs name classes: 1-based id and name (``"3: 003.Blue_bird"``)."""
+    """One metric per category (rows, the 0-based ``category`` as in metrics.parquet) and method
+    (columns): for spotting bad categories. Rendered (Markdown, HTML) with the rows named as the
+    CLI and logs name classes, 1-based id and name (``"3: 003.Blue_bird"``): ``attrs``
+    ``index_labels`` and ``index_title``."""
     df = _headline(validate_metrics(df), lasso_alpha)
     sub = df[(df["metric"] == metric) & (df["split"] == split)]
     if sub.empty:
@@ -351,11 +353,12 @@ def table_per_category(df: pd.DataFrame, metric: str = "F_cls", split: str = "te
     wide = sub.groupby(["category", "method"])["value"].mean().unstack("method")
     cols = [m for m in TABLE_METHODS if m in wide.columns]
     names = class_names or []
-    wide.index = pd.Index([f"{int(c) + 1}: {names[int(c)]}" if 0 <= int(c) < len(names) else str(int(c) + 1)
-                           for c in wide.index], name=f"class ({metric} {split})")
     wide.columns.name = None
     wide = wide[cols]
     wide.attrs["percent"] = metric in PERCENT_METRICS
+    wide.attrs["index_labels"] = {int(c): f"{int(c) + 1}: {names[int(c)]}" if 0 <= int(c) < len(names)
+                                  else str(int(c) + 1) for c in wide.index}
+    wide.attrs["index_title"] = f"class ({metric} {split})"
     return wide
 
 

@@ -61,10 +61,13 @@ def _fmt(v: Any, percent: bool = False) -> str:
 def _cells(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """Header and string cells of a wide table (index flattened into leading columns)."""
     names = [n or "" for n in (df.index.names if df.index.nlevels > 1 else [df.index.name])]
+    labels = df.attrs.get("index_labels") or {}  # e.g. 0-based category -> "1: name" for reading
+    if labels and df.attrs.get("index_title"):
+        names = [df.attrs["index_title"]]
     header = [str(n) for n in names] + [str(c) for c in df.columns]
     rows = []
     for idx, row in df.iterrows():
-        keys = list(idx) if isinstance(idx, tuple) else [idx]
+        keys = list(idx) if isinstance(idx, tuple) else [labels.get(idx, idx)]
         percent = bool(df.attrs.get("percent")) or any(str(k) in PERCENT_METRICS or str(k).startswith("F_cls")
                                                         for k in keys)
         rows.append([str(k) for k in keys] + [_fmt(v, percent) for v in row.tolist()])

@@ -170,7 +170,10 @@ def fit_stack(
     if spec.reconstruction == "mean":
         beta = beta * z2
 
-    progress = ProgressLog(log, f"{method} training ({B} members in one stack)", total, "steps")
+    ids = sorted({m.category + 1 for m in members})  # 1-based, as the CLI and logs name classes
+    shown = ", ".join(map(str, ids[:5])) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+    progress = ProgressLog(log, f"{method} training ({B} members in one stack, class{'es' if len(ids) > 1 else ''} "
+                                f"{shown})", total, "steps")
     step = 0
     while step < total:
         progress.update(step, f"{int(active.sum())} members still training")

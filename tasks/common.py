@@ -84,11 +84,20 @@ def record_work(cache_dir: str | Path, stage: str, key: str, seconds: float, **e
 
 
 def read_work_log(cache_dir: str | Path) -> list[dict[str, Any]]:
-    """All work-log records (empty when nothing was ever computed)."""
+    """All work-log records (empty when nothing was ever computed). A line a killed process cut
+    short is skipped."""
     path = Path(cache_dir) / WORK_LOG
     if not path.is_file():
         return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    out = []
+    for x in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(x) if x.strip() else None
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
 
 
 @contextmanager

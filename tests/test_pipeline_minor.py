@@ -152,3 +152,14 @@ def test_lasso_selection_and_convergence_problems_become_report_notes():
         "large enough there (add larger ones); its O1/O2 there are over more maps than the other methods'.",
         "Lasso stopped at max_iter without converging in class(es) 3, 4: its selection there may be rough."]
     assert explainer_notes([("Lasso", 0, {"n_features": 3, "max_features": 5, "converged": True})]) == []
+
+
+def test_a_work_log_line_cut_by_a_killed_run_is_skipped(tmp_path):
+    from tasks.common import WORK_LOG, record_work
+
+    record_work(tmp_path, "dataset", "a", 1.0)
+    with (tmp_path / WORK_LOG).open("a") as fh:
+        fh.write('{"stage": "explain')  # killed mid-line; the next run appends after it
+    record_work(tmp_path, "features", "b", 2.0)
+    record_work(tmp_path, "heatmaps", "c", 3.0)
+    assert [r["stage"] for r in read_work_log(tmp_path)] == ["dataset", "heatmaps"]

@@ -63,6 +63,8 @@ def test_explainer_training_reports_its_progress(monkeypatch, caplog):
         "NN cross-validation: 2 of 6 members fitted", "NN cross-validation: 4 of 6 members fitted"]
     assert [m.split(" (")[0] for m in lines if m.startswith("NN refit:")] == [
         "NN refit: 1 of 3 members fitted", "NN refit: 2 of 3 members fitted"]
-    steps = [m for m in lines if m.startswith("NN training (2 members in one stack): ")]
-    assert steps and steps[0].startswith("NN training (2 members in one stack): 0 of ")
+    steps = [m for m in lines if m.startswith("NN training (2 members in one stack, class ")]
+    assert [m.split(":")[0] for m in steps if ": 0 of " in m] == [
+        f"NN training (2 members in one stack, class {c})" for c in (1, 2, 3)]  # CV stacks, 1-based
+    assert steps[0].startswith("NN training (2 members in one stack, class 1): 0 of ")
     assert steps[0].endswith("; 2 members still training")

@@ -118,12 +118,15 @@ def test_table_concepts_and_per_category(long_table):
     assert c.loc["mean", "SRAE"] == pytest.approx(0.6)
     assert c.loc["mean", "NN"] == pytest.approx(0.1)  # NaN for bird_a is skipped
     p = R.table_per_category(long_table, "F_cls", "test")
-    assert p.loc["2", "SRAE"] == pytest.approx(0.9) and p.loc["1", "NN"] == pytest.approx(0.98)  # 1-based ids
+    assert p.loc[1, "SRAE"] == pytest.approx(0.9) and p.loc[0, "NN"] == pytest.approx(0.98)  # 0-based, as the parquet
     named = R.table_per_category(long_table, "F_cls", "test", class_names=["bird_a", "bird_b"])
-    assert list(named.index) == ["1: bird_a", "2: bird_b"] and named.index.name == "class (F_cls test)"
-    from srae.report_html import to_markdown
+    from srae.report_html import _flat_for_parquet, to_markdown
 
-    assert "| 2: bird_b | 90.00% |" in to_markdown(named)  # F_cls as a percentage, like Table 1
+    md = to_markdown(named)  # for reading: 1-based ids and names, F_cls as a percentage like Table 1
+    assert md.startswith("| class (F_cls test) | SRAE |") and "| 2: bird_b | 90.00% |" in md
+    assert "| 2 | 90.00% |" in to_markdown(p)  # no names: the 1-based id
+    flat = _flat_for_parquet(named)  # the parquet keeps the integer category column
+    assert flat.columns[0] == "category" and flat["category"].tolist() == [0, 1]
 
 
 def test_validate_metrics_errors(long_table):

@@ -570,6 +570,9 @@ def test_stack_categories_setting():
     assert not stacks_categories(cpu) and stacks_categories(gpu)  # None: share on an accelerator only
     assert stacks_categories(ExplainerSettings(stack_categories=True))
     assert not stacks_categories(ExplainerSettings(stack_categories=False, train=TrainSettings(device="cuda")))
+    assert stacks_categories(ExplainerSettings(train=TrainSettings(device="auto"))) == torch.cuda.is_available()
+    with pytest.raises(InputError, match="settings.train.device 'gpu0'"):
+        stacks_categories(ExplainerSettings(train=TrainSettings(device="gpu0")))
     with pytest.raises(InputError, match="stack_categories = 'yes'"):
         checked_settings(ExplainerSettings(stack_categories="yes"))
 
