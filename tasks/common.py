@@ -29,7 +29,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
-from srae.stores import temp_beside
+from srae.stores import temp_beside, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,22 @@ def record_work(cache_dir: str | Path, stage: str, key: str, seconds: float, **e
                        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}, default=str)
     with _LOG_LOCK, path.open("a") as fh:
         fh.write(line + "\n")
+
+
+@contextmanager
+def claimed_groups(jobs: list[dict[str, Any]], done: Callable[[dict[str, Any]], bool],
+                   wait: float = WAIT_FOR_OTHER_RUN_S, what: str = "heatmaps") -> Iterator[list[dict[str, Any]]]:
+    """Hold the writer locks of the heatmap groups of the ``jobs`` not ``done`` (the lock that
+    drawing a group takes); yield those still not done once held. A result derived from a
+    group (scores, the masking test) is thus never computed by two runs at once, nor from maps
+    another run is redrawing; what the other run finished is reused."""
+    import contextlib
+
+    todo = [j for j in jobs if not done(j)]
+    with contextlib.ExitStack() as locks:
+        for store in sorted({str(j["heatmaps"]) for j in todo}):  # one order everywhere: no deadlock
+            locks.enter_context(writer_lock(Path(store), wait, what=what))
+        yield [j for j in todo if not done(j)]
 
 
 def read_work_log(cache_dir: str | Path) -> list[dict[str, Any]]:

@@ -74,17 +74,18 @@ def extract_features_task(dataset: dict[str, Any], backbone: dict[str, Any], fea
     store_root = Path(cache_dir) / "features"
     existed = is_complete(store_path(index, bb, store_root, checkpoint_sha256=backbone["sha256"],
                                      layer=features["layer"]))
+    batches: list[int] = []  # none when another run filled the store while this one waited for it
     with timed() as t:
         path = extract_features(index, bb, store_root, checkpoint_sha256=backbone["sha256"], layer=features["layer"],
                                 device=dev, batch_size=int(features["batch_size"]),
                                 num_workers=int(features["num_workers"]), progress=False,
-                                wait_for_writer=WAIT_FOR_OTHER_RUN_S)
+                                wait_for_writer=WAIT_FOR_OTHER_RUN_S, on_batch=batches.append)
         seconds = t()
     fs = open_features(path)
     out = {"path": str(path), "fingerprint": str(fs.attrs["fingerprint"]), "n": int(len(fs.labels)),
            "d": int(fs.z.shape[1]), "layer": features["layer"],
            "bad_inputs": [{k: str(v) for k, v in b.items()} for b in fs.attrs.get("bad_inputs", [])]}
-    if not existed:
+    if not existed and batches:
         record_work(cache_dir, "features", out["fingerprint"], seconds)
     atomic_write_text(ptr, json.dumps(out))
     logger.info("features: %d x %d in %s (%.1fs)", out["n"], out["d"], path, seconds)

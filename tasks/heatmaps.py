@@ -13,6 +13,7 @@ completion marker are computed.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,17 +198,26 @@ def heatmap_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone:
                             attrs["explainer"] = str(j["explainer"])
                             attrs["explainer_sha256"] = _explainer_sha(j["explainer"])
                         hjobs.append(HeatmapJob(Path(j["heatmaps"]), head, units, attrs))
-                    compute_heatmaps(base, hjobs, _batches(index, path_of, ids, bb.input_size,
-                                                           int(heatmaps.get("batch_size", 16))),
+                    drawn = [0]  # batches consumed: none when another run drew the maps meanwhile
+                    batches = _batches(index, path_of, ids, bb.input_size, int(heatmaps.get("batch_size", 16)))
+                    compute_heatmaps(base, hjobs, _counted(batches, drawn),
                                      ids, readout=ro, output_size=bb.input_size, mean=bb.mean, std=bb.std,
                                      wait_for_writer=WAIT_FOR_OTHER_RUN_S)
-                record_work(cache_dir, "heatmaps", f"{c}/{split}", t(), category=int(c),
-                            methods=[j["method"] for j in cj])
+                if drawn[0]:
+                    record_work(cache_dir, "heatmaps", f"{c}/{split}", t(), category=int(c),
+                                methods=[j["method"] for j in cj])
             except Exception as exc:  # one category's failure must not stop the others
                 logger.warning("heatmaps for category %d (%s) failed: %s", c, split, exc)
                 failed += [{"category": c, "stage": "heatmaps", "method": j["method"], "error": short_error(exc)}
                            for j in cj]
     return {"done": [j for j in jobs if job_done(j)], "failed": failed}
+def _counted(items: Iterable[Any], seen: list[int]) -> Iterator[Any]:
+    """``items``, counting in ``seen[0]`` how many were taken."""
+    for item in items:
+        seen[0] += 1
+        yield item
+
+
 def _explainer_sha(explainer_dir: str) -> str:
     """sha256 of an explainer's meta.json (written once per training, with its curve and
     faithfulness): a retrained explainer makes its heatmaps stale."""

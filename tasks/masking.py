@@ -17,8 +17,8 @@ import pandas as pd
 from prefect import task
 
 from srae import report as R
-from tasks.common import (TASK_DEFAULTS, atomic_write_parquet, record_work, resolve_device, run_logger, short_error,
-                          stage_cache, timed)
+from tasks.common import (TASK_DEFAULTS, atomic_write_parquet, claimed_groups, record_work, resolve_device,
+                          run_logger, short_error, stage_cache, timed)
 from tasks.heatmaps import group_complete
 
 MASK_METHODS = ("SRAE", "ExcitationBP")
@@ -66,15 +66,28 @@ def _accuracy_rows(j, bb, index, gammas, max_images, experiment, dev) -> pd.Data
 @task(name="masking", cache_policy=stage_cache(_outputs), **TASK_DEFAULTS)
 def masking_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone: dict[str, Any],
                   masking: dict[str, Any], cache_dir: str, experiment: str = "") -> dict[str, Any]:
-    """Run the masking test for the not-yet-done heatmap groups among ``jobs``."""
-    from tasks.backbone import load_fitted_backbone
-    from tasks.download import load_index
-
+    """Run the masking test for the not-yet-done heatmap groups among ``jobs`` (another run
+    testing or redrawing the same groups is waited for, and its results reused)."""
     logger = run_logger()
     gammas, max_images = [float(g) for g in masking["gammas"]], masking.get("max_images")
     mine = [j for j in _mask_jobs(jobs) if group_complete(j["heatmaps"])]
-    todo = [j for j in mine if not masking_path(j["heatmaps"], gammas, max_images).is_file()]
     failed: list[dict[str, Any]] = []
+    with claimed_groups(mine, lambda j: masking_path(j["heatmaps"], gammas, max_images).is_file(),
+                        what="heatmaps for the masking test") as todo:
+        _mask_and_save(todo, dataset, backbone, masking, cache_dir, experiment, failed, logger)
+    paths = [masking_path(j["heatmaps"], gammas, max_images) for j in mine]
+    files = [str(p) for p in paths if p.is_file()]
+    return {"files": files, "failed": failed}
+
+
+def _mask_and_save(todo: list[dict[str, Any]], dataset: dict[str, Any], backbone: dict[str, Any],
+                   masking: dict[str, Any], cache_dir: str, experiment: str, failed: list[dict[str, Any]],
+                   logger) -> None:
+    """Run the masking test of ``todo`` and write each group's rows atomically."""
+    from tasks.backbone import load_fitted_backbone
+    from tasks.download import load_index
+
+    gammas, max_images = [float(g) for g in masking["gammas"]], masking.get("max_images")
     if todo:
         dev = resolve_device(masking.get("device", "auto"))
         bb = load_fitted_backbone(backbone, dataset["num_classes"], dev)
@@ -90,6 +103,3 @@ def masking_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone:
                 logger.warning("masking %s/%d failed: %s", j["method"], j["category"], exc)
                 failed.append({"category": j["category"], "stage": "masking", "method": j["method"],
                                "error": short_error(exc)})
-    paths = [masking_path(j["heatmaps"], gammas, max_images) for j in mine]
-    files = [str(p) for p in paths if p.is_file()]
-    return {"files": files, "failed": failed}

@@ -14,7 +14,8 @@ from typing import Any
 import pandas as pd
 from prefect import task
 
-from tasks.common import TASK_DEFAULTS, atomic_write_parquet, record_work, run_logger, short_error, stage_cache, timed
+from tasks.common import (TASK_DEFAULTS, atomic_write_parquet, claimed_groups, record_work, run_logger, short_error,
+                          stage_cache, timed)
 from tasks.download import load_index
 
 
@@ -71,33 +72,42 @@ def score_heatmaps(jobs: list[dict[str, Any]], dataset: dict[str, Any], scoring:
 
     Returns ``{"scores": [parquet paths], "failed": [{category, method, error}], "notes": [str]}``
     (notes: e.g. concept rows left out for an evidence name the dataset does not know)."""
-    from srae.scoring import ScoreJob
-
     logger = run_logger()
-    todo = [j for j in jobs if not _scores(j).is_file()]
     failed: list[dict[str, Any]] = []
     notes: list[str] = []
-    if todo:
-        index = load_index(dataset)
-        specs = [ScoreJob(heatmaps=j["heatmaps"], category=int(j["category"]), method=j["method"],
-                          split=j.get("split", "test"), class_index=int(j["category"]), experiment=experiment,
-                          hparams=j.get("hparams", {}), metrics=tuple(j["metrics"])) for j in todo]
-        with timed() as t:
-            results = _score_each(specs, index, scoring, failed, logger, notes)
-            seconds = t()
-        for j, res in zip(todo, results):
-            if res is None:
-                continue
-            rows, concepts = res
-            if not concepts.empty:
-                atomic_write_parquet(concepts, concepts_path(j["heatmaps"], j.get("annotations")))
-            atomic_write_parquet(rows, _scores(j))
-            record_work(cache_dir, "scoring", f"{j['method']}/{j['category']}", seconds / max(1, len(todo)),
-                        method=j["method"], category=int(j["category"]))
-        logger.info("scoring: %d groups scored, %d failed, %d reused", len(todo) - len(failed), len(failed),
-                    len(jobs) - len(todo))
+    # Another run scoring (or redrawing) the same groups is waited for and its scores reused:
+    # scored twice before, and a redraw could drop scores computed from the old maps.
+    with claimed_groups(jobs, lambda j: _scores(j).is_file(), what="heatmaps to score") as todo:
+        if todo:
+            _score_and_save(todo, jobs, dataset, scoring, experiment, cache_dir, failed, notes, logger)
     return {"scores": [str(_scores(j)) for j in jobs if _scores(j).is_file()],
             "failed": failed, "notes": notes}
+
+
+def _score_and_save(todo: list[dict[str, Any]], jobs: list[dict[str, Any]], dataset: dict[str, Any],
+                    scoring: dict[str, Any], experiment: str, cache_dir: str, failed: list[dict[str, Any]],
+                    notes: list[str], logger) -> None:
+    """Score ``todo`` on Dask and write each group's rows (and concept table) atomically."""
+    from srae.scoring import ScoreJob
+
+    index = load_index(dataset)
+    specs = [ScoreJob(heatmaps=j["heatmaps"], category=int(j["category"]), method=j["method"],
+                      split=j.get("split", "test"), class_index=int(j["category"]), experiment=experiment,
+                      hparams=j.get("hparams", {}), metrics=tuple(j["metrics"])) for j in todo]
+    with timed() as t:
+        results = _score_each(specs, index, scoring, failed, logger, notes)
+        seconds = t()
+    for j, res in zip(todo, results):
+        if res is None:
+            continue
+        rows, concepts = res
+        if not concepts.empty:
+            atomic_write_parquet(concepts, concepts_path(j["heatmaps"], j.get("annotations")))
+        atomic_write_parquet(rows, _scores(j))
+        record_work(cache_dir, "scoring", f"{j['method']}/{j['category']}", seconds / max(1, len(todo)),
+                    method=j["method"], category=int(j["category"]))
+    logger.info("scoring: %d groups scored, %d failed, %d reused", len(todo) - len(failed), len(failed),
+                len(jobs) - len(todo))
 
 
 def _score_each(specs, index, scoring, failed, logger, notes: list[str]) -> list[tuple[pd.DataFrame, pd.DataFrame] | None]:

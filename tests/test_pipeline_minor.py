@@ -163,3 +163,38 @@ def test_a_work_log_line_cut_by_a_killed_run_is_skipped(tmp_path):
     record_work(tmp_path, "features", "b", 2.0)
     record_work(tmp_path, "heatmaps", "c", 3.0)
     assert [r["stage"] for r in read_work_log(tmp_path)] == ["dataset", "heatmaps"]
+
+
+def test_a_second_run_waits_for_the_first_ones_scoring_and_reuses_it(tmp_path):
+    """Two overlapping runs scored the same heatmap groups twice, and a redraw in one could drop
+    scores the other was computing from the old maps; scoring now holds the groups' writer locks."""
+    import threading
+    import time
+
+    import pandas as pd
+
+    from srae.stores import writer_lock
+    from tasks.common import claimed_groups
+
+    jobs = [{"heatmaps": str(tmp_path / f"g{i}.zarr"), "category": i, "method": "SRAE"} for i in range(3)]
+    scored = lambda j: scores_path(j["heatmaps"]).is_file()  # noqa: E731
+    scores_path(jobs[2]["heatmaps"]).write_bytes(b"")  # already scored: neither locked nor returned
+    held = threading.Event()
+
+    def other_run() -> None:
+        with writer_lock(Path(jobs[0]["heatmaps"]), what="heatmaps to score"):
+            held.set()
+            time.sleep(0.5)
+            pd.DataFrame({"x": [1]}).to_parquet(scores_path(jobs[0]["heatmaps"]))
+
+    t = threading.Thread(target=other_run)
+    t.start()
+    assert held.wait(5)
+    from srae.errors import SraeError
+
+    with pytest.raises(SraeError, match=r"heatmaps to score .*g0\.zarr: another writer"):
+        with claimed_groups(jobs, scored, wait=0, what="heatmaps to score"):  # no waiting: one clear error
+            pass
+    with claimed_groups(jobs, scored, wait=30) as todo:
+        assert [j["category"] for j in todo] == [1]  # group 0 was scored by the other run meanwhile
+    t.join()
