@@ -4,7 +4,7 @@ Ctrl-C and SIGTERM raise in the main thread only; the pipeline's work runs in Pr
 worker threads, and Python waits for those threads before it exits, so an interrupted
 ``srae run`` used to stop only when the running training task had finished (minutes). The
 CLI's signal handlers call :func:`request_stop`; the long loops (explainer training, backbone
-fit, feature extraction, heatmaps) call :func:`check` once per step and end with
+fit, feature extraction, heatmaps, scoring) call :func:`check` once per step and end with
 :class:`Stopped`. Nothing finished is lost: every store resumes or is rebuilt on the next run.
 """
 

@@ -29,11 +29,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from srae import cancel
 from srae.datasets.common import DatasetIndex
 from srae.errors import InputError, SraeError
 from srae.metrics.concepts import concept_summary
 from srae.metrics.locality import check_values, entropy, part_geometry, resize_labels_nearest
 from srae.metrics.orthogonality import OrthogonalityStats
+from srae.progress import ProgressLog
 
 log = logging.getLogger(__name__)
 
@@ -424,11 +426,23 @@ def _score_chunk_or_error(spec: ChunkSpec) -> ChunkStats | tuple[str, BaseExcept
 
 
 def _run(client: Any, specs: list[ChunkSpec]) -> list[ChunkStats]:
-    """Run every chunk as one Dask task; results come back in spec order."""
+    """Run every chunk as one Dask task; results come back in spec order. Progress is logged
+    now and then; a stop request (Ctrl-C) cancels the chunks not yet scored."""
+    from distributed import as_completed
+
     log.info("scoring %d chunks as Dask tasks", len(specs))
     # keys named after score_chunk: what a user watching the cluster's dashboard looks for
     keys = [f"score_chunk-{uuid.uuid4().hex}" for _ in specs]
-    out = client.gather(client.map(_score_chunk_or_error, specs, key=keys, pure=False))
+    futures = client.map(_score_chunk_or_error, specs, key=keys, pure=False)
+    progress = ProgressLog(log, "scoring", len(futures), "chunks scored")
+    try:
+        for done, _ in enumerate(as_completed(futures), start=1):
+            progress.update(done)
+            cancel.check("scoring")
+    except BaseException:
+        client.cancel(futures)
+        raise
+    out = client.gather(futures)
     for res in out:
         if isinstance(res, tuple):
             raise res[1]

@@ -246,3 +246,29 @@ def test_a_damaged_chunk_is_one_error_naming_the_store_without_dask_dumps(tmp_pa
             with pytest.raises(SraeError, match=rf"heatmaps {path}: images 2..3 cannot be read \(.*\); delete the store"):
                 run()
     assert "Compute Failed" not in caplog.text
+
+
+def test_scoring_reports_progress_and_a_stop_cancels_the_rest(tmp_path, rng, client, monkeypatch, caplog) -> None:
+    import functools
+    import logging
+
+    import srae.scoring
+    from srae import cancel
+    from srae.progress import ProgressLog
+
+    index = cub_like(rng, 10)
+    ids = index.images["image_id"].to_numpy()
+    maps = (rng.random((10, 2, H, W)) ** 3).astype(np.float32)
+    jobs = [ScoreJob(write_group(tmp_path / "x.zarr", maps, ids, 2), "a", "SRAE", class_index=0, experiment="t")]
+    monkeypatch.setattr(srae.scoring, "ProgressLog", functools.partial(ProgressLog, every=0.0))
+    with caplog.at_level(logging.INFO, logger="srae.scoring"):
+        ref = score(jobs, index, client=client, chunk_size=2)
+    lines = [r.getMessage().split(" (")[0] for r in caplog.records if r.getMessage().startswith("scoring: ")]
+    assert lines == [f"scoring: {k} of 5 chunks scored" for k in range(1, 5)]  # the last one is the end
+    pd.testing.assert_frame_equal(ref.metrics, score_serial(jobs, index, chunk_size=2).metrics)
+    cancel.request_stop()
+    try:
+        with pytest.raises(cancel.Stopped, match="scoring: stopped"):
+            score(jobs, index, client=client, chunk_size=2)
+    finally:
+        cancel.reset()
