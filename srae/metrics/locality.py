@@ -88,8 +88,8 @@ class PartGeometry:
         Dividing each row by its map's total afterwards equals normalising the map first (up to
         rounding); an all-zero map gives a zero row.
         """
-        flat = maps.reshape(maps.shape[0], self.height * self.width).astype(np.float64, copy=False)  # n may be 0
-        return self.apply_flat(flat, flat.sum(axis=1))
+        flat = maps.reshape(maps.shape[0], self.height * self.width)  # n may be 0
+        return self.apply_flat(flat, flat.sum(axis=1, dtype=np.float64))
 
     def apply_flat(self, flat: np.ndarray, total: np.ndarray) -> np.ndarray:
         """:meth:`apply` on maps ``(n, H*W)`` (any float dtype; each row is cast to float64 by
