@@ -177,7 +177,11 @@ def heatmap_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone:
         by_cat: dict[tuple[int, str], list[dict]] = {}
         for j in todo:
             by_cat.setdefault((j["category"], j["split"]), []).append(j)
-        for (c, split), cj in by_cat.items():
+        from srae.progress import ProgressLog
+
+        progress = ProgressLog(logger, "heatmaps", len(by_cat), "categories drawn")
+        for done, ((c, split), cj) in enumerate(by_cat.items()):
+            progress.update(done)
             try:
                 with timed() as t:
                     ids, z = _images(dataset, features, c, split, sample_settings or {}, heatmaps.get("max_images"))
