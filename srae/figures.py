@@ -34,6 +34,10 @@ def order_features(contributions: np.ndarray, sort: str = "row") -> np.ndarray:
     return np.broadcast_to(base, c.shape).copy()
 
 
+# An x-feature whose |v_i E_i| is below this share of the row's total is titled in grey, "(~0)".
+MINOR_SHARE = 0.01
+
+
 def _signed(v: float) -> str:
     """``v`` with 2 decimals; a value that rounds to zero reads "0.00", not "-0.00"."""
     s = f"{float(v):.2f}"
@@ -80,7 +84,8 @@ def excitation_grid(images: np.ndarray, ebp_maps: np.ndarray | torch.Tensor,
     ``images`` uint8 (R, H, W, 3); ``ebp_maps`` (R, H, W) or (R, 1, H, W): ExcitationBP on
     the logit; ``xfeature_maps`` (R, n, H, W); ``contributions`` (R, n) = ``v_i * E_i``;
     ``predictions`` (R,) the logit y-hat printed above the ExcitationBP panel. Every map
-    is drawn normalised to its own maximum (the title says so). ``dead``: x-features (0-based)
+    is drawn normalised to its own maximum (the title says so), so a panel whose contribution is
+    under 1% of the row's total is titled in grey with "(~0)". ``dead``: x-features (0-based)
     that fire on no training image; their panels say so, in grey, so a map of what would
     excite them is not read as evidence the model used.
     """
@@ -126,6 +131,9 @@ def excitation_grid(images: np.ndarray, ebp_maps: np.ndarray | torch.Tensor,
             ax.imshow(_overlay(images[r], xm[r, i], x_scale[r, i], cmap))
             if i in dead_set:
                 ax.set_title(f"x{i + 1}: dead (0 on training)", fontsize=8, color="0.45")
+            elif abs(contrib[r, i]) < MINOR_SHARE * np.abs(contrib[r]).sum():
+                # drawn at full colour like the others (own maximum), so its title says it adds ~nothing
+                ax.set_title(f"x{i + 1}: {_signed(contrib[r, i])} (~0)", fontsize=9, color="0.45")
             else:
                 ax.set_title(f"x{i + 1}: {_signed(contrib[r, i])}", fontsize=10, fontweight="bold")
         for ax in axes[r]:

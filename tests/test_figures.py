@@ -40,9 +40,11 @@ def test_panel_titles_sorted_by_contribution() -> None:
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles == ["image", "ExcitationBP ŷ=10.00", "x2: 12.25", "x1: 0.50", "x3: -1.00",
                       "image", "ExcitationBP ŷ=4.50", "x3: 8.50", "x1: 3.00", "x2: 2.00"]
-    contrib[0, 0] = -0.001  # rounds to zero: no "-0.00"
+    contrib[0, 0] = -0.001  # rounds to zero: no "-0.00"; under 1% of the row: grey, "(~0)"
     fig = excitation_grid(images, ebp, xm, contrib)
-    assert "x1: 0.00" in [ax.get_title() for ax in fig.axes]
+    titled = {ax.get_title(): ax.title.get_color() for ax in fig.axes if ax.get_title()}
+    assert "x1: 0.00 (~0)" in titled and titled["x1: 0.00 (~0)"] == "0.45"
+    assert titled["x2: 12.25"] != "0.45"
 
 
 def test_dead_x_features_are_marked_not_numbered() -> None:
