@@ -61,6 +61,20 @@ class Backbone:
     file_sha256: str = ""  # sha256 of the file all weights came from ("" if they did not)
 
     @property
+    def heatmap_readouts(self) -> list[str]:
+        """The trunk layers a heatmap can be read out at, in layer order: those before the
+        flatten (spatial maps; fc6 and after have no image layout)."""
+        flat = next((i for i, m in enumerate(self.trunk) if isinstance(m, nn.Flatten)), len(self.trunk))
+        return [name for name, i in sorted(self.readouts.items(), key=lambda t: t[1]) if i < flat]
+
+    def check_readout(self, name: str) -> int:
+        """The trunk index of heatmap readout ``name``; an unusable name is a one-line error."""
+        if name not in self.heatmap_readouts:
+            raise InputError(f"heatmaps.readout: {name!r} is not a readout of {self.name} "
+                             f"(one of {', '.join(self.heatmap_readouts)}; default {self.default_readout})")
+        return self.readouts[name]
+
+    @property
     def checkpoint_sha256(self) -> str:
         """What identifies these weights (a feature-fingerprint input): the checkpoint
         file's sha256, else a hash of the weights themselves (random init, resized

@@ -52,6 +52,7 @@ def run_command(args: argparse.Namespace) -> int:
         cfg = load_config(args.config if args.config is not None else DEMO_CONFIG)
     cats = parse_categories(args.categories) if args.categories is not None else None
     cfg = apply_overrides(cfg, categories=cats, dask_address=args.dask_address, device=args.device)
+    check_readout(cfg)
     if args.check:
         from srae.config import dump_config
 
@@ -113,6 +114,20 @@ def check_devices(cfg: ExperimentConfig) -> None:
         reason = device_unavailable(device)
         if reason:
             raise SraeError(f"{field}: {device!r} requested but {reason} (use --device cpu or auto)")
+
+
+def check_readout(cfg: ExperimentConfig) -> None:
+    """A ``heatmaps.readout`` the backbone does not have fails here, in one line, instead of
+    after the backbone fit and explainer training (every category then failed at heatmaps)."""
+    if cfg.heatmaps.readout is None:
+        return
+    import torch
+
+    from srae.backbones import build_backbone
+
+    with torch.device("meta"):  # the layer names only: no memory, no weights
+        bb = build_backbone(cfg.backbone.name, 2, pretrained=False, input_size=cfg.backbone.input_size)
+    bb.check_readout(cfg.heatmaps.readout)
 
 
 def check_paths(cfg: ExperimentConfig) -> None:

@@ -328,8 +328,9 @@ def reduce_results(jobs: Sequence[ScoreJob], index: DatasetIndex, stats: Sequenc
             loc = entropy(loc_hist) if loc_hist.shape[1] else np.full(n, np.nan)
             ok = ~np.isnan(loc)
             if not ok.all():
-                log.warning("%s/%s/%s: %d of %d x-features have no located mass; left out of locality",
-                            job.category, job.method, job.split, int((~ok).sum()), n)
+                who = f"class {job.class_index + 1}" if job.class_index is not None else str(job.category)
+                log.warning("%s %s (%s): %d of %d x-features have no located mass; left out of locality",
+                            who, job.method, job.split, int((~ok).sum()), n)
             if ok.any():
                 rows.append({**base, "metric": "locality", "value": float(loc[ok].mean())})
             rows += [{**base, "metric": f"locality_x{i}", "value": float(loc[i])} for i in np.flatnonzero(ok)]

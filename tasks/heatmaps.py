@@ -168,9 +168,7 @@ def heatmap_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone:
         dev = resolve_device(heatmaps.get("device", "auto"))
         bb = load_fitted_backbone(backbone, dataset["num_classes"], dev)
         ro_name = heatmaps.get("readout") or bb.default_readout
-        if ro_name not in bb.readouts:
-            raise ValueError(f"heatmaps.readout: {ro_name!r} is not one of {sorted(bb.readouts)}")
-        ro = bb.readouts[ro_name]
+        ro = bb.check_readout(ro_name)
         base, tail = _split_trunk(bb)
         index = load_index(dataset)
         path_of = dict(zip(index.images["image_id"].astype(int), index.images["path"].astype(str)))
@@ -211,7 +209,7 @@ def heatmap_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone:
                     record_work(cache_dir, "heatmaps", f"{c}/{split}", t(), category=int(c),
                                 methods=[j["method"] for j in cj])
             except Exception as exc:  # one category's failure must not stop the others
-                logger.warning("heatmaps for category %d (%s) failed: %s", c, split, exc)
+                logger.warning("heatmaps for class %d (%s) failed: %s", c + 1, split, exc)  # 1-based, as the CLI
                 failed += [{"category": c, "stage": "heatmaps", "method": j["method"], "error": short_error(exc)}
                            for j in cj]
     return {"done": [j for j in jobs if job_done(j)], "failed": failed}

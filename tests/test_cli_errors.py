@@ -313,3 +313,56 @@ def test_run_without_a_config_outside_the_checkout_uses_the_built_in_demo(tmp_pa
     assert capsys.readouterr().out == dump_config(default_config())
     assert main(["run", "missing.yaml", "--check"]) == 2  # a named config must exist
     assert "missing.yaml: config file not found" in capsys.readouterr().err
+
+
+def test_a_bad_heatmap_readout_fails_before_the_run(tmp_path, capsys):
+    """`heatmaps.readout: pool9` used to pass --check, fit the backbone, train every explainer,
+    then fail every category at the heatmaps stage and exit 0; fc6 was even listed as valid."""
+    from srae.config import default_config, dump_config
+
+    for readout, ok in (("pool9", False), ("fc6", False), ("flatten", False), ("pool3", True)):
+        cfg = yaml.safe_load(dump_config(default_config()))
+        cfg["heatmaps"]["readout"] = readout
+        path = tmp_path / f"{readout}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        assert main(["run", str(path), "--check"]) == (0 if ok else 2)
+        err = capsys.readouterr().err.strip().splitlines()
+        if not ok:
+            assert err == [f"srae run: error: heatmaps.readout: {readout!r} is not a readout of demo_cnn (one of "
+                           "conv1_1, relu1_1, pool1, conv2_1, relu2_1, pool2, conv3_1, relu3_1, pool3, conv4_1, "
+                           "relu4_1, pool4; default pool2)"]
+
+
+def test_vgg_heatmap_readouts_are_the_spatial_layers_in_order():
+    import torch
+
+    from srae.backbones import build_backbone
+
+    with torch.device("meta"):
+        bb = build_backbone("vgg16", 3, pretrained=False)
+    names = bb.heatmap_readouts
+    assert names[:5] == ["conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1"] and names[-2:] == ["pool5", "avgpool"]
+    assert "fc6" not in names and "flatten" not in names and bb.check_readout("pool4") == bb.readouts["pool4"]
+
+
+def test_download_defaults_to_the_roots_the_configs_read(monkeypatch, tmp_path, capsys):
+    """`srae download cub` put the archive under data/datasets while configs/cub.yaml reads
+    data/datasets/cub, so `srae run` downloaded and extracted it a second time."""
+    import srae.datasets.download as dl
+    from srae.config import load_config
+
+    seen = {}
+
+    def fake(name, root, **kw):
+        seen[name] = root
+        return root
+
+    monkeypatch.setattr(dl, "download", fake)
+    root = Path(__file__).resolve().parents[1]
+    cub, places = load_config(root / "configs" / "cub.yaml"), load_config(root / "configs" / "places.yaml")
+    monkeypatch.chdir(tmp_path)
+    for name in ("cub", "places", "ade20k"):
+        assert main(["download", name]) == 0
+    assert seen["cub"] == Path(cub.dataset.root)
+    assert seen["ade20k"] == Path(places.dataset.root)
+    assert seen["places"] / "places365" == Path(places.dataset.places_root)

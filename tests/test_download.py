@@ -277,6 +277,13 @@ def test_extract_once_skips_second_time(tmp_path):
     (tmp_path / "out/d/x.txt").write_bytes(b"changed")
     extract_once(arc, tmp_path / "out")
     assert (tmp_path / "out/d/x.txt").read_bytes() == b"changed"
+    # a deleted dataset folder is extracted again (the marker used to say "already extracted",
+    # and the reader then failed with "the archive did not contain ...")
+    import shutil
+
+    shutil.rmtree(tmp_path / "out/d")
+    extract_once(arc, tmp_path / "out")
+    assert (tmp_path / "out/d/x.txt").read_bytes() == b"1"
 
 
 def test_download_cub_end_to_end(server, tmp_path, monkeypatch):
@@ -410,3 +417,11 @@ def test_extraction_merges_into_an_existing_target_and_drops_stale_staging(tmp_p
     safe_extract(arc, out)
     assert _files_under(out) == ["d", "d/old.txt", "d/s", "d/s/y.txt", "d/x.txt"]
     assert (out / "d/x.txt").read_text() == "new"
+
+
+def test_a_saved_html_page_is_named_not_an_archive_with_what_to_do(tmp_path):
+    arc = tmp_path / "ADE20K.zip.tgz"
+    arc.write_bytes(b"<html><body>This link has expired</body></html>")
+    with pytest.raises(SraeError, match=r"not a tar or zip file \(ReadError\); delete it to download it again") as e:
+        safe_extract(arc, tmp_path / "out")
+    assert "\n" not in str(e.value)

@@ -122,7 +122,9 @@ def _extract_tar(archive: Path, target: Path, staging: Path) -> list[str]:
     try:
         tar = tarfile.open(archive, "r:*")
     except tarfile.ReadError as exc:
-        raise SraeError(f"archive {archive}: not a readable tar or zip file ({exc})") from None
+        # e.g. an HTML "link expired" page saved under the archive's name
+        raise SraeError(f"archive {archive}: not a tar or zip file ({type(exc).__name__}); delete it to download "
+                        "it again") from None
     with tar:
         members = _check_tar(archive, tar, target)
         log.info("extracting %s (%d members) into %s", archive.name, len(members), target)

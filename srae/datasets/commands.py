@@ -8,6 +8,9 @@ from pathlib import Path
 from srae import cli_types as T
 
 DEFAULT_ROOT = Path("data/datasets")
+# Where configs/cub.yaml and configs/places.yaml look (dataset.root), so that a dataset fetched
+# with `srae download` is the one `srae run` finds rather than a second copy.
+DEFAULT_ROOTS = {"cub": DEFAULT_ROOT / "cub", "places": DEFAULT_ROOT / "places", "ade20k": DEFAULT_ROOT / "places"}
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -23,9 +26,10 @@ def _download(args: argparse.Namespace) -> int:
     from srae.datasets.download import download
     from srae.errors import InputError
 
-    if args.name not in ("vgg16", "vgg19") and Path(args.root).exists() and not Path(args.root).is_dir():
-        raise InputError(f"--root {args.root}: is a file, not a directory")
-    out = download(args.name, Path(args.root), url=args.url, images=args.with_images,
+    root = Path(args.root) if args.root is not None else DEFAULT_ROOTS.get(args.name, DEFAULT_ROOT)
+    if args.name not in ("vgg16", "vgg19") and root.exists() and not root.is_dir():
+        raise InputError(f"--root {root}: is a file, not a directory")
+    out = download(args.name, root, url=args.url, images=args.with_images,
                    retries=args.retries, timeout=args.timeout)
     print(out)
     return 0
@@ -55,7 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "VGG weights go to $TORCH_HOME/hub/checkpoints; --root is not used for them.",
     )
     d.add_argument("name", choices=("cub", "places", "ade20k", "vgg16", "vgg19"))
-    d.add_argument("--root", default=str(DEFAULT_ROOT), help=f"datasets directory (default {DEFAULT_ROOT})")
+    d.add_argument("--root", default=None,
+                   help=f"datasets directory (default: where configs/cub.yaml and places.yaml look: "
+                        f"{DEFAULT_ROOTS['cub']} for cub, {DEFAULT_ROOTS['places']} for places and ade20k)")
     d.add_argument("--url", type=T.http_url, default=None,
                    help="use this http(s) URL instead of the built-in one (ADE20K: your link)")
     d.add_argument("--with-images", action="store_true", help="places: also fetch the 256 px images (~25 GB)")

@@ -270,15 +270,19 @@ def fetch_resource(res: Resource, directory: Path, *, url: str | None = None, **
 
 
 def extract_once(archive: Path, target: Path) -> Path:
-    """Safely unpack ``archive`` into ``target`` unless a marker says it already was."""
+    """Safely unpack ``archive`` into ``target`` unless a marker says it already was and the
+    archive's top-level entries are still there (a deleted dataset folder is extracted again)."""
     archive, target = Path(archive), Path(target)
     marker = target / f".{archive.name}.extracted"
     stamp = f"{archive.stat().st_size} {archive.stat().st_mtime_ns}"
-    if marker.exists() and marker.read_text() == stamp:
-        log.info("%s already extracted into %s", archive.name, target)
-        return target
-    safe_extract(archive, target)
-    marker.write_text(stamp)
+    if marker.exists():
+        first, *tops = marker.read_text().splitlines() or [""]
+        if first == stamp and all((target / t).exists() for t in tops):
+            log.info("%s already extracted into %s", archive.name, target)
+            return target
+    names = safe_extract(archive, target)
+    tops = sorted({n.replace("\\", "/").strip("/").split("/")[0] for n in names} - {"", "."})
+    marker.write_text("\n".join([stamp, *tops]))
     return target
 
 
