@@ -120,6 +120,10 @@ def pipeline(config: str | dict[str, Any] = "configs/demo.yaml", categories: str
     bb = opt(prepare_backbone)(cfg.backbone.model_dump(mode="json"), ds, cache, dev)
     if bb.get("test_accuracy") is not None:
         notes.append(f"backbone {bb['name']}: test accuracy {bb['test_accuracy']:.4f}")
+    from srae.backbones import default_readout
+
+    notes.append(f"heatmaps (c-MWP) read out at {cfg.heatmaps.readout or default_readout(bb['name'])} of "
+                 f"{bb['name']}")
     st.done()
     st.start("features")
     ft = opt(extract_features_task)(ds, bb, cfg.features.model_dump(mode="json"), cache, dev)

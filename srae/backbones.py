@@ -179,6 +179,11 @@ def _split(name: str, net: nn.Module, layers: list[tuple[str, nn.Module]], n_tru
                     num_classes=num_classes)
 
 
+def default_readout(name: str) -> str:
+    """The heatmap readout layer a backbone uses unless ``heatmaps.readout`` says otherwise."""
+    return "pool2" if name == "demo_cnn" else "pool3"
+
+
 def build_demo_cnn(num_classes: int, input_size: int = 64,
                    widths: Sequence[int] = DEMO_WIDTHS, fc: int = DEMO_FC) -> Backbone:
     """VGG-style CNN for CPU: per block conv3x3 -> ReLU -> maxpool, then
@@ -279,7 +284,8 @@ def build_backbone(name: str, num_classes: int, checkpoint: str | Path | None = 
         checkpoint = _hub_checkpoint(name)
         if not checkpoint.is_file():
             raise InputError(f"backbone {name}: no checkpoint given and ImageNet weights not in the "
-                             f"torch hub cache ({checkpoint}); pass a checkpoint or pretrained=False")
+                             f"torch hub cache ({checkpoint}); run `srae download {name}`, or set backbone.checkpoint, "
+                             "or backbone.pretrained: false (random init)")
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)

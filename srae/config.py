@@ -125,7 +125,8 @@ class BackboneConfig(_Model):
     name: Literal["demo_cnn", "vgg16", "vgg19"] = "demo_cnn"
     checkpoint: UserPath | None = Field(None, description="weights file to start from (None: scratch / ImageNet)")
     pretrained: bool = Field(True, description="VGG without checkpoint: start from ImageNet weights")
-    input_size: int | None = Field(None, ge=16, description="demo_cnn only: input side (None: 64)")
+    input_size: int | None = Field(None, ge=16, description="input side in pixels (None: 64 for demo_cnn, 224 for VGG); "
+                                                            "a small one makes VGG fit a CPU")
     fit: FitConfig = FitConfig()
 
     @model_validator(mode="after")

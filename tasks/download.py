@@ -151,12 +151,16 @@ def _fetch(ds: DatasetConfig, root: Path) -> Path:
 
 
 def _present(ds: DatasetConfig, path: Path) -> bool:
-    """Whether a real dataset is on disk where its reader looks (CUB_200_2011 / ADE20K dir)."""
+    """Whether a real dataset is on disk where its reader looks (CUB_200_2011 / ADE20K dir, and
+    the Places365 categories file: a download that failed after creating the folder used to
+    count as present and was never retried)."""
+    from srae.datasets.ade20k import PLACES_CATEGORIES
+
     try:
         find_dataset_dir(ds.kind, path)
     except SraeError:
         return False
-    return ds.places_root is None or Path(ds.places_root).exists()
+    return ds.places_root is None or (Path(ds.places_root) / PLACES_CATEGORIES).is_file()
 
 
 def _dataset_outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:

@@ -164,3 +164,13 @@ def test_class_count_must_be_a_positive_integer():
         with pytest.raises(InputError, match="num_classes must be an integer >= 2"):
             build_backbone("demo_cnn", bad)
     assert build_backbone("demo_cnn", np.int64(3), seed=0).num_classes == 3
+
+
+def test_default_readout_names_what_each_backbone_uses() -> None:
+    """The report names the readout from default_readout (no backbone is built for it)."""
+    from srae.backbones import BACKBONES, build_backbone, default_readout
+
+    for name in BACKBONES:
+        with torch.device("meta"):
+            bb = build_backbone(name, 3, pretrained=False)
+        assert bb.default_readout == default_readout(name) and default_readout(name) in bb.heatmap_readouts

@@ -198,3 +198,18 @@ def test_a_second_run_waits_for_the_first_ones_scoring_and_reuses_it(tmp_path):
     with claimed_groups(jobs, scored, wait=30) as todo:
         assert [j["category"] for j in todo] == [1]  # group 0 was scored by the other run meanwhile
     t.join()
+
+
+def test_a_places_folder_without_its_categories_file_is_not_present(tmp_path, monkeypatch):
+    """A failed Places365 download left the folder behind; the next run saw it as present,
+    never retried, and failed on the missing categories file."""
+    import tasks.download as td
+    from srae.config import DatasetConfig
+
+    monkeypatch.setattr(td, "find_dataset_dir", lambda kind, root: Path(root))  # the ADE20K part is there
+    places = tmp_path / "places365"
+    places.mkdir()
+    ds = DatasetConfig(kind="places", root=tmp_path / "ade", places_root=places)
+    assert not td._present(ds, tmp_path / "ade")
+    (places / "categories_places365.txt").write_text("/a/airfield 0\n")
+    assert td._present(ds, tmp_path / "ade")
