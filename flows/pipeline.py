@@ -115,6 +115,7 @@ def pipeline(config: str | dict[str, Any] = "configs/demo.yaml", categories: str
 
     st.start("dataset")
     ds = opt(prepare_dataset)(cfg.dataset.model_dump(mode="json"), cache)
+    notes.extend(ds.get("notes", []))
     st.done()
     st.start("backbone")
     bb = opt(prepare_backbone)(cfg.backbone.model_dump(mode="json"), ds, cache, dev)

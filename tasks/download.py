@@ -123,6 +123,17 @@ def reader_options(ds: DatasetConfig) -> dict[str, Any]:
             "places_per_class": ds.places_per_class}
 
 
+def places_notes(index: DatasetIndex, places_root: str | Path | None) -> list[str]:
+    """A report note when Places365 was asked for (``places_root``) but no Places image made
+    it into ``index`` (its file lists or image folders are missing): the reader only logged it."""
+    if places_root is None or "mask_path" not in index.images:
+        return []
+    if index.images["mask_path"].isna().any():  # Places rows are the ones without an ADE20K object mask
+        return []
+    return [f"dataset: no Places365 images were found under {places_root} (file lists or image folders "
+            "missing); the explainers were trained on ADE20K images only"]
+
+
 def load_index(dataset: dict[str, Any]) -> DatasetIndex:
     """The index of the dataset described by :func:`prepare_dataset`'s result (memoised per
     process while the directory is unchanged)."""
@@ -205,10 +216,12 @@ def prepare_dataset(dataset: dict[str, Any], cache_dir: str) -> dict[str, Any]:
     index = load_index(info)
     logger.info("dataset %s: %d images, %d classes, %d bad inputs", ds.kind, len(index.images),
                 index.num_classes, len(index.bad_inputs))
+    notes = places_notes(index, ds.places_root)
     return {
         **info, "fingerprint": index.manifest_fingerprint(),
         "annotations": annotations_sha256(index_files(ds.kind, path, info["reader"])),
         "num_classes": index.num_classes, "class_names": list(index.class_names),
         "n_images": int(len(index.images)),
         "bad_inputs": [{k: str(v) for k, v in b.items()} for b in index.bad_inputs],
+        "notes": notes,
     }

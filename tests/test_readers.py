@@ -236,6 +236,13 @@ def test_places_categories_and_file_lists(tmp_path):
     assert (last["path"], last["label"], last["split"], last["mask_path"]) == (
         "places365/val_256/Places365_val_00000001.jpg", 1, "test", None)
     assert (last["width"], last["height"]) == (20, 10) and len(idx.images) == 5
+    from tasks.download import places_notes
+
+    assert places_notes(idx, places) == [] and places_notes(read_places_ade20k(tmp_path), None) == []
+    (places / "val_256/Places365_val_00000001.jpg").unlink()  # no Places image left: the report says so
+    assert places_notes(read_places_ade20k(tmp_path, places_root=places), places) == [
+        f"dataset: no Places365 images were found under {places} (file lists or image folders missing); "
+        "the explainers were trained on ADE20K images only"]
     (places / "categories_places365.txt").write_text("/b/bathroom 0\nkitchen 1\n")
     with pytest.raises(InputError, match=r"categories_places365.txt:2: expected '/x/name index'"):
         read_places_ade20k(tmp_path, places_root=places)
