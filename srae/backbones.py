@@ -203,7 +203,7 @@ def build_demo_cnn(num_classes: int, input_size: int = 64,
     n_trunk = len(layers)
     layers += [("fc7", nn.Linear(fc, fc)), ("relu7", nn.ReLU()), ("fc8", nn.Linear(fc, num_classes))]
     net = nn.Sequential(OrderedDict(layers))
-    readout = "pool2" if len(widths) >= 2 else "pool1"
+    readout = default_readout("demo_cnn") if len(widths) >= 2 else "pool1"
     return _split("demo_cnn", net, layers, n_trunk, input_size, num_classes, readout)
 
 
@@ -231,7 +231,7 @@ def build_vgg(name: str, num_classes: int, input_size: int = 224) -> Backbone:
     layers += [("avgpool", net.avgpool), ("flatten", nn.Flatten()), ("fc6", cls[0]), ("relu6", cls[1])]
     n_trunk = len(layers)
     layers += [("drop6", cls[2]), ("fc7", cls[3]), ("relu7", cls[4]), ("drop7", cls[5]), ("fc8", cls[6])]
-    return _split(name, net, layers, n_trunk, input_size, num_classes, "pool3")
+    return _split(name, net, layers, n_trunk, input_size, num_classes, default_readout(name))
 
 
 def _hub_checkpoint(name: str) -> Path:

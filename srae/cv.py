@@ -331,6 +331,7 @@ def train_explainers(
     refit = [Member(c, designs[c].train_idx, designs[c].train_pos, chosen[c][0],
                     seed=derive_seed(s.seed, c, 1_000_003 + r), epochs=chosen[c][1]) for c in cats for r in range(seeds)]
     fits = _fit_chunked(zt, yt, refit, method, arch, s, "refit")
+    shared = stacks_categories(s)
     out: dict[int, Explainer] = {}
     criterion = "val_faithfulness_mse" if spec.faithfulness > 0 else "val_reconstruction_mse"
     for i, c in enumerate(cats):
@@ -347,7 +348,7 @@ def train_explainers(
             "test_ids": ids[d.test_idx].tolist(),
             "settings": {k: v for k, v in asdict(s).items() if k not in ("train", "grid")}
             | {"batch_size": s.train.batch_size, "positive_factor": s.train.positive_factor,
-               "stack_categories": stacks_categories(s)},  # as in effect (None: by device)
+               "stack_categories": shared},  # as in effect (None: by device)
         }
         candidates = []
         for res, b in fits[i * seeds : (i + 1) * seeds]:

@@ -216,7 +216,7 @@ def main_display(t: pd.DataFrame) -> pd.DataFrame:
         notes.setdefault(cell, []).append(f"{k} of {n} n/a")
     for (metric, split, method), parts in notes.items():
         v = float(t.loc[(metric, split), method])
-        number = f"{100 * v:.2f}%" if metric in PERCENT_METRICS else f"{v:.4f}"
+        number = percent(v) if metric in PERCENT_METRICS else f"{v:.4f}"
         shown = "inf" if math.isinf(v) else "n/a" if math.isnan(v) else number
         out.loc[(metric, split), method] = f"{shown} ({', '.join(parts)})"
     return out
@@ -267,32 +267,36 @@ def table_masking(df: pd.DataFrame) -> pd.DataFrame:
     ``mask_acc@original`` (any method)."""
     df = validate_metrics(df)
     is_orig = df["metric"].isin(ORIGINAL_METRICS)
-    masked = df[df["metric"].str.startswith("mask_acc@") & ~is_orig].copy()
+    masked = _by_gamma(df[df["metric"].str.startswith("mask_acc@") & ~is_orig], "mask_acc@")
     if masked.empty:
         return pd.DataFrame(index=pd.Index([], name="gamma"), dtype="float64")
-    masked["gamma"] = pd.to_numeric(masked["metric"].str.slice(len("mask_acc@")), errors="coerce")
-    bad = masked.loc[masked["gamma"].isna(), "metric"]
-    if len(bad):
-        raise InputError(f"metrics table: masking metric {bad.iloc[0]!r} is not mask_acc@<gamma> or "
-                         "mask_acc@original")
     order = [m for m in TABLE_METHODS if m in set(masked["method"])]
     order += sorted(set(masked["method"]) - set(order))
     gammas = sorted(masked["gamma"].unique())
     out = pd.DataFrame(index=pd.Index(gammas, name="gamma"), dtype="float64")
     orig = df[is_orig]
     out["Original Image"] = orig.groupby("category")["value"].mean().mean() if not orig.empty else np.nan
-    means = _category_mean(masked, ["gamma", "method"])
-    for method in order:
-        label = "Mask by x-features" if method == "SRAE" else f"Mask by {method}"
-        out[label] = [means.get((g, method), np.nan) for g in gammas]
-    area = df[df["metric"].str.startswith("mask_area@")].copy()
-    if not area.empty:
-        area["gamma"] = pd.to_numeric(area["metric"].str.slice(len("mask_area@")), errors="coerce")
-        kept = _category_mean(area.dropna(subset=["gamma"]), ["gamma", "method"])
+    area = _by_gamma(df[df["metric"].str.startswith("mask_area@")], "mask_area@")
+    for rows, prefix in ((masked, "Mask by"), (area, "Kept area,")):
+        if rows.empty:
+            continue
+        means = _category_mean(rows, ["gamma", "method"])
         for method in order:
-            label = "Kept area, x-features" if method == "SRAE" else f"Kept area, {method}"
-            out[label] = [kept.get((g, method), np.nan) for g in gammas]
+            label = f"{prefix} x-features" if method == "SRAE" else f"{prefix} {method}"
+            out[label] = [means.get((g, method), np.nan) for g in gammas]
     return out
+
+
+def _by_gamma(rows: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    """``rows`` of metrics ``<prefix><gamma>`` with a numeric ``gamma`` column; a metric whose
+    suffix is not a number is a one-line error."""
+    rows = rows.copy()
+    rows["gamma"] = pd.to_numeric(rows["metric"].str.slice(len(prefix)), errors="coerce")
+    bad = rows.loc[rows["gamma"].isna(), "metric"]
+    if len(bad):
+        raise InputError(f"metrics table: masking metric {bad.iloc[0]!r} is not {prefix}<gamma> or "
+                         "mask_acc@original")
+    return rows
 
 
 def table_concepts(df: pd.DataFrame, class_names: list[str] | None = None) -> pd.DataFrame:
@@ -473,5 +477,10 @@ def _f(v: float) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
 
 
+def percent(v: float) -> str:
+    """A fraction as the report shows it (``0.9952`` -> ``"99.52%"``)."""
+    return f"{100 * v:.2f}%"
+
+
 def _pct(v: float) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}%"
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else percent(v)

@@ -54,7 +54,7 @@ def _fmt(v: Any, percent: bool = False) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
         return "—"
     if isinstance(v, float):
-        return f"{100 * v:.2f}%" if percent else f"{v:.4f}"
+        return R.percent(v) if percent else f"{v:.4f}"
     return str(v)
 
 

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,10 +90,8 @@ def claimed_groups(jobs: list[dict[str, Any]], done: Callable[[dict[str, Any]], 
     drawing a group takes); yield those still not done once held. A result derived from a
     group (scores, the masking test) is thus never computed by two runs at once, nor from maps
     another run is redrawing; what the other run finished is reused."""
-    import contextlib
-
     todo = [j for j in jobs if not done(j)]
-    with contextlib.ExitStack() as locks:
+    with ExitStack() as locks:
         for store in sorted({str(j["heatmaps"]) for j in todo}):  # one order everywhere: no deadlock
             locks.enter_context(writer_lock(Path(store), wait, what=what))
         yield [j for j in todo if not done(j)]

@@ -66,15 +66,11 @@ def extract_features_task(dataset: dict[str, Any], backbone: dict[str, Any], fea
         if store_complete(known["path"]):
             logger.info("features: reusing %s", known["path"])
             return known
-    from srae.features import is_complete, store_path
-
     index = load_index(dataset)
     dev = resolve_device(features.get("device", "auto") if device == "auto" else device)
     bb = load_fitted_backbone(backbone, dataset["num_classes"], "cpu")
     store_root = Path(cache_dir) / "features"
-    existed = is_complete(store_path(index, bb, store_root, checkpoint_sha256=backbone["sha256"],
-                                     layer=features["layer"]))
-    batches: list[int] = []  # none when another run filled the store while this one waited for it
+    batches: list[int] = []  # none when the store was done already, or another run filled it meanwhile
     with timed() as t:
         path = extract_features(index, bb, store_root, checkpoint_sha256=backbone["sha256"], layer=features["layer"],
                                 device=dev, batch_size=int(features["batch_size"]),
@@ -85,7 +81,7 @@ def extract_features_task(dataset: dict[str, Any], backbone: dict[str, Any], fea
     out = {"path": str(path), "fingerprint": str(fs.attrs["fingerprint"]), "n": int(len(fs.labels)),
            "d": int(fs.z.shape[1]), "layer": features["layer"],
            "bad_inputs": [{k: str(v) for k, v in b.items()} for b in fs.attrs.get("bad_inputs", [])]}
-    if not existed and batches:
+    if batches:
         record_work(cache_dir, "features", out["fingerprint"], seconds)
     atomic_write_text(ptr, json.dumps(out))
     logger.info("features: %d x %d in %s (%.1fs)", out["n"], out["d"], path, seconds)

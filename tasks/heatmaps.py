@@ -21,6 +21,7 @@ import numpy as np
 from prefect import task
 
 from srae.config import ExperimentConfig, stable_hash
+from srae.progress import ProgressLog
 from tasks.common import TASK_DEFAULTS, WAIT_FOR_OTHER_RUN_S, record_work, resolve_device, run_logger, short_error, stage_cache, timed
 
 LOCALITY_ONLY = ("locality", "concept_recovery")
@@ -175,8 +176,6 @@ def heatmap_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone:
         by_cat: dict[tuple[int, str], list[dict]] = {}
         for j in todo:
             by_cat.setdefault((j["category"], j["split"]), []).append(j)
-        from srae.progress import ProgressLog
-
         progress = ProgressLog(logger, "heatmaps", len(by_cat), "categories drawn")
         for done, ((c, split), cj) in enumerate(by_cat.items()):
             progress.update(done)
@@ -213,6 +212,8 @@ def heatmap_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone:
                 failed += [{"category": c, "stage": "heatmaps", "method": j["method"], "error": short_error(exc)}
                            for j in cj]
     return {"done": [j for j in jobs if job_done(j)], "failed": failed}
+
+
 def _counted(items: Iterable[Any], seen: list[int]) -> Iterator[Any]:
     """``items``, counting in ``seen[0]`` how many were taken."""
     for item in items:

@@ -74,20 +74,19 @@ def masking_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone:
     failed: list[dict[str, Any]] = []
     with claimed_groups(mine, lambda j: masking_path(j["heatmaps"], gammas, max_images).is_file(),
                         what="heatmaps for the masking test") as todo:
-        _mask_and_save(todo, dataset, backbone, masking, cache_dir, experiment, failed, logger)
+        _mask_and_save(todo, dataset, backbone, masking, gammas, max_images, cache_dir, experiment, failed, logger)
     paths = [masking_path(j["heatmaps"], gammas, max_images) for j in mine]
     files = [str(p) for p in paths if p.is_file()]
     return {"files": files, "failed": failed}
 
 
 def _mask_and_save(todo: list[dict[str, Any]], dataset: dict[str, Any], backbone: dict[str, Any],
-                   masking: dict[str, Any], cache_dir: str, experiment: str, failed: list[dict[str, Any]],
-                   logger) -> None:
+                   masking: dict[str, Any], gammas: list[float], max_images: int | None, cache_dir: str,
+                   experiment: str, failed: list[dict[str, Any]], logger) -> None:
     """Run the masking test of ``todo`` and write each group's rows atomically."""
     from tasks.backbone import load_fitted_backbone
     from tasks.download import load_index
 
-    gammas, max_images = [float(g) for g in masking["gammas"]], masking.get("max_images")
     if todo:
         dev = resolve_device(masking.get("device", "auto"))
         bb = load_fitted_backbone(backbone, dataset["num_classes"], dev)
