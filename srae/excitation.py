@@ -33,7 +33,8 @@ from srae.errors import InputError
 from srae.shared_setting import SharedSetting
 
 __all__ = [
-    "SUPPORTED_MODULES", "excitation_maps", "excitation_maps_multi", "excitation_signals", "full_fp32",
+    "SUPPORTED_MODULES", "excitation_maps", "excitation_maps_chunked", "excitation_maps_multi", "excitation_signals",
+    "full_fp32",
     "resolve_readout", "unit_index", "resize_maps", "top_affine_index",
 ]
 
@@ -398,3 +399,31 @@ def excitation_maps_multi(trunk: nn.Module | Sequence[nn.Module],
         sizes = [s.shape[1] for s in sigs]
         p = _down(tmods, tr, torch.cat(sigs, dim=1), len(tmods) - 1, ro)
     return list(_to_map(p, ro, output_size).split(sizes, dim=1))
+
+
+def excitation_maps_chunked(trunk: nn.Module | Sequence[nn.Module], head: nn.Module | Sequence[nn.Module],
+                            units: Sequence[int], x: Tensor, *, readout: int | str | None, chunk: int,
+                            contrastive: bool = True,
+                            output_size: int | tuple[int, int] | None = None) -> Iterator[tuple[int, Tensor]]:
+    """Maps of many units of ``trunk + head`` (e.g. all 4096 dims of Z), ``chunk`` units at a
+    time: yields ``(start, maps)`` with ``maps`` (B, len(units[start:start + chunk]), H, W),
+    equal to :func:`excitation_maps_multi` with ``[(head, units[start:start + chunk])]``.
+
+    One forward pass serves every chunk, and only one chunk's signals are alive at a time, so
+    memory stays at one chunk's whatever the number of units. Consume it at once: TF32 stays
+    off (see :func:`full_fp32`) until the generator finishes or is closed."""
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise InputError(f"chunk {chunk!r}: expected a positive number of units per pass")
+    units = [int(u) for u in units]
+    if not units:
+        raise InputError("units: empty; expected at least one output index")
+    tmods, hmods = _modules(trunk), _modules(head)
+    ro = resolve_readout(trunk, readout)
+    x = check_input(x, tmods)
+    with torch.no_grad(), full_fp32():
+        tr = _forward(tmods, x, keep_from=ro + 1)
+        htr = _forward(hmods, tr.output, keep_from=0)
+        for start in range(0, len(units), chunk):
+            p, t = _top(hmods, htr, units[start:start + chunk], contrastive)
+            p = _down(hmods, htr, p, t - 1, -1)
+            yield start, _to_map(_down(tmods, tr, p, len(tmods) - 1, ro), ro, output_size)

@@ -35,8 +35,8 @@ from srae.gradcam import gradcam_maps
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HEATMAP_KINDS", "HeatmapJob", "HeatmapSet", "compute_heatmaps", "explainer_head", "is_complete", "map_compressors",
-           "open_heatmaps", "pending_image_ids", "selected_z_dims"]
+__all__ = ["HEATMAP_KINDS", "HeatmapJob", "HeatmapSet", "batch_images", "compute_heatmaps", "explainer_head", "is_complete",
+           "map_compressors", "open_heatmaps", "pending_image_ids", "selected_z_dims", "unpack_batch"]
 
 HEATMAP_KINDS: tuple[str, ...] = ("c-MWP", "MWP", "Grad-CAM")
 STORE_VERSION = 1
@@ -207,7 +207,7 @@ def _open_store(job: HeatmapJob, spec: dict, ids: np.ndarray, chunk_rows: int):
     return root
 
 
-def _unpack(batch: Any) -> tuple[Tensor, np.ndarray]:
+def unpack_batch(batch: Any) -> tuple[Tensor, np.ndarray]:
     """(images, image ids) from a DataLoader batch: a tuple/list ``(x, ..., image_id)`` or a
     dict with ``image`` and ``image_id``."""
     if isinstance(batch, dict):
@@ -222,6 +222,20 @@ def _unpack(batch: Any) -> tuple[Tensor, np.ndarray]:
     if ids.shape[0] != x.shape[0]:
         raise InputError(f"heatmap batches: {x.shape[0]} images but {ids.shape[0]} image ids")
     return x, ids
+
+
+def batch_images(x: Tensor, keep: Any, device: torch.device, mean: Sequence[float] | None,
+                 std: Sequence[float] | None, what: str = "heatmap batches") -> Tensor:
+    """The kept rows of a batch on ``device``, normalised when they come as uint8 pixels
+    (a DataLoader may ship raw bytes to keep host memory and transfers small)."""
+    x = x[torch.as_tensor(keep)].to(device)
+    if x.dtype == torch.uint8:
+        if mean is None or std is None:
+            raise InputError(f"{what}: uint8 images need mean and std to normalise them")
+        from srae.images import normalize
+
+        x = normalize(x, mean, std)
+    return x
 
 
 def _maps_for(trunk: nn.Sequential, jobs: Sequence[HeatmapJob], x: Tensor, kind: str, readout: int,
@@ -276,7 +290,7 @@ def compute_heatmaps(trunk: nn.Sequential, jobs: Sequence[HeatmapJob], batches: 
         device = next(trunk.parameters()).device
         for batch in batches:
             cancel.check("heatmaps")
-            x, bids = _unpack(batch)
+            x, bids = unpack_batch(batch)
             unknown = [int(i) for i in bids if int(i) not in row_of]
             if unknown:
                 raise InputError(f"heatmap batches: image ids {unknown[:5]} are not in image_ids")
@@ -287,13 +301,7 @@ def compute_heatmaps(trunk: nn.Sequential, jobs: Sequence[HeatmapJob], batches: 
                 keep |= ~done[k][rows]
             if not keep.any():
                 continue
-            x = x[torch.from_numpy(keep)].to(device)
-            if x.dtype == torch.uint8:
-                if mean is None or std is None:
-                    raise InputError("heatmap batches: uint8 images need mean and std to normalise them")
-                from srae.images import normalize
-
-                x = normalize(x, mean, std)
+            x = batch_images(x, torch.from_numpy(keep), device, mean, std)
             maps = _maps_for(trunk, [jobs[k] for k in todo], x, kind, readout, size)
             for k, m in zip(todo, maps):
                 m = m.float().cpu().numpy()

@@ -33,7 +33,7 @@ from srae import cancel
 from srae.datasets.common import DatasetIndex
 from srae.errors import InputError, SraeError
 from srae.metrics.concepts import concept_summary
-from srae.metrics.locality import check_values, entropy, part_geometry, resize_labels_nearest
+from srae.metrics.locality import PartGeometry, check_values, entropy, part_geometry, resize_labels_nearest
 from srae.metrics.orthogonality import OrthogonalityStats
 from srae.progress import ProgressLog
 
@@ -63,6 +63,7 @@ class ScoreJob:
     hparams: Mapping[str, Any] = field(default_factory=dict)
     metrics: tuple[str, ...] = DEFAULT_METRICS
     positives_only: bool = True
+    feature_rows: bool = True  # a ``locality_x<i>`` row per x-feature (off for thousands of Z dims)
 
 
 @dataclass
@@ -128,25 +129,34 @@ def load_ade_labels(path: str) -> np.ndarray:
     return (rgb[..., 0] // 10) * 256 + rgb[..., 1]
 
 
+def spec_part_geometry(spec: ChunkSpec, k: int, height: int, width: int) -> PartGeometry:
+    """Algorithm-1 geometry of image ``k`` of a "parts" spec on a ``height x width`` map grid
+    (parts and bbox scaled from the image's original size, DESIGN §2 Coordinates)."""
+    scale = np.array([width, height], dtype=np.float64) / spec.sizes[k]
+    parts = spec.parts[k].copy()
+    parts[:, :2] *= scale
+    box = spec.bboxes[k]
+    box = None if np.isnan(box).any() else box * np.r_[scale, scale]
+    return part_geometry(parts, box, height, width)
+
+
+def spec_labels(spec: ChunkSpec, k: int, height: int, width: int) -> np.ndarray:
+    """Flat ``(height * width,)`` object labels of image ``k`` of an "objects" spec at map resolution."""
+    return resize_labels_nearest(load_ade_labels(spec.mask_paths[k]), height, width).ravel()
+
+
 def score_chunk(spec: ChunkSpec) -> ChunkStats:
     """Score one chunk of images of one heatmap group (runs on a Dask worker)."""
     import zarr
 
     arr = zarr.open_group(spec.path, mode="r")["maps"]
     _, n, h, w = arr.shape
-    sx_sy = np.array([w, h], dtype=np.float64) / spec.sizes  # per image scale to the map grid
     if spec.mode == "parts":
-        geoms = []
-        for k in range(len(spec.rows)):
-            parts = spec.parts[k].copy()
-            parts[:, :2] *= sx_sy[k]
-            box = spec.bboxes[k]
-            box = None if np.isnan(box).any() else box * np.r_[sx_sy[k], sx_sy[k]]
-            geoms.append(part_geometry(parts, box, h, w))
+        geoms = [spec_part_geometry(spec, k, h, w) for k in range(len(spec.rows))]
         cols = np.arange(spec.parts.shape[1] + 1)
         hist = np.zeros((n, cols.size))
     else:
-        labels = [resize_labels_nearest(load_ade_labels(p), h, w).ravel() for p in spec.mask_paths]
+        labels = [spec_labels(spec, k, h, w) for k in range(len(spec.rows))]
         uniq = [np.unique(lab, return_inverse=True) for lab in labels]
         cols = np.unique(np.concatenate([u for u, _ in uniq])) if uniq else np.zeros(0, np.int64)
         hist = np.zeros((n, cols.size))
@@ -333,7 +343,8 @@ def reduce_results(jobs: Sequence[ScoreJob], index: DatasetIndex, stats: Sequenc
                             who, job.method, job.split, int((~ok).sum()), n)
             if ok.any():
                 rows.append({**base, "metric": "locality", "value": float(loc[ok].mean())})
-            rows += [{**base, "metric": f"locality_x{i}", "value": float(loc[i])} for i in np.flatnonzero(ok)]
+            if job.feature_rows:
+                rows += [{**base, "metric": f"locality_x{i}", "value": float(loc[i])} for i in np.flatnonzero(ok)]
         if orth is not None:
             o1, o2 = orth.result()
             rows += [{**base, "metric": m, "value": v} for m, v in (("O1", o1), ("O2", o2)) if m in job.metrics]

@@ -14,6 +14,7 @@ from torch import nn
 from srae.errors import InputError
 from srae.excitation import (
     excitation_maps,
+    excitation_maps_chunked,
     excitation_maps_multi,
     excitation_signals,
     resize_maps,
@@ -251,6 +252,26 @@ def test_multi_head_equals_separate_chains() -> None:
                                                   output_size=7))
     torch.testing.assert_close(b, excitation_maps(nn.Sequential(*trunk, *enc), x, [1], readout=5,
                                                   output_size=7))
+
+
+def test_chunked_units_equal_one_pass_over_all_units() -> None:
+    chain, x = net_a(), _x((2, 3, 12, 12), seed=8)
+    trunk, head = chain[:9], chain[9:11]  # head = [Linear, ReLU]: 7 hidden units, like Z
+    units = [6, 0, 3, 5, 1, 2, 4]
+    whole = excitation_maps(nn.Sequential(*trunk, *head), x, units, readout=5, output_size=9)
+    for chunk in (1, 3, 7, 50):
+        parts = list(excitation_maps_chunked(trunk, head, units, x, readout=5, chunk=chunk, output_size=9))
+        assert [s for s, _ in parts] == list(range(0, 7, chunk))
+        torch.testing.assert_close(torch.cat([m for _, m in parts], dim=1), whole, atol=1e-6, rtol=1e-5)
+    mwp = torch.cat([m for _, m in excitation_maps_chunked(trunk, head, units, x, readout=5, chunk=2,
+                                                           contrastive=False)], dim=1)
+    torch.testing.assert_close(mwp, excitation_maps(nn.Sequential(*trunk, *head), x, units, readout=5,
+                                                    contrastive=False))
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(InputError, match="chunk"):
+            next(excitation_maps_chunked(trunk, head, units, x, readout=5, chunk=bad))
+    with pytest.raises(InputError, match="empty"):
+        next(excitation_maps_chunked(trunk, head, [], x, readout=5, chunk=2))
 
 
 def _bilinear_ref(img: np.ndarray, oh: int, ow: int) -> np.ndarray:

@@ -1,0 +1,130 @@
+"""Locality of many units scored while their maps are drawn, never stored: the paper's "Z"
+column over all 4096 dims of fc6 (Table 1: "computed over all the dimensions of Z").
+
+A heatmap store of every Z dim is out of reach (4096 maps of 224 x 224 float32 per image,
+about 820 MB), so here the units go down the network ``unit_chunk`` at a time after one
+forward pass per image batch (:func:`srae.excitation.excitation_maps_chunked`), and each
+chunk's maps become per-image probabilities over parts or objects at once, on the maps'
+device: one dense float64 product ``(U, H*W) @ (H*W, K)`` per image with that image's
+Algorithm-1 weights (parts, context column included) or object indicators. The sums over
+images are reduced into rows exactly like a stored group's (:func:`srae.scoring.reduce_results`),
+so scoring stored maps of the same units gives the same locality (test).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from srae import cancel
+from srae.datasets.common import DatasetIndex
+from srae.errors import InputError, SraeError
+from srae.excitation import excitation_maps_chunked
+from srae.heatmaps import batch_images, unpack_batch
+from srae.scoring import (ChunkSpec, ChunkStats, ScoreJob, ScoreResult, _Annotations, _chunk_spec, reduce_results,
+                          spec_labels, spec_part_geometry)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["score_units"]
+
+
+def _grid(output_size: int | tuple[int, int]) -> tuple[int, int]:
+    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in size):
+        raise InputError(f"output_size {output_size!r}: expected a positive int or (H, W) pair of them")
+    return int(size[0]), int(size[1])
+
+
+class _Weights:
+    """Per scored image: its columns (positions in the job's column list) and the dense
+    ``(K_image, H*W)`` float64 weights that turn a normalised map into its probabilities."""
+
+    def __init__(self, spec: ChunkSpec, height: int, width: int) -> None:
+        self.spec, self.height, self.width = spec, height, width
+        if spec.mode == "parts":
+            self.cols = np.arange(spec.parts.shape[1] + 1)
+            self._labels: list[tuple[np.ndarray, np.ndarray]] = []
+        else:
+            labels = [np.unique(spec_labels(spec, k, height, width), return_inverse=True)
+                      for k in range(len(spec.rows))]
+            self.cols = (np.unique(np.concatenate([u for u, _ in labels])) if labels
+                         else np.zeros(0, np.int64))
+            self._labels = [(np.searchsorted(self.cols, u), inv.ravel()) for u, inv in labels]
+
+    def of(self, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(column positions (K_k,), weights (K_k, H*W)) of scored image ``k`` on ``device``."""
+        if self.spec.mode == "parts":
+            dense = spec_part_geometry(self.spec, k, self.height, self.width).matrix.toarray()
+            pos = np.arange(dense.shape[0])
+        else:
+            pos, inv = self._labels[k]
+            dense = np.zeros((pos.size, inv.size))
+            dense[inv, np.arange(inv.size)] = 1.0
+        return (torch.from_numpy(pos).to(device), torch.from_numpy(dense).to(device))
+
+
+def score_units(trunk: nn.Module | Sequence[nn.Module], head: nn.Module | Sequence[nn.Module],
+                units: Sequence[int], batches: Iterable[Any], job: ScoreJob, index: DatasetIndex,
+                image_ids: Sequence[int] | np.ndarray, *, readout: int | str, output_size: int | tuple[int, int],
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None, unit_chunk: int = 256,
+                contrastive: bool = True) -> ScoreResult:
+    """Locality rows of ``units`` of ``trunk + head`` over the images ``image_ids`` (c-MWP,
+    as :func:`srae.heatmaps.compute_heatmaps` would draw them), without storing any map.
+
+    ``batches`` yields ``(x, ..., image_id)`` like a heatmap DataLoader (uint8 images need
+    ``mean``/``std``); ``job`` names the rows and says which images count (``positives_only``,
+    ``class_index``) and which metrics (locality and concept recovery; orthogonality needs
+    every map of an x-feature and is not offered here). ``job.heatmaps`` is only a label.
+    Work runs on the device of ``trunk``'s parameters, ``unit_chunk`` units per pass.
+    """
+    if {"O1", "O2"} & set(job.metrics):
+        raise InputError(f"{job.method}: O1/O2 need stored maps; score_units computes locality and concept recovery")
+    units = [int(u) for u in units]
+    ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+    if len(np.unique(ids)) != len(ids):
+        raise InputError("image_ids: contains duplicates")
+    ann = _Annotations(index)
+    spec = _chunk_spec(0, job, ann, ann.positions(ids, job.heatmaps), 0, len(ids), False)
+    if spec is None:
+        raise InputError(f"{job.heatmaps}: no images to score for category {job.category!r}")
+    scored = {int(ids[r]): k for k, r in enumerate(spec.rows)}  # image id -> position in the spec
+    height, width = _grid(output_size)
+    weights = _Weights(spec, height, width)
+    device = next(p for m in ([trunk] if isinstance(trunk, nn.Module) else trunk) for p in m.parameters()).device
+    hist = torch.zeros((len(units), weights.cols.size), dtype=torch.float64, device=device)
+    seen: set[int] = set()
+    planned = set(ids.tolist())
+    for batch in batches:
+        cancel.check("Z locality")
+        x, bids = unpack_batch(batch)
+        unknown = [int(i) for i in bids if int(i) not in planned]
+        if unknown:
+            raise InputError(f"unit locality batches: image ids {unknown[:5]} are not in image_ids")
+        keep = [b for b, i in enumerate(bids) if int(i) in scored and int(i) not in seen]
+        if not keep:
+            continue
+        x = batch_images(x, keep, device, mean, std, "unit locality batches")
+        mats = [weights.of(scored[int(bids[b])], device) for b in keep]
+        for start, maps in excitation_maps_chunked(trunk, head, units, x, readout=readout, chunk=unit_chunk,
+                                                   contrastive=contrastive, output_size=(height, width)):
+            stop = start + maps.shape[1]
+            for b, (pos, wmat) in enumerate(mats):
+                flat = maps[b].flatten(1).to(torch.float64)  # (U_chunk, H*W): one image at a time
+                total = flat.sum(dim=1)
+                if not bool(torch.isfinite(total).all()):
+                    raise SraeError(f"{job.method} maps of image {int(bids[keep[b]])}: contain NaN or inf")
+                hist[start:stop, pos] += (flat @ wmat.T) / torch.where(total > 0, total, 1.0)[:, None]
+        seen.update(int(bids[b]) for b in keep)
+    missing = sorted(set(scored) - seen)
+    if missing:
+        raise SraeError(f"{job.heatmaps}: {len(missing)} planned images never came in the batches "
+                        f"(first: {missing[:5]})")
+    log.debug("%s: %d units scored on %d images", job.heatmaps, len(units), len(seen))
+    stats = ChunkStats(0, len(scored), weights.cols, hist.cpu().numpy(), None)
+    return reduce_results([job], index, [stats], ann)

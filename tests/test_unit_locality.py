@@ -1,0 +1,193 @@
+"""Streamed locality of many units (the Z column over all dims) against per-image references
+and against scoring the same units' stored maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from srae.datasets.common import DatasetIndex
+from srae.errors import InputError, SraeError
+from srae.excitation import excitation_maps
+from srae.heatmaps import HeatmapJob, compute_heatmaps
+from srae.metrics.concepts import concept_recovery, evidence_columns
+from srae.metrics.locality import entropy, object_probabilities, part_probabilities
+from srae.scoring import ScoreJob, score_serial
+from srae.unit_locality import score_units
+
+H, W = 12, 16  # map grid (not square: a swapped axis shows)
+PARTS = ["beak", "crown", "wing", "tail"]
+
+
+def chain() -> tuple[nn.Sequential, nn.Sequential]:
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+    head = nn.Sequential(nn.Linear(5 * 4 * 4, 9), nn.ReLU())  # 9 "Z dims"
+    for m in [*trunk, *head]:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(m.weight, std=0.4)
+            nn.init.normal_(m.bias, std=0.1)
+    return trunk, head
+
+
+def cub_like(rng: np.random.Generator, m: int) -> DatasetIndex:
+    rows = []
+    for k in range(m):
+        width, height = float(rng.integers(30, 60)), float(rng.integers(20, 50))
+        parts = np.column_stack([rng.uniform(0, width, 4), rng.uniform(0, height, 4), rng.random(4) < 0.8])
+        bbox = (rng.uniform(0, width / 3), rng.uniform(0, height / 3), width / 2, height / 2)
+        rows.append({"image_id": 50 + k, "path": f"im{k}.jpg", "label": int(k % 3 == 2), "split": "test",
+                     "width": width, "height": height, "bbox": None if k == 1 else bbox,
+                     "parts": parts, "mask_path": None})
+    return DatasetIndex("cubish", Path("."), ["a", "b"], pd.DataFrame(rows), part_names=PARTS,
+                        evidence={0: ["beak", "wing"]})
+
+
+def batches(x: torch.Tensor, ids: np.ndarray, size: int):
+    for s in range(0, len(ids), size):
+        yield x[s:s + size], ids[s:s + size]
+
+
+def value(frame: pd.DataFrame, metric: str) -> float:
+    hit = frame[frame["metric"] == metric]
+    assert len(hit) == 1, (metric, frame)
+    return float(hit["value"].iloc[0])
+
+
+def test_parts_match_algorithm_1_per_image_and_stored_maps(tmp_path, rng) -> None:
+    trunk, head = chain()
+    index = cub_like(rng, 7)
+    ids = index.images["image_id"].to_numpy()[::-1].copy()
+    x = torch.randn(len(ids), 3, 16, 16)
+    units = [8, 0, 3, 1, 5, 2, 7, 4, 6]
+    job = ScoreJob(str(tmp_path / "Zall.zarr"), 0, "Z", class_index=0, hparams={"z_dims": "all"},
+                   metrics=("locality", "concept_recovery"), feature_rows=False)
+    res = score_units(trunk, head, units, batches(x, ids, 3), job, index, ids, readout=1, output_size=(H, W),
+                      unit_chunk=4)
+
+    # reference: every unit's map in one pass, Algorithm 1 per positive image with the
+    # annotations scaled by hand, mean histogram, entropy per unit
+    maps = excitation_maps(nn.Sequential(*trunk, *head), x, units, readout=1, output_size=(H, W)).double().numpy()
+    frame = index.images.set_index("image_id")
+    hists = []
+    for m, iid in enumerate(ids):
+        row = frame.loc[int(iid)]
+        if row["label"] != 0:
+            continue
+        sx, sy = W / row["width"], H / row["height"]
+        parts = row["parts"] * np.array([sx, sy, 1.0])
+        bbox = None if row["bbox"] is None else np.array(row["bbox"]) * np.array([sx, sy, sx, sy])
+        hists.append(part_probabilities(maps[m], parts, bbox))
+    hist = np.mean(hists, axis=0)
+    loc = entropy(hist)
+    rows = res.metrics
+    assert value(rows, "locality") == pytest.approx(loc.mean(), rel=1e-6)
+    ev = evidence_columns(PARTS + ["context"], ["beak", "wing"])
+    assert value(rows, "concept_recovery") == pytest.approx(concept_recovery(hist, ev), rel=1e-6)
+    assert list(rows["metric"]) == ["locality", "concept_recovery", "concept_coverage"]  # no locality_x rows
+    assert rows["n_features"].unique().tolist() == [9]
+    np.testing.assert_allclose(res.histograms[0][1], hist, rtol=1e-6, atol=1e-12)
+
+    # the same units drawn into a store and scored: equal rows (one pass: the very same maps)
+    store = tmp_path / "Zstored.zarr"
+    compute_heatmaps(trunk, [HeatmapJob(store, head, units, {"method": "Z"})], batches(x, ids, 3), ids,
+                     readout=1, output_size=(H, W))
+    stored = score_serial([ScoreJob(str(store), 0, "Z", class_index=0, hparams={"z_dims": "all"},
+                                    metrics=("locality", "concept_recovery"), feature_rows=False)],
+                          index, chunk_size=len(ids))
+    whole = score_units(trunk, head, units, batches(x, ids, 3), job, index, ids, readout=1, output_size=(H, W),
+                        unit_chunk=len(units))
+    a, b = stored.metrics.drop(columns="value"), whole.metrics.drop(columns="value")
+    pd.testing.assert_frame_equal(a, b)
+    np.testing.assert_allclose(whole.metrics["value"], stored.metrics["value"], rtol=1e-12)
+
+
+def write_seg(path: Path, labels: np.ndarray) -> None:
+    rgb = np.zeros((*labels.shape, 3), dtype=np.uint8)
+    rgb[..., 0] = (labels // 256) * 10
+    rgb[..., 1] = labels % 256
+    Image.fromarray(rgb).save(path)
+
+
+def test_objects_match_object_probabilities_and_unlabeled_is_left_out(tmp_path, rng) -> None:
+    trunk, head = chain()
+    rows, fine = [], []
+    for k in range(4):
+        labels = rng.choice([0, 3, 7, 300], size=(2 * H, 2 * W))
+        if k == 2:
+            labels[labels == 300] = 7  # an image without pillows: its columns differ from the others'
+        write_seg(tmp_path / f"m{k}_seg.png", labels)
+        fine.append(labels)
+        rows.append({"image_id": k, "path": f"m{k}.jpg", "label": 0, "split": "test", "width": 64.0,
+                     "height": 48.0, "bbox": None, "parts": None, "mask_path": f"m{k}_seg.png"})
+    index = DatasetIndex("ade", tmp_path, ["kitchen"], pd.DataFrame(rows),
+                         object_names={3: "bed", 7: "lamp", 300: "pillow"}, evidence={0: ["bed", "pillow"]})
+    ids = np.arange(4)
+    x = torch.randn(4, 3, 16, 16)
+    units = list(range(9))
+    job = ScoreJob(str(tmp_path / "Zall.zarr"), "kitchen", "Z", class_index=0, metrics=("locality",))
+    res = score_units(trunk, head, units, batches(x, ids, 2), job, index, ids, readout=1, output_size=(H, W),
+                      unit_chunk=5)
+    maps = excitation_maps(nn.Sequential(*trunk, *head), x, units, readout=1, output_size=(H, W)).double().numpy()
+    hist = np.mean([object_probabilities(maps[k], fine[k], 301) for k in range(4)], axis=0)
+    loc = entropy(hist[:, [3, 7, 300]])  # unlabeled (0) is not an object
+    assert value(res.metrics, "locality") == pytest.approx(loc.mean(), rel=1e-6)
+    for i in range(9):  # feature rows are on by default
+        assert value(res.metrics, f"locality_x{i}") == pytest.approx(loc[i], rel=1e-6)
+    assert res.histograms[0][0] == ["unlabeled", "bed", "lamp", "pillow"]
+
+
+def test_bad_requests_are_one_line_errors(tmp_path, rng) -> None:
+    trunk, head = chain()
+    index = cub_like(rng, 4)
+    ids = index.images["image_id"].to_numpy()
+    x = torch.randn(4, 3, 16, 16)
+    job = ScoreJob(str(tmp_path / "Z.zarr"), 0, "Z", class_index=0, metrics=("locality",))
+    kw = {"readout": 1, "output_size": (H, W), "unit_chunk": 4}
+    with pytest.raises(SraeError, match="never came in the batches"):
+        score_units(trunk, head, [0, 1], batches(x[:1], ids[:1], 1), job, index, ids, **kw)
+    with pytest.raises(InputError, match="not in image_ids"):
+        score_units(trunk, head, [0, 1], batches(x, ids + 1000, 2), job, index, ids, **kw)
+    with pytest.raises(InputError, match="O1/O2 need stored maps"):
+        score_units(trunk, head, [0], batches(x, ids, 2), ScoreJob("z", 0, "Z", class_index=0), index, ids, **kw)
+    with pytest.raises(InputError, match="uint8 images need mean and std"):
+        score_units(trunk, head, [0], batches(torch.zeros(4, 3, 16, 16, dtype=torch.uint8), ids, 2), job, index,
+                    ids, **kw)
+    with pytest.raises(InputError, match="no images to score"):
+        score_units(trunk, head, [0], batches(x, ids, 2), ScoreJob("z", 0, "Z", class_index=1, metrics=("locality",)),
+                    index, ids[:2], **kw)
+
+
+def test_the_z_column_defaults_to_every_dim_on_a_gpu_and_64_sampled_on_a_cpu(tmp_path, monkeypatch) -> None:
+    import tasks.heatmaps as TH
+    from srae.config import ExperimentConfig, HeatmapsConfig
+
+    def z_jobs(cfg: ExperimentConfig, device: str) -> list[dict]:
+        monkeypatch.setattr(TH, "resolve_device", lambda _: device)
+        ((_, jobs),) = TH.heatmap_jobs([], [[0]], {"fingerprint": "f" * 64}, {"sha256": "0" * 64}, cfg,
+                                      str(tmp_path), dataset={"annotations": "ab" * 8})
+        return [j for j in jobs if j["method"] == "Z"]
+
+    cfg = ExperimentConfig()
+    assert cfg.heatmaps.z_dims is None
+    (gpu,) = z_jobs(cfg, "cuda:0")
+    assert gpu["stream"] and gpu["hparams"] == {"z_dims": "all"} and gpu["metrics"] == ["locality"]
+    assert Path(gpu["heatmaps"]).name == "Zall-test.zarr" and "every dimension" in TH.z_column_note(cfg)
+    (cpu,) = z_jobs(cfg, "cpu")
+    assert not cpu.get("stream") and cpu["hparams"] == {"z_dims": 64} and Path(cpu["heatmaps"]).name == "Z64-test.zarr"
+    assert "64 sampled dimensions" in TH.z_column_note(cfg)
+    for z, device, want in ((8, "cuda:0", {"z_dims": 8}), ("all", "cpu", {"z_dims": "all"})):  # explicit wins
+        (job,) = z_jobs(cfg.model_copy(update={"heatmaps": HeatmapsConfig(z_dims=z)}), device)
+        assert job["hparams"] == want
+    none = cfg.model_copy(update={"heatmaps": HeatmapsConfig(z_dims=0)})
+    assert z_jobs(none, "cuda:0") == [] and "not computed" in TH.z_column_note(none)
+    for bad in (-1, "ALL", 2.5):
+        with pytest.raises(ValueError):
+            HeatmapsConfig(z_dims=bad)
