@@ -29,7 +29,7 @@ from tasks.common import Progress, artifact_key, run_logger, short_error
 from tasks.download import prepare_dataset
 from tasks.explainers import SAMPLE_KEYS, method_settings, shared_variants, train_explainer_group
 from tasks.features import extract_features_task
-from tasks.heatmaps import heatmap_group, heatmap_jobs
+from tasks.heatmaps import heatmap_group, heatmap_jobs, z_column_note
 from tasks.masking import masking_group
 from tasks.report import build_report_task
 from tasks.scoring import score_heatmaps, unscored_failures
@@ -173,6 +173,7 @@ def pipeline(config: str | dict[str, Any] = "configs/demo.yaml", categories: str
     hcfg["device"] = cfg.stage_device(cfg.heatmaps.device)
     heat_root = str(Path(cache) / "heatmaps")
     jobs_by_group = heatmap_jobs(expl_results, groups, ft, bb, cfg, heat_root, dataset=ds)
+    notes.append(z_column_note(cfg))
     samples = {k: getattr(cfg.explainer, k) for k in SAMPLE_KEYS}
     hfuts = [(g, opt(heatmap_group).submit(jobs, ds, bb, ft, hcfg, cache, samples))
              for g, jobs in jobs_by_group if jobs]

@@ -233,15 +233,37 @@ class ExplainerConfig(_Model):
         return v
 
 
+Z_DIMS_CPU = 64  # Z dims sampled by default when heatmaps are drawn on a CPU
+
+
 class HeatmapsConfig(_Model):
     """c-MWP heatmaps of x-features, of y-hat (ExcitationBP) and of sampled Z dims."""
 
     readout: str | None = Field(None, description="trunk layer read out (None: backbone default)")
     splits: list[Literal["train", "test"]] = ["test"]
     max_images: int | None = Field(16, ge=1, description="positive images per category and split")
-    z_dims: int = Field(16, ge=0, description="Z dims sampled for the Z locality column (0: none)")
+    z_dims: int | Literal["all"] | None = Field(
+        None, description="Z column: locality of this many sampled Z dims (their maps stored; 0: no Z column), "
+                          "or 'all' (the paper's column: every dim, scored as drawn, no maps stored); "
+                          "None: all on a GPU, 64 on a CPU")
+    z_chunk: int = Field(256, ge=1, description="Z dims per top-down pass when all are scored (memory vs speed)")
     batch_size: int = Field(16, ge=1)
     device: Device = "auto"
+
+    @field_validator("z_dims")
+    @classmethod
+    def _z_dims(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and not isinstance(v, bool) and v < 0:
+            raise ValueError("must be >= 0, 'all' or null")
+        return v
+
+    def effective_z_dims(self, device: str) -> int | str:
+        """``z_dims`` as it applies on ``device`` (a resolved device name): None means every
+        dim on an accelerator (the paper's column) and :data:`Z_DIMS_CPU` sampled ones on a CPU,
+        where drawing 4096 maps per image would take hours per category."""
+        if self.z_dims is not None:
+            return self.z_dims
+        return "all" if not str(device).startswith("cpu") else Z_DIMS_CPU
 
 
 class ScoringConfig(_Model):

@@ -142,7 +142,8 @@ MAIN_CAPTION = (
     "F_cls: share of images whose predicted class stays the same with y-bar in place of y-hat (higher is "
     "better). O1, O2 (orthogonality) and locality (entropy in nats of each map's mass over parts or "
     "objects, log of roughly how many it covers) on positive images, lower is better; they include "
-    "every x-feature's map, dead ones too. Z: ExcitationBP on sampled dimensions of Z; ExcitationBP: on "
+    "every x-feature's map, dead ones too. Z: ExcitationBP on dimensions of Z (all, or a sample: see Notes); "
+    "ExcitationBP: on "
     "y-hat. dead_x (not in the paper): x-features per category that fire on no training image; they add "
     "nothing to y-hat there, and the figures mark them.")
 

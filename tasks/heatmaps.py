@@ -1,6 +1,11 @@
 """Stage 5: c-MWP heatmaps per category group: x-features of each headline explainer,
-ExcitationBP on y-hat (the category's logit) and sampled dimensions of Z. Lasso's x-features
-are its selected Z dims and are drawn exactly like the Z column (contrasted at fc6).
+ExcitationBP on y-hat (the category's logit) and dimensions of Z. Lasso's x-features are its
+selected Z dims and are drawn exactly like the Z column (contrasted at fc6).
+
+The Z column either draws a sample of Z dims into a store like the others (scored by the
+scoring stage), or, with ``heatmaps.z_dims: all`` (the default on a GPU), scores every dim
+as its maps are drawn (:func:`srae.unit_locality.score_units`): no store, its rows go
+straight to the scores file the scoring stage would have written, which then reuses them.
 
 One Zarr group per (explainer or category, heatmap settings, split) holds ``maps``
 (M, n, H, W) float32 and ``image_id`` (M,), with ``complete: true`` written last. Images are
@@ -22,7 +27,8 @@ from prefect import task
 
 from srae.config import ExperimentConfig, stable_hash
 from srae.progress import ProgressLog
-from tasks.common import TASK_DEFAULTS, WAIT_FOR_OTHER_RUN_S, record_work, resolve_device, run_logger, short_error, stage_cache, timed
+from tasks.common import (TASK_DEFAULTS, WAIT_FOR_OTHER_RUN_S, atomic_write_parquet, record_work, resolve_device,
+                          run_logger, short_error, stage_cache, timed)
 
 LOCALITY_ONLY = ("locality", "concept_recovery")
 ALL_METRICS = ("locality", "O1", "O2", "concept_recovery")
@@ -72,6 +78,7 @@ def heatmap_jobs(expl_results: list[dict[str, Any]], groups: list[list[int]], fe
                     "heatmaps": str(root / rel / key / f"{split}.zarr"), "annotations": ann,
                     "metrics": list(ALL_METRICS if int(meta.get("n_features", 0)) > 1 else LOCALITY_ONLY)})
     fp = features["fingerprint"][:16]
+    z_dims = cfg.heatmaps.effective_z_dims(resolve_device(cfg.stage_device(cfg.heatmaps.device)))
     out = []
     for g in groups:
         jobs = []
@@ -82,17 +89,37 @@ def heatmap_jobs(expl_results: list[dict[str, Any]], groups: list[list[int]], fe
                 jobs.append({"method": "ExcitationBP", "category": c, "split": split, "explainer": None, "hparams": {},
                              "heatmaps": str(base / f"ExcitationBP-{split}.zarr"), "annotations": ann,
                              "metrics": list(LOCALITY_ONLY)})
-                if cfg.heatmaps.z_dims > 0:
+                if z_dims == "all":  # no store: "heatmaps" only names the scores file
                     jobs.append({"method": "Z", "category": c, "split": split, "explainer": None,
-                                 "hparams": {"z_dims": cfg.heatmaps.z_dims},
-                                 "heatmaps": str(base / f"Z{cfg.heatmaps.z_dims}-{split}.zarr"),
+                                 "hparams": {"z_dims": "all"}, "heatmaps": str(base / f"Zall-{split}.zarr"),
+                                 "annotations": ann, "metrics": ["locality"], "stream": True,
+                                 "experiment": cfg.name})
+                elif z_dims > 0:
+                    jobs.append({"method": "Z", "category": c, "split": split, "explainer": None,
+                                 "hparams": {"z_dims": z_dims}, "heatmaps": str(base / f"Z{z_dims}-{split}.zarr"),
                                  "annotations": ann, "metrics": ["locality"]})
         out.append((g, jobs))
     return out
 
 
+def z_column_note(cfg: ExperimentConfig) -> str:
+    """One report line saying what the Z column is made of in this run."""
+    z = cfg.heatmaps.effective_z_dims(resolve_device(cfg.stage_device(cfg.heatmaps.device)))
+    if z == "all":
+        return "Z column: ExcitationBP on every dimension of Z, each scored as it was drawn (heatmaps.z_dims: all)"
+    if z == 0:
+        return "Z column: not computed (heatmaps.z_dims: 0)"
+    return (f"Z column: ExcitationBP on {z} sampled dimensions of Z per category (heatmaps.z_dims; 'all' "
+            "scores every one, the paper's column)")
+
+
 def job_done(job: dict[str, Any]) -> bool:
-    """A job's heatmap group is complete and was drawn from its explainer as it is now."""
+    """A job's heatmap group is complete and was drawn from its explainer as it is now (a
+    streamed Z job: its scores are written)."""
+    if job.get("stream"):
+        from tasks.scoring import scores_path
+
+        return scores_path(job["heatmaps"], job.get("annotations")).is_file()
     if not group_complete(job["heatmaps"]):
         return False
     if not job.get("explainer"):
@@ -154,11 +181,8 @@ def _split_trunk(bb):
 def heatmap_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone: dict[str, Any],
                   features: dict[str, Any], heatmaps: dict[str, Any], cache_dir: str,
                   sample_settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Draw the missing heatmap groups among ``jobs``; return the done jobs and failures."""
-    from torch import nn
-
-    from srae.explainers import load_explainer
-    from srae.heatmaps import HeatmapJob, compute_heatmaps, explainer_head
+    """Draw the missing heatmap groups among ``jobs`` (and score the streamed Z jobs); return
+    the done jobs and failures."""
     from tasks.backbone import load_fitted_backbone
     from tasks.download import load_index
 
@@ -177,41 +201,95 @@ def heatmap_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone:
         for j in todo:
             by_cat.setdefault((j["category"], j["split"]), []).append(j)
         progress = ProgressLog(logger, "heatmaps", len(by_cat), "categories drawn")
+        draw = _Drawing(bb, base, tail, ro, ro_name, index, path_of, dev, int(heatmaps.get("batch_size", 16)))
         for done, ((c, split), cj) in enumerate(by_cat.items()):
             progress.update(done)
-            try:
-                with timed() as t:
-                    ids, z = _images(dataset, features, c, split, sample_settings or {}, heatmaps.get("max_images"))
-                    if len(ids) == 0:
-                        raise ValueError(f"no positive {split} images")
-                    hjobs = []
-                    for j in cj:
-                        attrs = {"method": j["method"], "category": int(c), "split": split, "readout_name": ro_name}
-                        if j["method"] == "ExcitationBP":
-                            head, units = nn.Sequential(*tail, *bb.head), [int(c)]
-                        elif j["method"] == "Z":
-                            units = _z_dims(z, int(j["hparams"]["z_dims"]), c)
-                            head = nn.Sequential(*tail)
-                        else:  # Lasso's x-features are Z dims: drawn like the Z column (see explainer_head)
-                            head, units, extra = explainer_head(load_explainer(j["explainer"]), tail)
-                            head = head.to(dev)
-                            attrs.update(extra)
-                            attrs["explainer"] = str(j["explainer"])
-                            attrs["explainer_sha256"] = _explainer_sha(j["explainer"])
-                        hjobs.append(HeatmapJob(Path(j["heatmaps"]), head, units, attrs))
-                    drawn = [0]  # batches consumed: none when another run drew the maps meanwhile
-                    batches = _batches(index, path_of, ids, bb.input_size, int(heatmaps.get("batch_size", 16)))
-                    compute_heatmaps(base, hjobs, _counted(batches, drawn),
-                                     ids, readout=ro, output_size=bb.input_size, mean=bb.mean, std=bb.std,
-                                     wait_for_writer=WAIT_FOR_OTHER_RUN_S)
-                if drawn[0]:
-                    record_work(cache_dir, "heatmaps", f"{c}/{split}", t(), category=int(c),
-                                methods=[j["method"] for j in cj])
-            except Exception as exc:  # one category's failure must not stop the others
-                logger.warning("heatmaps for class %d (%s) failed: %s", c + 1, split, exc)  # 1-based, as the CLI
-                failed += [{"category": c, "stage": "heatmaps", "method": j["method"], "error": short_error(exc)}
-                           for j in cj]
+            stored = [j for j in cj if not j.get("stream")]
+            ids = z = None
+            for part in ([stored] if stored else []) + [[j] for j in cj if j.get("stream")]:
+                try:
+                    with timed() as t:
+                        if ids is None:
+                            ids, z = _images(dataset, features, c, split, sample_settings or {},
+                                             heatmaps.get("max_images"))
+                        if len(ids) == 0:
+                            raise ValueError(f"no positive {split} images")
+                        worked = (draw.score_streamed(part[0], ids, int(heatmaps.get("z_chunk", 256)))
+                                  if part[0].get("stream") else draw.stored(part, ids, z))
+                    if worked:
+                        record_work(cache_dir, "heatmaps", f"{c}/{split}", t(), category=int(c),
+                                    methods=[j["method"] for j in part])
+                except Exception as exc:  # one category's failure must not stop the others
+                    logger.warning("heatmaps for class %d (%s) failed: %s", c + 1, split, exc)  # 1-based, as the CLI
+                    failed += [{"category": c, "stage": "heatmaps", "method": j["method"], "error": short_error(exc)}
+                               for j in part]
     return {"done": [j for j in jobs if job_done(j)], "failed": failed}
+
+
+class _Drawing:
+    """One heatmap task's backbone split at Z, its dataset and settings: draws a category's
+    stored groups, or scores its streamed Z job."""
+
+    def __init__(self, bb, trunk, tail, readout: int, readout_name: str, index, path_of: dict[int, str],
+                 device: str, batch_size: int) -> None:
+        self.bb, self.trunk, self.tail, self.readout, self.readout_name = bb, trunk, tail, readout, readout_name
+        self.index, self.path_of, self.device, self.batch_size = index, path_of, device, batch_size
+
+    def _batches(self, ids: np.ndarray, seen: list[int]) -> Iterator[Any]:
+        return _counted(_batches(self.index, self.path_of, ids, self.bb.input_size, self.batch_size), seen)
+
+    def stored(self, jobs: list[dict[str, Any]], ids: np.ndarray, z: np.ndarray) -> bool:
+        """Draw (or finish) the stores of ``jobs`` (one category and split); True if any
+        image was drawn (none when another run drew the maps meanwhile)."""
+        from torch import nn
+
+        from srae.explainers import load_explainer
+        from srae.heatmaps import HeatmapJob, compute_heatmaps, explainer_head
+
+        hjobs = []
+        for j in jobs:
+            c = int(j["category"])
+            attrs = {"method": j["method"], "category": c, "split": j["split"], "readout_name": self.readout_name}
+            if j["method"] == "ExcitationBP":
+                head, units = nn.Sequential(*self.tail, *self.bb.head), [c]
+            elif j["method"] == "Z":
+                units = _z_dims(z, int(j["hparams"]["z_dims"]), c)
+                head = nn.Sequential(*self.tail)
+            else:  # Lasso's x-features are Z dims: drawn like the Z column (see explainer_head)
+                head, units, extra = explainer_head(load_explainer(j["explainer"]), self.tail)
+                head = head.to(self.device)
+                attrs.update(extra)
+                attrs["explainer"] = str(j["explainer"])
+                attrs["explainer_sha256"] = _explainer_sha(j["explainer"])
+            hjobs.append(HeatmapJob(Path(j["heatmaps"]), head, units, attrs))
+        drawn = [0]
+        compute_heatmaps(self.trunk, hjobs, self._batches(ids, drawn), ids, readout=self.readout,
+                         output_size=self.bb.input_size, mean=self.bb.mean, std=self.bb.std,
+                         wait_for_writer=WAIT_FOR_OTHER_RUN_S)
+        return drawn[0] > 0
+
+    def score_streamed(self, job: dict[str, Any], ids: np.ndarray, unit_chunk: int) -> bool:
+        """Score every Z dim of ``job``'s category on ``ids`` and write its scores file; False
+        when another run wrote it meanwhile (waited for under the group's writer lock)."""
+        from torch import nn
+
+        from srae.scoring import ScoreJob
+        from srae.stores import writer_lock
+        from srae.unit_locality import score_units
+        from tasks.scoring import scores_path
+
+        with writer_lock(Path(job["heatmaps"]), WAIT_FOR_OTHER_RUN_S, what="Z locality"):
+            if job_done(job):
+                return False
+            c = int(job["category"])
+            spec = ScoreJob(heatmaps=job["heatmaps"], category=c, method="Z", split=job["split"], class_index=c,
+                            experiment=str(job.get("experiment", "")), hparams=job["hparams"],
+                            metrics=tuple(job["metrics"]), feature_rows=False)
+            res = score_units(self.trunk, nn.Sequential(*self.tail), range(self.bb.z_dim), self._batches(ids, [0]),
+                              spec, self.index, ids, readout=self.readout, output_size=self.bb.input_size,
+                              mean=self.bb.mean, std=self.bb.std, unit_chunk=unit_chunk)
+            atomic_write_parquet(res.metrics, scores_path(job["heatmaps"], job.get("annotations")))
+        return True
 
 
 def _counted(items: Iterable[Any], seen: list[int]) -> Iterator[Any]:

@@ -6,6 +6,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from tasks.common import read_work_log
 from tests.conftest import tiny_pipeline_config
 
@@ -73,3 +75,34 @@ def test_changing_one_hyperparameter_recomputes_only_its_dependants(tiny_run):
     assert {r["method"] for r in by_stage["masking"]} == {"SRAE"}
     assert all(r["methods"] == ["SRAE"] for r in by_stage["heatmaps"])
     assert sorted(r["category"] for r in by_stage["explainers"]) == [0, 1]
+
+
+def _z_rows(tiny_run, tag: str):
+    import json
+
+    from srae import report as R
+
+    df = R.read_metrics(tiny_run["base"] / f"report-{tag}" / "metrics.parquet")
+    z = df[(df["method"] == "Z") & (df["metric"] == "locality")].sort_values("category")
+    return z, [json.loads(h) for h in z["hparams"]]
+
+
+def test_z_column_over_all_dims_is_scored_as_drawn_and_equals_stored_maps(tiny_run):
+    """``heatmaps.z_dims: all`` scores every Z dim while drawing it (no store; no scoring-stage
+    work); drawing all 256 dims into stores and scoring them gives the same locality."""
+    new = _run(tiny_run, "zall", **{"heatmaps.z_dims": "all"})
+    assert {r["stage"] for r in new} == {"heatmaps"}
+    assert sorted((r["category"], tuple(r["methods"])) for r in new) == [(0, ("Z",)), (1, ("Z",))]
+    cache = Path(tiny_run["config"]["cache_dir"])
+    assert not list(cache.glob("heatmaps/**/Zall-test.zarr"))  # nothing stored but the scores
+    assert len(list(cache.glob("heatmaps/**/Zall-test.zarr.a*.scores.parquet"))) == 2
+    streamed, hps = _z_rows(tiny_run, "zall")
+    assert hps == [{"z_dims": "all"}] * 2 and list(streamed["n_features"]) == [256, 256]
+
+    stored_run = _run(tiny_run, "z256", **{"heatmaps.z_dims": 256})  # 256 of 256 dims: every one
+    assert {r["stage"] for r in stored_run} == {"heatmaps", "scoring"}
+    stored, _ = _z_rows(tiny_run, "z256")
+    np.testing.assert_allclose(streamed["value"].to_numpy(), stored["value"].to_numpy(), rtol=1e-6)
+    assert list(stored["category"]) == list(streamed["category"]) == [0, 1]
+
+    assert _run(tiny_run, "zall-again", **{"heatmaps.z_dims": "all"}) == []  # scores reused
