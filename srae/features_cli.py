@@ -1,11 +1,12 @@
 """``srae features CONFIG``: extract Z and logits of a dataset into the feature store.
 
 This runs the feature stage on its own, for a dataset already on disk and a backbone
-checkpoint already trained (``srae run`` does every stage, fitting the demo CNN and
-generating or downloading the data as needed). Options override the config's values.
-The dataset is looked up where ``srae run`` keeps it (:func:`srae.datasets.common.dataset_dir`:
-``<dataset.root>/<kind>-<hash>`` for synthetic data), and ``srae run`` leaves the fitted
-backbone in ``<cache_dir>/backbones/<name>-<key>/model.safetensors``.
+already fitted (``srae run`` does every stage, fitting the backbone and generating or
+downloading the data as needed). Options override the config's values. The dataset is
+looked up where ``srae run`` keeps it (:func:`srae.datasets.common.dataset_dir`:
+``<dataset.root>/<kind>-<hash>`` for synthetic data), and the weights where ``srae run``
+leaves the fitted backbone (:func:`srae.fit_cache.fitted_dir`), so both commands explain
+the same network.
 """
 
 from __future__ import annotations
@@ -62,6 +63,27 @@ def _holds_dataset(kind: str, root: Path) -> bool:
     return True
 
 
+def config_weights(config, index) -> Path | None:
+    """The weights ``srae run`` extracts features with for this config and dataset: with
+    ``backbone.fit.epochs: 0``, ``backbone.checkpoint`` as it is (None: VGG's ImageNet
+    weights); otherwise the finished fit ``srae run`` left in the cache
+    (:func:`srae.fit_cache.fitted_dir`). No finished fit is a one-line error: features of
+    the starting weights would silently explain another network (VGG with a random head)."""
+    from srae.fit_cache import finished_fit, fitted_dir
+
+    bb = config.backbone
+    if bb.fit.epochs == 0:
+        return None if bb.checkpoint is None else Path(bb.checkpoint)
+    where = fitted_dir(config.cache_dir, bb, index.manifest_fingerprint(), index.num_classes)
+    found = finished_fit(where)
+    if found is None:
+        raise InputError(f"features: no fitted {bb.name} for this config and dataset at {where} "
+                         f"(backbone.fit.epochs {bb.fit.epochs}): run `srae run CONFIG` first, pass --checkpoint, "
+                         "or set backbone.fit.epochs: 0 to use the starting weights as they are")
+    log.info("features: using the %s that `srae run` fitted, %s", bb.name, found)
+    return found
+
+
 def features_from_config(config, *, dataset_root: Path | None = None, checkpoint: Path | None = None,
                          store_root: Path | None = None, device: str | None = None,
                          batch_size: int | None = None, num_workers: int | None = None,
@@ -69,9 +91,8 @@ def features_from_config(config, *, dataset_root: Path | None = None, checkpoint
     """Extract the features described by an :class:`~srae.config.ExperimentConfig`.
 
     The dataset is read from ``dataset_root`` (default: :func:`config_dataset_root`, where
-    ``srae run`` put it); the weights come from ``checkpoint`` (default
-    ``config.backbone.checkpoint``; VGG without one uses the ImageNet weights of the torch
-    hub cache). Returns the store's path.
+    ``srae run`` put it); the weights come from ``checkpoint`` (default: those ``srae run``
+    uses, :func:`config_weights`). Returns the store's path.
     """
     from srae.backbones import build_backbone, load_backbone
     from srae.devices import resolve_device
@@ -89,10 +110,7 @@ def features_from_config(config, *, dataset_root: Path | None = None, checkpoint
     root = Path(dataset_root) if dataset_root is not None else config_dataset_root(ds)
     index = read_dataset(ds.kind, root, class_names=ds.class_names,
                          places_root=ds.places_root, places_per_class=ds.places_per_class)
-    ckpt = checkpoint or bb_cfg.checkpoint
-    if ckpt is None and bb_cfg.name == "demo_cnn":
-        raise InputError("features: demo_cnn needs a trained checkpoint: pass --checkpoint or set "
-                         f"backbone.checkpoint (`srae run CONFIG` trains it into {CHECKPOINT_HINT})")
+    ckpt = checkpoint if checkpoint is not None else config_weights(config, index)
     if ckpt is not None and Path(ckpt).suffix == ".safetensors":
         backbone = load_backbone(ckpt)
         if backbone.name != bb_cfg.name or backbone.num_classes != index.num_classes:
@@ -130,16 +148,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "features", help="extract Z (fc6) and logits of every image into the Zarr feature store",
         description="Run the CNN over every image of the config's dataset and store Z (fc6 after its ReLU) "
                     "and the logits in <cache_dir>/features/<fingerprint>.zarr. An interrupted run resumes "
-                    "where it stopped; a finished store is reused. Needs the dataset on disk and, for the "
-                    "demo CNN, a trained checkpoint (`srae run` does all stages). The dataset is read where "
-                    "`srae run` keeps it (<dataset.root>/<kind>-<hash> for synthetic data), and `srae run` leaves "
-                    f"the fitted demo CNN in {CHECKPOINT_HINT} (e.g. data/cache/backbones/demo_cnn-<key>/"
-                    "model.safetensors): pass that file as --checkpoint.")
+                    "where it stopped; a finished store is reused. Needs the dataset on disk and the backbone "
+                    "`srae run` uses (`srae run` does all stages). The dataset is read where `srae run` keeps it "
+                    "(<dataset.root>/<kind>-<hash> for synthetic data); the weights are the backbone `srae run` "
+                    f"fitted for this config and dataset, found in {CHECKPOINT_HINT}, or backbone.checkpoint as "
+                    "it is when backbone.fit.epochs is 0 (VGG without one: the ImageNet weights). --checkpoint "
+                    "overrides both.")
     p.add_argument("config", type=Path, help="experiment YAML file")
     p.add_argument("--dataset-root", type=Path, default=None,
                    help="dataset directory (default: where `srae run` keeps the config's dataset)")
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help=f"backbone weights (default: backbone.checkpoint; `srae run` writes {CHECKPOINT_HINT})")
+                   help=f"backbone weights (default: those `srae run` uses: its fit in {CHECKPOINT_HINT}, "
+                        "or backbone.checkpoint with fit.epochs 0)")
     p.add_argument("--store-root", type=Path, default=None, help="where stores go (default: <cache_dir>/features)")
     p.add_argument("--device", type=T.device, default=None, help="auto, cpu, cuda, cuda:N, mps (default: features.device)")
     p.add_argument("--batch-size", type=T.count(1), default=None, help="images per batch (default: features.batch_size)")

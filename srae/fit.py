@@ -29,14 +29,13 @@ from srae import __version__, cancel
 from srae.backbones import Backbone, build_backbone, file_sha256, load_backbone, resolve_device, save_backbone
 from srae.datasets.common import DatasetIndex
 from srae.errors import InputError
+from srae.fit_cache import MODEL_FILE, SUMMARY_FILE
 from srae.images import BAD_LABEL, ImageDataset, normalize
 from srae.stores import temp_beside
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
-MODEL_FILE = "model.safetensors"
-SUMMARY_FILE = "fit.json"
 
 
 @dataclass

@@ -17,15 +17,13 @@ from typing import Any
 
 from prefect import task
 
+from srae import fit_cache
 from srae.config import BackboneConfig, stable_hash
 from srae.errors import SraeError
 from srae.stores import writer_lock
 from tasks.common import (WAIT_FOR_OTHER_RUN_S, retry_unless_user_error, TASK_DEFAULTS, record_work, resolve_device,
                           run_logger, stage_cache, timed)
 from tasks.download import load_index
-
-MODEL_FILE = "model.safetensors"
-SUMMARY_FILE = "fit.json"
 
 
 def initial_weights(backbone: dict[str, Any], num_classes: int) -> tuple[str, int]:
@@ -43,48 +41,18 @@ def initial_weights(backbone: dict[str, Any], num_classes: int) -> tuple[str, in
 
 
 def start_identity(backbone: dict[str, Any], num_classes: int) -> dict[str, Any]:
-    """What decides the weights a backbone starts from, from cheap facts only (no build, no
-    hashing): the architecture settings and seed, the checkpoint file's path, size and mtime,
-    and the torch/torchvision versions (random init and ImageNet weights come from them).
-    Raises :class:`SraeError` for a missing checkpoint."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    bb = BackboneConfig.model_validate(backbone)
-    ckpt = None
-    if bb.checkpoint is not None:
-        path = Path(bb.checkpoint)
-        if not path.is_file():
-            raise SraeError(f"backbone.checkpoint: {path} not found")
-        st = path.stat()
-        ckpt = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-    def ver(dist: str) -> str:
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            return "?"
-
-    return {"name": bb.name, "num_classes": int(num_classes), "input_size": bb.input_size,
-            "pretrained": bb.pretrained, "seed": bb.fit.seed, "checkpoint": ckpt,
-            "torch": ver("torch"), "torchvision": ver("torchvision")}
+    """What decides the weights a backbone starts from, from cheap facts only
+    (:func:`srae.fit_cache.start_identity` of the config section)."""
+    return fit_cache.start_identity(BackboneConfig.model_validate(backbone), num_classes)
 
 
 def backbone_dir(cache_dir: str | Path, backbone: dict[str, Any], dataset: dict[str, Any]) -> Path:
     """Where the fitted backbone of this config section on ``dataset`` (the dataset stage's
-    result: ``fingerprint``, ``num_classes``) lives.
-
-    Named by everything :func:`srae.fit.fit` compares before reusing a finished fit (dataset,
-    starting weights, fit settings, package version), with the starting weights named by
-    :func:`start_identity` rather than their sha256, so that checking the cache never builds
-    a network or hashes a 500 MB checkpoint. Any change of those inputs gives a new
-    directory, so fit never meets a finished fit made with other settings."""
-    from srae import fit as F
-
-    bb = BackboneConfig.model_validate(backbone)
-    key = stable_hash({"start": start_identity(backbone, int(dataset["num_classes"])),
-                       "fit": bb.fit.model_dump(mode="json", exclude={"device"}),
-                       "dataset": dataset["fingerprint"], "version": F.__version__}, 16)
-    return Path(cache_dir) / "backbones" / f"{bb.name}-{key}"
+    result: ``fingerprint``, ``num_classes``) lives: :func:`srae.fit_cache.fitted_dir`, the
+    directory ``srae features`` looks in too. Checking it never builds a network or hashes
+    a checkpoint."""
+    return fit_cache.fitted_dir(cache_dir, BackboneConfig.model_validate(backbone), dataset["fingerprint"],
+                                int(dataset["num_classes"]))
 
 
 def _outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
@@ -93,7 +61,7 @@ def _outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
         start = start_identity(inputs["backbone"], int(inputs["dataset"]["num_classes"]))
         return [(str(bb.checkpoint or bb.name), True), (f"weights:{stable_hash(start, 16)}", True)]
     d = backbone_dir(inputs["cache_dir"], inputs["backbone"], inputs["dataset"])
-    return [(str(d), (d / MODEL_FILE).is_file() and (d / SUMMARY_FILE).is_file())]
+    return [(str(d), fit_cache.finished_fit(d) is not None)]
 
 
 @task(name="backbone", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error, cache_policy=stage_cache(_outputs), **TASK_DEFAULTS)
@@ -119,7 +87,7 @@ def prepare_backbone(backbone: dict[str, Any], dataset: dict[str, Any], cache_di
     out.parent.mkdir(parents=True, exist_ok=True)
     # another run fitting the same backbone (overlapping schedules) is waited for, then reused
     with writer_lock(out, WAIT_FOR_OTHER_RUN_S, what="backbone"), timed() as t:
-        done = (out / MODEL_FILE).is_file() and (out / SUMMARY_FILE).is_file()
+        done = fit_cache.finished_fit(out) is not None
         res = fit(index, out, backbone=bb.name, checkpoint=bb.checkpoint, pretrained=bb.pretrained,
                   input_size=bb.input_size, epochs=bb.fit.epochs, lr=bb.fit.lr, batch_size=bb.fit.batch_size,
                   weight_decay=bb.fit.weight_decay, seed=bb.fit.seed, augment=bb.fit.augment,

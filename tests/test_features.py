@@ -308,7 +308,7 @@ def test_features_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     bb = build_backbone("demo_cnn", 2, input_size=32, seed=0)
     save_backbone(bb, tmp_path / "bb.safetensors")
     config = {"cache_dir": str(tmp_path / "cache"), "dataset": {"kind": "synthbirds", "root": str(root)},
-              "backbone": {"name": "demo_cnn", "checkpoint": str(tmp_path / "bb.safetensors")},
+              "backbone": {"name": "demo_cnn", "checkpoint": str(tmp_path / "bb.safetensors"), "fit": {"epochs": 0}},
               "features": {"batch_size": 4, "num_workers": 0, "device": "cpu"}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     parser = argparse.ArgumentParser()
@@ -318,9 +318,9 @@ def test_features_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     printed = capsys.readouterr().out
     direct = extract_features(read_cub(root, name="synthbirds"), bb, tmp_path / "cache" / "features", **OPTS)
     assert printed.startswith(str(direct)) and "8 images" in printed  # same inputs, same store
-    config["backbone"]["checkpoint"] = None
+    config["backbone"]["fit"]["epochs"] = 3  # the checkpoint is now where `srae run` starts fitting from
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(InputError, match="--checkpoint"):
+    with pytest.raises(InputError, match="no fitted demo_cnn .* run `srae run CONFIG` first, pass --checkpoint"):
         args.func(parser.parse_args(["features", str(tmp_path / "c.yaml")]))
 
 

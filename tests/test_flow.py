@@ -82,6 +82,25 @@ def test_artifacts_are_published(tiny_run):
     assert "report.html" in by_key["srae-tiny-report"].data
 
 
+def test_srae_features_finds_the_backbone_srae_run_fitted(tiny_run, tmp_path):
+    """`srae features CONFIG` after `srae run CONFIG` extracts with the fitted weights: the
+    same fingerprint (dataset + weights sha256) and the same Z as the pipeline's store. It used
+    to take the starting weights (VGG: ImageNet trunk with a random head) without a word."""
+    from srae.config import config_from_dict
+    from srae.features import open_features
+    from srae.features_cli import features_from_config
+
+    cfg = config_from_dict(tiny_run["config"])
+    assert cfg.backbone.fit.epochs > 0 and cfg.backbone.checkpoint is None
+    path = features_from_config(cfg, store_root=tmp_path / "st", progress=False)
+    pipeline_stores = sorted((Path(cfg.cache_dir) / "features").glob("*.zarr"))
+    assert [p.name for p in pipeline_stores] == [path.name]
+    mine, theirs = open_features(path), open_features(pipeline_stores[0])
+    assert list(mine.image_id) == list(theirs.image_id)
+    np.testing.assert_allclose(mine.z[:], theirs.z[:], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mine.logits[:], theirs.logits[:], rtol=1e-5, atol=1e-5)
+
+
 def test_failed_category_is_reported_and_the_others_complete(tiny_run, monkeypatch, caplog):
     """Category id 3 (label 2) is made to fail: in the library (sample design raises) and as a
     crashing task (the neural trainer raises); categories 1-2 still get their full report."""
