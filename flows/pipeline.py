@@ -232,7 +232,7 @@ def pipeline(config: str | dict[str, Any] = "configs/demo.yaml", categories: str
         cfg.name, str(cfg.report.out_dir), expl_results, score_files, masking_files, class_names=names,
         lasso_alpha=None,  # headline Lasso rows are the non-sweep ones
         failed=failed, bad_inputs=ds["bad_inputs"] + ft.get("bad_inputs", []), timings=dict(st.times),
-        config_yaml=dump_config(cfg) if cfg.report.include_config else None, figures=figures, notes=notes, title=cfg.report.title)
+        config_yaml=dump_config(cfg, applicable_only=True) if cfg.report.include_config else None, figures=figures, notes=notes, title=cfg.report.title)
     st.done()
     if failed:  # the run still completes (failure isolation); say so where a scheduler looks
         cats = sorted({f["category"] for f in failed if isinstance(f.get("category"), int)})

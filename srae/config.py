@@ -97,6 +97,14 @@ class DatasetConfig(_Model):
     places_root: UserPath | None = Field(None, description="places only: Places365 lists/images added for training")
     places_per_class: int | None = Field(None, ge=1, description="places only: Places365 images per class and split")
 
+    def unused_fields(self) -> set[str]:
+        """Fields this dataset kind ignores: the generator's on real data, the archive URL on
+        generated data, the Places365/class-list reader options on CUB-style data."""
+        unused = {"classes", "per_class", "size", "seed"} if not self.kind.startswith("synth") else {"url"}
+        if self.kind in ("synthbirds", "cub"):
+            unused |= {"class_names", "places_root", "places_per_class"}
+        return unused
+
     @model_validator(mode="after")
     def _generator_limits(self) -> DatasetConfig:
         if self.kind == "synthrooms" and self.classes > SYNTHROOMS_MAX_CLASSES:
@@ -490,9 +498,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def dump_config(config: ExperimentConfig, path: str | Path | None = None) -> str:
-    """YAML text of ``config`` (written to ``path`` when given)."""
-    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, default_flow_style=None)
+def dump_config(config: ExperimentConfig, path: str | Path | None = None, *, applicable_only: bool = False) -> str:
+    """YAML text of ``config`` (written to ``path`` when given). ``applicable_only`` leaves out
+    the dataset fields its kind ignores (:meth:`DatasetConfig.unused_fields`), as a report
+    shows it; the text still loads to an equivalent config."""
+    data = config.model_dump(mode="json")
+    if applicable_only:
+        for name in config.dataset.unused_fields():
+            data["dataset"].pop(name, None)
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
     if path is not None:
         Path(path).write_text(text)
     return text

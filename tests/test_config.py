@@ -51,6 +51,21 @@ def test_yaml_round_trip(tmp_path):
     assert yaml.safe_load(path.read_text())["explainer"]["grid"]["eta"] == [0.5]
 
 
+@pytest.mark.parametrize("name, gone, kept", [
+    ("cub", {"classes", "per_class", "size", "seed", "class_names", "places_root", "places_per_class"}, {"url"}),
+    ("places", {"classes", "per_class", "size", "seed"}, {"url", "class_names", "places_root"}),
+    ("demo", {"url", "class_names", "places_root", "places_per_class"}, {"classes", "per_class", "size", "seed"}),
+])
+def test_report_config_leaves_out_the_dataset_fields_its_kind_ignores(name, gone, kept):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    shown = yaml.safe_load(dump_config(cfg, applicable_only=True))
+    assert not gone & set(shown["dataset"]) and kept <= set(shown["dataset"])
+    back = config_from_dict(shown)  # still loads, to the same config but for ignored fields
+    assert back.model_dump(exclude={"dataset"}) == cfg.model_dump(exclude={"dataset"})
+    assert back.dataset.model_dump(exclude=gone) == cfg.dataset.model_dump(exclude=gone)
+    assert set(yaml.safe_load(dump_config(cfg))["dataset"]) >= gone  # the full dump keeps them
+
+
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
