@@ -14,7 +14,9 @@ so scoring stored maps of the same units gives the same locality (test).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,12 +24,15 @@ import torch
 from torch import Tensor, nn
 
 from srae import cancel
+from srae.config import stable_hash
 from srae.datasets.common import DatasetIndex
 from srae.errors import InputError, SraeError
 from srae.excitation import excitation_maps_chunked
 from srae.heatmaps import batch_images, unpack_batch
+from srae.progress import ProgressLog
 from srae.scoring import (ChunkSpec, ChunkStats, ScoreJob, ScoreResult, _Annotations, _chunk_spec, reduce_results,
                           spec_labels, spec_part_geometry)
+from srae.stores import temp_beside
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +74,39 @@ class _Weights:
         return (torch.from_numpy(pos).to(device), torch.from_numpy(dense).to(device))
 
 
+class _Resume:
+    """The running sums of :func:`score_units` in one ``.npz`` file, tagged with the hash of
+    everything they depend on, so a file made for other units, images or settings is never
+    mixed in."""
+
+    def __init__(self, path: str | Path, identity: dict[str, Any]) -> None:
+        self.path, self.key = Path(path), stable_hash(identity, 32)
+
+    def load(self, shape: tuple[int, ...]) -> tuple[np.ndarray, list[int]] | None:
+        try:
+            with np.load(self.path, allow_pickle=False) as f:
+                if str(f["key"]) != self.key or f["hist"].shape != shape:
+                    return None
+                return f["hist"].astype(np.float64), [int(i) for i in f["seen"]]
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # noqa: BLE001 - a damaged file (a write cut short): start over
+            log.warning("%s: unreadable (%s), starting over", self.path, exc)
+            return None
+
+    def save(self, hist: np.ndarray, seen: set[int]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_beside(self.path)
+        with open(tmp, "wb") as fh:
+            np.savez(fh, key=np.array(self.key), hist=hist, seen=np.array(sorted(seen), dtype=np.int64))
+        os.replace(tmp, self.path)
+
+
 def score_units(trunk: nn.Module | Sequence[nn.Module], head: nn.Module | Sequence[nn.Module],
                 units: Sequence[int], batches: Iterable[Any], job: ScoreJob, index: DatasetIndex,
                 image_ids: Sequence[int] | np.ndarray, *, readout: int | str, output_size: int | tuple[int, int],
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, unit_chunk: int = 256,
-                contrastive: bool = True) -> ScoreResult:
+                contrastive: bool = True, resume: str | Path | None = None) -> ScoreResult:
     """Locality rows of ``units`` of ``trunk + head`` over the images ``image_ids`` (c-MWP,
     as :func:`srae.heatmaps.compute_heatmaps` would draw them), without storing any map.
 
@@ -82,6 +115,11 @@ def score_units(trunk: nn.Module | Sequence[nn.Module], head: nn.Module | Sequen
     ``class_index``) and which metrics (locality and concept recovery; orthogonality needs
     every map of an x-feature and is not offered here). ``job.heatmaps`` is only a label.
     Work runs on the device of ``trunk``'s parameters, ``unit_chunk`` units per pass.
+
+    ``resume`` names a file holding the sums so far, rewritten atomically after every batch:
+    a rerun with the same units, images, job and drawing settings continues from it (every
+    image's maps cost ~4096 top-down passes on VGG); any other file there is ignored and
+    replaced. The caller deletes it once the result is safely written.
     """
     if {"O1", "O2"} & set(job.metrics):
         raise InputError(f"{job.method}: O1/O2 need stored maps; score_units computes locality and concept recovery")
@@ -99,6 +137,15 @@ def score_units(trunk: nn.Module | Sequence[nn.Module], head: nn.Module | Sequen
     device = next(p for m in ([trunk] if isinstance(trunk, nn.Module) else trunk) for p in m.parameters()).device
     hist = torch.zeros((len(units), weights.cols.size), dtype=torch.float64, device=device)
     seen: set[int] = set()
+    state = _Resume(resume, {"units": units, "ids": ids.tolist(), "job": [job.heatmaps, job.category, job.method,
+                                                                        job.split, job.class_index, job.positives_only],
+                             "readout": str(readout), "size": [height, width], "contrastive": bool(contrastive),
+                             "cols": weights.cols.tolist()}) if resume is not None else None
+    if state is not None and (old := state.load(hist.shape)) is not None:
+        hist += torch.from_numpy(old[0]).to(device)
+        seen.update(old[1])
+        log.info("%s: resuming, %d of %d images already scored", job.heatmaps, len(seen), len(scored))
+    progress = ProgressLog(log, f"{job.method} locality, category {job.category}", len(scored), "images scored")
     planned = set(ids.tolist())
     for batch in batches:
         cancel.check("Z locality")
@@ -121,6 +168,9 @@ def score_units(trunk: nn.Module | Sequence[nn.Module], head: nn.Module | Sequen
                     raise SraeError(f"{job.method} maps of image {int(bids[keep[b]])}: contain NaN or inf")
                 hist[start:stop, pos] += (flat @ wmat.T) / torch.where(total > 0, total, 1.0)[:, None]
         seen.update(int(bids[b]) for b in keep)
+        if state is not None:
+            state.save(hist.cpu().numpy(), seen)
+        progress.update(len(seen))
     missing = sorted(set(scored) - seen)
     if missing:
         raise SraeError(f"{job.heatmaps}: {len(missing)} planned images never came in the batches "

@@ -6,6 +6,8 @@ The Z column either draws a sample of Z dims into a store like the others (score
 scoring stage), or, with ``heatmaps.z_dims: all`` (the default on a GPU), scores every dim
 as its maps are drawn (:func:`srae.unit_locality.score_units`): no store, its rows go
 straight to the scores file the scoring stage would have written, which then reuses them.
+Its running sums are kept beside that file after every batch (``*.partial.npz``), so an
+interrupted category resumes with the images it had not scored.
 
 One Zarr group per (explainer or category, heatmap settings, split) holds ``maps``
 (M, n, H, W) float32 and ``image_id`` (M,), with ``complete: true`` written last. Images are
@@ -285,10 +287,13 @@ class _Drawing:
             spec = ScoreJob(heatmaps=job["heatmaps"], category=c, method="Z", split=job["split"], class_index=c,
                             experiment=str(job.get("experiment", "")), hparams=job["hparams"],
                             metrics=tuple(job["metrics"]), feature_rows=False)
+            out = scores_path(job["heatmaps"], job.get("annotations"))
+            partial = out.with_name(out.name + ".partial.npz")  # sums so far: an interrupted run resumes
             res = score_units(self.trunk, nn.Sequential(*self.tail), range(self.bb.z_dim), self._batches(ids, [0]),
                               spec, self.index, ids, readout=self.readout, output_size=self.bb.input_size,
-                              mean=self.bb.mean, std=self.bb.std, unit_chunk=unit_chunk)
-            atomic_write_parquet(res.metrics, scores_path(job["heatmaps"], job.get("annotations")))
+                              mean=self.bb.mean, std=self.bb.std, unit_chunk=unit_chunk, resume=partial)
+            atomic_write_parquet(res.metrics, out)
+            partial.unlink(missing_ok=True)
         return True
 
 

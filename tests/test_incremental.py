@@ -96,6 +96,7 @@ def test_z_column_over_all_dims_is_scored_as_drawn_and_equals_stored_maps(tiny_r
     cache = Path(tiny_run["config"]["cache_dir"])
     assert not list(cache.glob("heatmaps/**/Zall-test.zarr"))  # nothing stored but the scores
     assert len(list(cache.glob("heatmaps/**/Zall-test.zarr.a*.scores.parquet"))) == 2
+    assert not list(cache.glob("heatmaps/**/*.partial.npz"))  # resume sums go once the scores are written
     streamed, hps = _z_rows(tiny_run, "zall")
     assert hps == [{"z_dims": "all"}] * 2 and list(streamed["n_features"]) == [256, 256]
 

@@ -109,6 +109,51 @@ def test_parts_match_algorithm_1_per_image_and_stored_maps(tmp_path, rng) -> Non
     np.testing.assert_allclose(whole.metrics["value"], stored.metrics["value"], rtol=1e-12)
 
 
+def test_an_interrupted_run_resumes_from_its_sums_and_ignores_anothers(tmp_path, rng, monkeypatch) -> None:
+    import dataclasses
+
+    import srae.unit_locality as U
+
+    trunk, head = chain()
+    index = cub_like(rng, 9)
+    ids = index.images["image_id"].to_numpy()
+    x = torch.randn(len(ids), 3, 16, 16)
+    units = list(range(9))
+    job = ScoreJob(str(tmp_path / "Zall.zarr"), 0, "Z", class_index=0, metrics=("locality",), feature_rows=False)
+    kw = {"readout": 1, "output_size": (H, W), "unit_chunk": 4}
+    whole = score_units(trunk, head, units, batches(x, ids, 2), job, index, ids, **kw)
+
+    partial = tmp_path / "Zall.partial.npz"
+
+    def cut(after: int):  # the batches of a run stopped (e.g. Ctrl-C) after ``after`` batches
+        for k, b in enumerate(batches(x, ids, 2)):
+            if k == after:
+                raise KeyboardInterrupt
+            yield b
+
+    with pytest.raises(KeyboardInterrupt):
+        score_units(trunk, head, units, cut(3), job, index, ids, resume=partial, **kw)
+    assert partial.is_file()
+    drawn = []  # images that went through the network on the rerun
+    real = U.excitation_maps_chunked
+    monkeypatch.setattr(U, "excitation_maps_chunked", lambda t, h, u, xb, **k: drawn.append(len(xb)) or real(t, h, u, xb, **k))
+    again = score_units(trunk, head, units, batches(x, ids, 2), job, index, ids, resume=partial, **kw)
+    monkeypatch.undo()
+    positives = set(ids[index.images["label"].to_numpy() == 0].tolist())
+    first_six = positives & set(ids[:6].tolist())
+    assert sum(drawn) == len(positives - first_six) > 0  # only what the stopped run had not scored
+    pd.testing.assert_frame_equal(again.metrics, whole.metrics)  # same sums in the same order: equal
+
+    # sums made for other units are not mixed in: a fresh run, the same result as without resume
+    rows = dataclasses.replace(job, feature_rows=True)  # per-unit rows show any mix-up
+    other = score_units(trunk, head, units[::-1], batches(x, ids, 2), rows, index, ids, resume=partial, **kw)
+    fresh = score_units(trunk, head, units[::-1], batches(x, ids, 2), rows, index, ids, **kw)
+    pd.testing.assert_frame_equal(other.metrics, fresh.metrics)
+    partial.write_bytes(b"PK\x03\x04 cut short")  # a damaged file: start over, no error
+    pd.testing.assert_frame_equal(score_units(trunk, head, units, batches(x, ids, 2), job, index, ids,
+                                              resume=partial, **kw).metrics, whole.metrics)
+
+
 def write_seg(path: Path, labels: np.ndarray) -> None:
     rgb = np.zeros((*labels.shape, 3), dtype=np.uint8)
     rgb[..., 0] = (labels // 256) * 10
