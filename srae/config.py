@@ -253,8 +253,9 @@ class HeatmapsConfig(_Model):
     z_dims: int | Literal["all"] | None = Field(
         None, description="Z column: locality of this many sampled Z dims (their maps stored; 0: no Z column), "
                           "or 'all' (the paper's column: every dim, scored as drawn, no maps stored); "
-                          "None: all on a GPU, 64 on a CPU")
-    z_chunk: int = Field(256, ge=1, description="Z dims per top-down pass when all are scored (memory vs speed)")
+                          "None: all on a CUDA GPU, 64 elsewhere")
+    z_chunk: int = Field(256, ge=1, description="Z dims per top-down pass when all are scored, on up to 4 images "
+                                                "(memory vs speed; a pass out of memory is retried with half)")
     batch_size: int = Field(16, ge=1)
     device: Device = "auto"
 
@@ -267,11 +268,11 @@ class HeatmapsConfig(_Model):
 
     def effective_z_dims(self, device: str) -> int | str:
         """``z_dims`` as it applies on ``device`` (a resolved device name): None means every
-        dim on an accelerator (the paper's column) and :data:`Z_DIMS_CPU` sampled ones on a CPU,
-        where drawing 4096 maps per image would take hours per category."""
+        dim on a CUDA GPU (the paper's column) and :data:`Z_DIMS_CPU` sampled ones elsewhere:
+        on a CPU drawing 4096 maps per image would take hours per category."""
         if self.z_dims is not None:
             return self.z_dims
-        return "all" if not str(device).startswith("cpu") else Z_DIMS_CPU
+        return "all" if str(device).startswith("cuda") else Z_DIMS_CPU
 
 
 class ScoringConfig(_Model):

@@ -426,4 +426,7 @@ def excitation_maps_chunked(trunk: nn.Module | Sequence[nn.Module], head: nn.Mod
         for start in range(0, len(units), chunk):
             p, t = _top(hmods, htr, units[start:start + chunk], contrastive)
             p = _down(hmods, htr, p, t - 1, -1)
-            yield start, _to_map(_down(tmods, tr, p, len(tmods) - 1, ro), ro, output_size)
+            maps = _to_map(_down(tmods, tr, p, len(tmods) - 1, ro), ro, output_size)
+            del p  # not kept alive while the caller works on the maps
+            yield start, maps
+            del maps

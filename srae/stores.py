@@ -163,7 +163,8 @@ def missing_chunks(path: str | Path, sizes: dict[str, int] | None = None) -> lis
 
 @contextlib.contextmanager
 def writer_lock(store: Path, wait: float = 0.0, what: str = "store") -> Iterator[int]:
-    """Hold the exclusive writer lock of ``store`` (``<store>.lock``); yields its fd.
+    """Hold the exclusive writer lock of ``store`` (``<store>.lock``, its folder created if
+    missing); yields its fd.
 
     flock locks die with their process, so a killed writer never leaves a stale lock. When
     another writer holds it: wait up to ``wait`` seconds for it (a second scheduled run on
@@ -172,6 +173,7 @@ def writer_lock(store: Path, wait: float = 0.0, what: str = "store") -> Iterator
     import fcntl
 
     lock_path = store.with_name(store.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)  # a store not yet written may lack its folder
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + max(0.0, wait)
     told = False

@@ -102,6 +102,41 @@ class _Resume:
         os.replace(tmp, self.path)
 
 
+def _sums_device(device: torch.device) -> torch.device:
+    """Where the float64 sums run: on the maps' device, except where it has no float64 (MPS)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure (CUDA, MPS or host), which a smaller pass may avoid."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _batch_sums(trunk: Any, head: Any, units: list[int], x: Tensor, images: list[tuple[int, Tensor, Tensor]],
+                shape: torch.Size, method: str, *, readout: int | str, chunk: int, contrastive: bool,
+                output_size: tuple[int, int]) -> Tensor:
+    """Sum over the images of one batch of each unit's probabilities (``shape``: units x
+    columns), ``chunk`` units per top-down pass. ``images``: (image id, its columns, its
+    weights) per image of ``x``, on the device the sums run on."""
+    sums = images[0][2].device
+    out = torch.zeros(shape, dtype=torch.float64, device=sums)
+    for start, maps in excitation_maps_chunked(trunk, head, units, x, readout=readout, chunk=chunk,
+                                               contrastive=contrastive, output_size=output_size):
+        stop = start + maps.shape[1]
+        for b, (iid, pos, wmat) in enumerate(images):
+            flat = maps[b].flatten(1).to(sums, torch.float64)  # (U_chunk, H*W): one image at a time
+            total = flat.sum(dim=1)
+            if not bool(torch.isfinite(total).all()):
+                raise SraeError(f"{method} maps of image {iid}: contain NaN or inf")
+            out[start:stop, pos] += (flat @ wmat.T) / torch.where(total > 0, total, 1.0)[:, None]
+            del flat
+        del maps  # before the next pass allocates its own
+    return out
+
+
 def score_units(trunk: nn.Module | Sequence[nn.Module], head: nn.Module | Sequence[nn.Module],
                 units: Sequence[int], batches: Iterable[Any], job: ScoreJob, index: DatasetIndex,
                 image_ids: Sequence[int] | np.ndarray, *, readout: int | str, output_size: int | tuple[int, int],
@@ -114,7 +149,9 @@ def score_units(trunk: nn.Module | Sequence[nn.Module], head: nn.Module | Sequen
     ``mean``/``std``); ``job`` names the rows and says which images count (``positives_only``,
     ``class_index``) and which metrics (locality and concept recovery; orthogonality needs
     every map of an x-feature and is not offered here). ``job.heatmaps`` is only a label.
-    Work runs on the device of ``trunk``'s parameters, ``unit_chunk`` units per pass.
+    Work runs on the device of ``trunk``'s parameters, ``unit_chunk`` units per pass (memory
+    grows with images per batch x ``unit_chunk``; a pass that runs out of memory is retried
+    with half the units, down to one).
 
     ``resume`` names a file holding the sums so far, rewritten atomically after every batch:
     a rerun with the same units, images, job and drawing settings continues from it (every
@@ -135,18 +172,20 @@ def score_units(trunk: nn.Module | Sequence[nn.Module], head: nn.Module | Sequen
     height, width = _grid(output_size)
     weights = _Weights(spec, height, width)
     device = next(p for m in ([trunk] if isinstance(trunk, nn.Module) else trunk) for p in m.parameters()).device
-    hist = torch.zeros((len(units), weights.cols.size), dtype=torch.float64, device=device)
+    sums = _sums_device(device)
+    hist = torch.zeros((len(units), weights.cols.size), dtype=torch.float64, device=sums)
     seen: set[int] = set()
     state = _Resume(resume, {"units": units, "ids": ids.tolist(), "job": [job.heatmaps, job.category, job.method,
                                                                         job.split, job.class_index, job.positives_only],
                              "readout": str(readout), "size": [height, width], "contrastive": bool(contrastive),
                              "cols": weights.cols.tolist()}) if resume is not None else None
-    if state is not None and (old := state.load(hist.shape)) is not None:
-        hist += torch.from_numpy(old[0]).to(device)
+    if state is not None and (old := state.load(tuple(hist.shape))) is not None:
+        hist += torch.from_numpy(old[0]).to(sums)
         seen.update(old[1])
         log.info("%s: resuming, %d of %d images already scored", job.heatmaps, len(seen), len(scored))
     progress = ProgressLog(log, f"{job.method} locality, category {job.category}", len(scored), "images scored")
     planned = set(ids.tolist())
+    chunk = int(unit_chunk)
     for batch in batches:
         cancel.check("Z locality")
         x, bids = unpack_batch(batch)
@@ -157,17 +196,23 @@ def score_units(trunk: nn.Module | Sequence[nn.Module], head: nn.Module | Sequen
         if not keep:
             continue
         x = batch_images(x, keep, device, mean, std, "unit locality batches")
-        mats = [weights.of(scored[int(bids[b])], device) for b in keep]
-        for start, maps in excitation_maps_chunked(trunk, head, units, x, readout=readout, chunk=unit_chunk,
-                                                   contrastive=contrastive, output_size=(height, width)):
-            stop = start + maps.shape[1]
-            for b, (pos, wmat) in enumerate(mats):
-                flat = maps[b].flatten(1).to(torch.float64)  # (U_chunk, H*W): one image at a time
-                total = flat.sum(dim=1)
-                if not bool(torch.isfinite(total).all()):
-                    raise SraeError(f"{job.method} maps of image {int(bids[keep[b]])}: contain NaN or inf")
-                hist[start:stop, pos] += (flat @ wmat.T) / torch.where(total > 0, total, 1.0)[:, None]
-        seen.update(int(bids[b]) for b in keep)
+        images = [(int(bids[b]), *weights.of(scored[int(bids[b])], sums)) for b in keep]
+        while True:  # out of memory: fewer units per pass, same sums (each unit's maps are its own)
+            try:
+                part = _batch_sums(trunk, head, units, x, images, hist.shape, job.method, readout=readout,
+                                   chunk=chunk, contrastive=contrastive, output_size=(height, width))
+                break
+            except Exception as exc:  # noqa: BLE001 - only allocation failures are retried
+                if chunk == 1 or not _out_of_memory(exc):
+                    raise
+                del exc
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log.warning("%s: out of memory with %d units per pass on %d images; retrying with %d",
+                            job.heatmaps, chunk, len(images), chunk // 2)
+                chunk //= 2
+        hist += part
+        seen.update(i for i, _, _ in images)
         if state is not None:
             state.save(hist.cpu().numpy(), seen)
         progress.update(len(seen))

@@ -33,6 +33,10 @@ from tasks.common import (TASK_DEFAULTS, WAIT_FOR_OTHER_RUN_S, atomic_write_parq
                           run_logger, short_error, stage_cache, timed)
 
 LOCALITY_ONLY = ("locality", "concept_recovery")
+# Images per pass when every Z dim is scored as drawn: memory grows with images x z_chunk
+# (VGG19 at pool3: ~1.6 MB per image and unit at conv4, a few such tensors alive at once), and
+# the running sums are saved once per batch, so a small batch keeps both in bounds.
+Z_ALL_BATCH = 4
 ALL_METRICS = ("locality", "O1", "O2", "concept_recovery")
 
 
@@ -237,8 +241,9 @@ class _Drawing:
         self.bb, self.trunk, self.tail, self.readout, self.readout_name = bb, trunk, tail, readout, readout_name
         self.index, self.path_of, self.device, self.batch_size = index, path_of, device, batch_size
 
-    def _batches(self, ids: np.ndarray, seen: list[int]) -> Iterator[Any]:
-        return _counted(_batches(self.index, self.path_of, ids, self.bb.input_size, self.batch_size), seen)
+    def _batches(self, ids: np.ndarray, seen: list[int], batch_size: int | None = None) -> Iterator[Any]:
+        return _counted(_batches(self.index, self.path_of, ids, self.bb.input_size, batch_size or self.batch_size),
+                        seen)
 
     def stored(self, jobs: list[dict[str, Any]], ids: np.ndarray, z: np.ndarray) -> bool:
         """Draw (or finish) the stores of ``jobs`` (one category and split); True if any
@@ -289,7 +294,8 @@ class _Drawing:
                             metrics=tuple(job["metrics"]), feature_rows=False)
             out = scores_path(job["heatmaps"], job.get("annotations"))
             partial = out.with_name(out.name + ".partial.npz")  # sums so far: an interrupted run resumes
-            res = score_units(self.trunk, nn.Sequential(*self.tail), range(self.bb.z_dim), self._batches(ids, [0]),
+            res = score_units(self.trunk, nn.Sequential(*self.tail), range(self.bb.z_dim),
+                              self._batches(ids, [0], min(self.batch_size, Z_ALL_BATCH)),
                               spec, self.index, ids, readout=self.readout, output_size=self.bb.input_size,
                               mean=self.bb.mean, std=self.bb.std, unit_chunk=unit_chunk, resume=partial)
             atomic_write_parquet(res.metrics, out)

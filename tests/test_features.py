@@ -324,6 +324,15 @@ def test_features_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         args.func(parser.parse_args(["features", str(tmp_path / "c.yaml")]))
 
 
+def test_the_lock_of_a_store_whose_folder_is_not_made_yet(tmp_path: Path) -> None:
+    """The streamed Z job locks a store that is never created, in a category folder that only
+    the stored heatmaps made: when those failed first, the lock failed too."""
+    store = tmp_path / "baselines" / "k" / "cat0001" / "Zall-test.zarr"
+    with writer_lock(store) as fd:
+        assert fd >= 0 and store.with_name("Zall-test.zarr.lock").is_file()
+    assert not store.exists()
+
+
 def test_a_stopped_or_failed_wait_for_the_lock_leaves_no_descriptor_open(tmp_path: Path) -> None:
     import threading
 

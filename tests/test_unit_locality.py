@@ -154,6 +154,44 @@ def test_an_interrupted_run_resumes_from_its_sums_and_ignores_anothers(tmp_path,
                                               resume=partial, **kw).metrics, whole.metrics)
 
 
+def test_out_of_memory_retries_with_fewer_units_per_pass(tmp_path, rng, monkeypatch, caplog) -> None:
+    import srae.unit_locality as U
+
+    trunk, head = chain()
+    index = cub_like(rng, 6)
+    ids = index.images["image_id"].to_numpy()
+    x = torch.randn(len(ids), 3, 16, 16)
+    job = ScoreJob(str(tmp_path / "Zall.zarr"), 0, "Z", class_index=0, metrics=("locality",))
+    kw = {"readout": 1, "output_size": (H, W)}
+    whole = score_units(trunk, head, range(9), batches(x, ids, 2), job, index, ids, unit_chunk=8, **kw)
+    real, chunks = U.excitation_maps_chunked, []
+
+    def tight(t, h, u, xb, *, chunk, **k):  # a device that holds at most 2 units per pass
+        chunks.append(chunk)
+        if chunk > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.6 GiB")
+        return real(t, h, u, xb, chunk=chunk, **k)
+
+    monkeypatch.setattr(U, "excitation_maps_chunked", tight)
+    with caplog.at_level("WARNING", logger="srae.unit_locality"):
+        small = score_units(trunk, head, range(9), batches(x, ids, 2), job, index, ids, unit_chunk=8, **kw)
+    batches_with_positives = 3
+    assert chunks == [8, 4, 2] + [2] * (batches_with_positives - 1)  # the smaller pass is kept
+    assert "retrying with 4" in caplog.text and "retrying with 2" in caplog.text
+    pd.testing.assert_frame_equal(small.metrics.drop(columns="value"), whole.metrics.drop(columns="value"))
+    np.testing.assert_allclose(small.metrics["value"], whole.metrics["value"], rtol=1e-6)  # float32 maps
+
+    def broken(*a, **k):  # any other failure is not retried
+        chunks.append(k["chunk"])
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED")
+
+    chunks.clear()
+    monkeypatch.setattr(U, "excitation_maps_chunked", broken)
+    with pytest.raises(RuntimeError, match="CUDNN"):
+        score_units(trunk, head, range(9), batches(x, ids, 2), job, index, ids, unit_chunk=8, **kw)
+    assert chunks == [8]
+
+
 def write_seg(path: Path, labels: np.ndarray) -> None:
     rgb = np.zeros((*labels.shape, 3), dtype=np.uint8)
     rgb[..., 0] = (labels // 256) * 10
@@ -228,6 +266,8 @@ def test_the_z_column_defaults_to_every_dim_on_a_gpu_and_64_sampled_on_a_cpu(tmp
     (cpu,) = z_jobs(cfg, "cpu")
     assert not cpu.get("stream") and cpu["hparams"] == {"z_dims": 64} and Path(cpu["heatmaps"]).name == "Z64-test.zarr"
     assert "64 sampled dimensions" in TH.z_column_note(cfg)
+    (mps,) = z_jobs(cfg, "mps")  # not CUDA: sampled too (no float64 there, and slower)
+    assert mps["hparams"] == {"z_dims": 64}
     for z, device, want in ((8, "cuda:0", {"z_dims": 8}), ("all", "cpu", {"z_dims": "all"})):  # explicit wins
         (job,) = z_jobs(cfg.model_copy(update={"heatmaps": HeatmapsConfig(z_dims=z)}), device)
         assert job["hparams"] == want
