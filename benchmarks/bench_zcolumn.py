@@ -135,7 +135,8 @@ def run(device: str = "cpu", full: bool = False) -> dict:
             job = ScoreJob("Zall-bench", 0, "Z", class_index=0, metrics=("locality",), feature_rows=False)
             _sync(device)
             t0 = time.perf_counter()
-            score_units(trunk, head, head_units, _batches(x, 2), job, index, np.arange(m), readout=readout,
+            # 4 images per pass, as the pipeline draws them (tasks.heatmaps.Z_ALL_BATCH)
+            score_units(trunk, head, head_units, _batches(x, 4), job, index, np.arange(m), readout=readout,
                         output_size=size, unit_chunk=chunk)
             _sync(device)
             per_image = (time.perf_counter() - t0) / m
