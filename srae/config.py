@@ -250,6 +250,12 @@ class HeatmapsConfig(_Model):
     readout: str | None = Field(None, description="trunk layer read out (None: backbone default)")
     splits: list[Literal["train", "test"]] = ["test"]
     max_images: int | None = Field(16, ge=1, description="positive images per category and split")
+    images: Literal["positives", "all"] = Field(
+        "positives", description="which images of a split get stored heatmaps: the category's annotated positives "
+                                 "(all that locality, orthogonality, the masking test and the figures use), or all "
+                                 "of its sample design in that split (the positives plus every sampled negative: "
+                                 "maps of what the x-features respond to on other classes; ~n_test_neg more "
+                                 "images per category)")
     z_dims: int | Literal["all"] | None = Field(
         None, description="Z column: locality of this many sampled Z dims (their maps stored; 0: no Z column), "
                           "or 'all' (the paper's column: every dim, scored as drawn, no maps stored); "

@@ -36,7 +36,7 @@ from srae.gradcam import gradcam_maps
 log = logging.getLogger(__name__)
 
 __all__ = ["HEATMAP_KINDS", "HeatmapJob", "HeatmapSet", "batch_images", "compute_heatmaps", "explainer_head", "is_complete",
-           "map_compressors", "open_heatmaps", "pending_image_ids", "selected_z_dims", "unpack_batch"]
+           "map_compressors", "open_heatmaps", "pending_image_ids", "positive_rows", "selected_z_dims", "unpack_batch"]
 
 HEATMAP_KINDS: tuple[str, ...] = ("c-MWP", "MWP", "Grad-CAM")
 STORE_VERSION = 1
@@ -205,6 +205,14 @@ def _open_store(job: HeatmapJob, spec: dict, ids: np.ndarray, chunk_rows: int):
     root["image_id"][:] = ids
     root.attrs.update({"done_rows": 0})  # written last: a store without it is rebuilt
     return root
+
+
+def positive_rows(image_ids: Sequence[int] | np.ndarray, label_of: Any, category: int,
+                  limit: int | None = None) -> np.ndarray:
+    """Rows of a store's ``image_ids`` whose image is of ``category`` (``label_of[id]``), in
+    store order, at most ``limit``: a store may also hold negatives (``heatmaps.images: all``)."""
+    rows = [k for k, i in enumerate(np.asarray(image_ids).tolist()) if int(label_of[int(i)]) == int(category)]
+    return np.asarray(rows[: limit or None], dtype=np.int64)
 
 
 def unpack_batch(batch: Any) -> tuple[Tensor, np.ndarray]:

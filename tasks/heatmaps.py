@@ -12,7 +12,9 @@ interrupted category resumes with the images it had not scored.
 One Zarr group per (explainer or category, heatmap settings, split) holds ``maps``
 (M, n, H, W) float32 and ``image_id`` (M,), with ``complete: true`` written last. Images are
 the positive images of the split in the category's shared sample design (the paper's
-"Positive" rows), at most ``heatmaps.max_images`` of them. All heads of one category share
+"Positive" rows), at most ``heatmaps.max_images`` of them, and with ``heatmaps.images: all``
+the design's negatives of that split too (scoring, masking and figures still use the
+positives). All heads of one category share
 one trunk pass (:func:`srae.heatmaps.compute_heatmaps`); only groups without their
 completion marker are computed.
 """
@@ -53,9 +55,13 @@ def _heat_key(cfg: ExperimentConfig, backbone: dict[str, Any]) -> str:
     computed from annotations are named by them (:func:`tasks.scoring.scores_path`), so an
     edited box or part redoes the scoring without redrawing the maps."""
     h = cfg.heatmaps
-    return stable_hash({"readout": h.readout, "max_images": h.max_images, "backbone": backbone["sha256"],
-                        "input_size": backbone.get("input_size"), "samples": {k: getattr(cfg.explainer, k) for k in ("n_pos", "n_neg", "n_test_neg",
-                                                                           "use_dataset_split", "seed")}}, 12)
+    key = {"readout": h.readout, "max_images": h.max_images, "backbone": backbone["sha256"],
+           "input_size": backbone.get("input_size"),
+           "samples": {k: getattr(cfg.explainer, k) for k in ("n_pos", "n_neg", "n_test_neg", "use_dataset_split",
+                                                              "seed")}}
+    if h.images != "positives":  # only then: the stores of positives keep their names
+        key["images"] = h.images
+    return stable_hash(key, 12)
 
 
 def heatmap_jobs(expl_results: list[dict[str, Any]], groups: list[list[int]], features: dict[str, Any],
@@ -145,20 +151,29 @@ def _outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
     return [(j["heatmaps"], job_done(j)) for j in inputs["jobs"]]
 
 
-def _images(dataset, features, category: int, split: str, settings: dict[str, Any], max_images: int | None):
-    """Image ids: the annotated positives of ``split`` in the category's shared sample design
-    (annotated = with parts or an object mask, so locality can be scored)."""
+def _images(dataset, features, category: int, split: str, settings: dict[str, Any], max_images: int | None,
+            which: str = "positives") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image ids, their Z rows, which are positives) of ``split`` in the category's shared
+    sample design: its annotated positives (annotated = with parts or an object mask, so
+    locality can be scored), at most ``max_images`` of them, then with ``which="all"`` every
+    negative of the design in that split as well."""
     from tasks.download import load_index
     from tasks.explainers import category_design, feature_splits, load_feature_arrays
 
     z, _, labels, ids = load_feature_arrays(features["path"])
     splits = feature_splits(features["path"]) if settings.get("use_dataset_split") else None
     d = category_design(labels, category, settings, splits)
-    rows = np.sort(d.test_idx[d.test_pos] if split == "test" else d.train_idx[d.train_pos])
+    idx, pos = (d.test_idx, d.test_pos) if split == "test" else (d.train_idx, d.train_pos)
     frame = load_index(dataset).images
     annotated = set(frame.loc[frame["parts"].notna() | frame["mask_path"].notna(), "image_id"].astype(int))
-    rows = np.array([r for r in rows if int(ids[r]) in annotated], dtype=np.int64)[: max_images or None]
-    return ids[rows], z[rows]
+    rows = np.array([r for r in np.sort(idx[pos]) if int(ids[r]) in annotated], dtype=np.int64)[: max_images or None]
+    positive = np.ones(len(rows), dtype=bool)
+    if which == "all":
+        neg = np.sort(idx[~pos])
+        rows, positive = np.concatenate([rows, neg]), np.concatenate([positive, np.zeros(len(neg), dtype=bool)])
+        order = np.argsort(rows, kind="stable")  # the store in index order
+        rows, positive = rows[order], positive[order]
+    return ids[rows], z[rows], positive
 
 
 def _batches(index, path_of, ids: np.ndarray, size: int, batch_size: int):
@@ -211,17 +226,19 @@ def heatmap_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone:
         for done, ((c, split), cj) in enumerate(by_cat.items()):
             progress.update(done)
             stored = [j for j in cj if not j.get("stream")]
-            ids = z = None
+            ids = z = positive = None
             for part in ([stored] if stored else []) + [[j] for j in cj if j.get("stream")]:
                 try:
                     with timed() as t:
                         if ids is None:
-                            ids, z = _images(dataset, features, c, split, sample_settings or {},
-                                             heatmaps.get("max_images"))
-                        if len(ids) == 0:
+                            ids, z, positive = _images(dataset, features, c, split, sample_settings or {},
+                                                       heatmaps.get("max_images"), heatmaps.get("images", "positives"))
+                        if not positive.any():
                             raise ValueError(f"no positive {split} images")
-                        worked = (draw.score_streamed(part[0], ids, int(heatmaps.get("z_chunk", 256)))
-                                  if part[0].get("stream") else draw.stored(part, ids, z))
+                        # Z dims are sampled among those active on the positives; the streamed
+                        # Z column scores (so draws) the positives only
+                        worked = (draw.score_streamed(part[0], ids[positive], int(heatmaps.get("z_chunk", 256)))
+                                  if part[0].get("stream") else draw.stored(part, ids, z[positive]))
                     if worked:
                         record_work(cache_dir, "heatmaps", f"{c}/{split}", t(), category=int(c),
                                     methods=[j["method"] for j in part])
@@ -246,7 +263,8 @@ class _Drawing:
                         seen)
 
     def stored(self, jobs: list[dict[str, Any]], ids: np.ndarray, z: np.ndarray) -> bool:
-        """Draw (or finish) the stores of ``jobs`` (one category and split); True if any
+        """Draw (or finish) the stores of ``jobs`` (one category and split) on images ``ids``;
+        ``z``: the positives' Z rows, among whose active dims a Z job samples. True if any
         image was drawn (none when another run drew the maps meanwhile)."""
         from torch import nn
 

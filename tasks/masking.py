@@ -17,6 +17,7 @@ import pandas as pd
 from prefect import task
 
 from srae import report as R
+from srae.errors import SraeError
 from tasks.common import (TASK_DEFAULTS, atomic_write_parquet, claimed_groups, record_work, resolve_device,
                           run_logger, short_error, stage_cache, timed)
 from tasks.heatmaps import group_complete
@@ -48,10 +49,19 @@ def _accuracy_rows(j, bb, index, gammas, max_images, experiment, dev) -> pd.Data
     from srae.images import load_image, resize_uint8
     from srae.masking import backbone_classifier, masking_report
 
+    from srae.heatmaps import positive_rows
+
     g = zarr.open_group(j["heatmaps"], mode="r")
-    maps = np.asarray(g["maps"][: max_images or None])
-    ids = np.asarray(g["image_id"][: len(maps)])
     frame = index.images.set_index("image_id")
+    all_ids = np.asarray(g["image_id"][:])
+    rows = positive_rows(all_ids, frame["label"], j["category"], max_images)  # the store may hold negatives
+    if rows.size == 0:
+        raise SraeError(f"{j['heatmaps']}: holds no image of category {int(j['category']) + 1}")
+    if (np.diff(rows) == 1).all():  # a store of positives: one read
+        maps = np.asarray(g["maps"][int(rows[0]):int(rows[-1]) + 1])
+    else:
+        maps = np.stack([np.asarray(g["maps"][int(r)]) for r in rows])
+    ids = all_ids[rows]
     images = np.stack([resize_uint8(load_image(index.abspath(frame.loc[int(i), "path"])), bb.input_size)
                        .permute(1, 2, 0).numpy() for i in ids])
     labels = np.array([int(frame.loc[int(i), "label"]) for i in ids])

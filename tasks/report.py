@@ -118,20 +118,21 @@ def _figures(fig_specs: list[dict[str, Any]], logger) -> list[tuple[str, bytes]]
 def _figure(spec: dict[str, Any]) -> bytes:
     from srae.explainers import load_explainer
     from srae.figures import excitation_grid
-    from srae.heatmaps import open_heatmaps
+    from srae.heatmaps import open_heatmaps, positive_rows
     from srae.report_figures import figure_png
     from tasks.explainers import load_feature_arrays
 
     xs = open_heatmaps(spec["heatmaps"])
     eb = open_heatmaps(spec["ebp"])
-    rows = min(spec.get("rows", 4), len(xs))
-    ids = xs.image_id[:rows]
+    z, logits, labels, all_ids = load_feature_arrays(spec["features"])
+    pos = {int(i): k for k, i in enumerate(all_ids)}
+    # the category's own images: a store may hold negatives too (heatmaps.images: all)
+    keep = positive_rows(xs.image_id, {i: labels[k] for i, k in pos.items()}, spec["category"], spec.get("rows", 4))
+    ids = xs.image_id[keep]
     e_row = {int(i): k for k, i in enumerate(eb.image_id)}
-    xmaps = np.asarray(xs.maps[:rows])
+    xmaps = np.stack([np.asarray(xs.maps[int(r)]) for r in keep])
     ebp = np.stack([np.asarray(eb.maps[e_row[int(i)]]) for i in ids])
     images = np.stack([_load_image(spec["dataset"], int(i), xmaps.shape[-1]) for i in ids])
-    z, logits, _, all_ids = load_feature_arrays(spec["features"])
-    pos = {int(i): k for k, i in enumerate(all_ids)}
     sel = [pos[int(i)] for i in ids]
     expl = load_explainer(spec["explainer"])
     fig = excitation_grid(images, ebp, xmaps, expl.contributions(z[sel]), predictions=logits[sel, spec["category"]],

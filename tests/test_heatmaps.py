@@ -295,3 +295,12 @@ def test_readout_by_name_is_stored_as_its_index(tmp_path) -> None:
         np.testing.assert_array_equal(ha.maps[:], hb.maps[:])
     with pytest.raises(InputError, match="readout 'pool9'"):
         compute_heatmaps(named, _jobs(tmp_path / "c", head, enc), _batches(x, IDS), IDS, readout="pool9", output_size=16)
+
+
+def test_positive_rows_pick_the_categorys_images_in_store_order() -> None:
+    from srae.heatmaps import positive_rows
+
+    label_of = {5: 1, 6: 0, 7: 1, 8: 1, 9: 2}
+    assert positive_rows([5, 6, 7, 8, 9], label_of, 1).tolist() == [0, 2, 3]
+    assert positive_rows(np.array([9, 8, 7, 6, 5]), label_of, 1, limit=2).tolist() == [1, 2]
+    assert positive_rows([6, 9], label_of, 1).tolist() == []

@@ -107,3 +107,47 @@ def test_z_column_over_all_dims_is_scored_as_drawn_and_equals_stored_maps(tiny_r
     assert list(stored["category"]) == list(streamed["category"]) == [0, 1]
 
     assert _run(tiny_run, "zall-again", **{"heatmaps.z_dims": "all"}) == []  # scores reused
+
+
+def test_heatmaps_of_all_design_images_score_like_the_positives_alone(tiny_run):
+    """``heatmaps.images: all`` stores the design's test negatives beside the positives (new
+    stores); locality, orthogonality, concept recovery, the masking test and the figures
+    still use the positives only, so every number equals the positives-only run's."""
+    import json
+
+    import zarr
+
+    from flows.pipeline import pipeline
+    from srae import report as R
+    from tasks.download import load_index
+
+    base, cache = tiny_run["base"], Path(tiny_run["config"]["cache_dir"])
+    before = len(read_work_log(cache))
+    cfg = tiny_pipeline_config(base, **{"report.out_dir": str(base / "report-all"), "heatmaps.images": "all"})
+    page = Path(pipeline(cfg)).read_text()
+    new = read_work_log(cache)[before:]
+    assert {r["stage"] for r in new} == {"heatmaps", "scoring", "masking"}  # new stores; no retraining
+
+    from srae.config import config_from_dict
+    from srae.datasets.common import dataset_dir
+
+    index = load_index({"kind": "synthbirds", "root": str(dataset_dir(config_from_dict(cfg).dataset))})
+    label = dict(zip(index.images["image_id"].astype(int), index.images["label"].astype(int)))
+    stores = [p for p in cache.glob("heatmaps/**/*-test.zarr") if json.loads((p / "zarr.json").read_text())
+              ["attributes"].get("category") == 0 and (p / "zarr.json").is_file()]
+    held = {p: [label[int(i)] for i in zarr.open_group(str(p), mode="r")["image_id"][:]] for p in stores}
+    with_negatives = [p for p, labs in held.items() if any(lab != 0 for lab in labs)]
+    assert with_negatives and all(sum(lab == 0 for lab in held[p]) <= 4 for p in with_negatives)
+    assert all(sum(lab != 0 for lab in held[p]) == cfg["explainer"]["n_test_neg"] for p in with_negatives)
+
+    def rows(report_dir: Path):
+        df = R.read_metrics(report_dir / "metrics.parquet")
+        keep = df["metric"].str.match(r"^(locality|O1|O2|concept_|mask_)")
+        return df[keep].sort_values(["category", "method", "metric", "hparams"]).reset_index(drop=True)
+
+    mine, positives_only = rows(base / "report-all"), rows(Path(tiny_run["report"]).parent)
+    assert len(mine) == len(positives_only) > 40
+    assert (mine[["category", "method", "metric"]].to_numpy() == positives_only[["category", "method", "metric"]]
+            .to_numpy()).all()
+    np.testing.assert_allclose(mine["value"].to_numpy(), positives_only["value"].to_numpy(), rtol=1e-5, atol=1e-7)
+    assert page.count("data:image/png;base64,") == Path(tiny_run["report"]).read_text().count("data:image/png;base64,")
