@@ -74,6 +74,7 @@ def run_command(args: argparse.Namespace) -> int:
     if not getattr(args, "verbose", False):
         for name in ("prefect.task_runs", "prefect.flow_runs"):
             logging.getLogger(name).addFilter(_drop_tracebacks)
+        logging.getLogger("prefect.flow_runs").addFilter(_drop_flow_failure_echo)
     try:
         with server_mod.run_api():
             report = pipeline_mod.pipeline(cfg.model_dump(mode="json"))
@@ -159,6 +160,14 @@ def check_paths(cfg: ExperimentConfig) -> None:
                             "is false") from None
         if ds.places_root is not None and not Path(ds.places_root).exists():
             raise SraeError(f"dataset.places_root: {ds.places_root} does not exist and dataset.download is false")
+
+
+def _drop_flow_failure_echo(record: logging.LogRecord) -> bool:
+    """Logging filter: the flow run's two lines repeating the error that ended it (the failed
+    task already logged it, and ``srae run: error:`` ends the output with it)."""
+    text = record.getMessage()
+    return not (text.startswith("Encountered exception during execution")
+                or text.startswith("Finished in state Failed("))
 
 
 def _drop_tracebacks(record: logging.LogRecord) -> bool:

@@ -366,3 +366,29 @@ def test_download_defaults_to_the_roots_the_configs_read(monkeypatch, tmp_path, 
     assert seen["cub"] == Path(cub.dataset.root)
     assert seen["ade20k"] == Path(places.dataset.root)
     assert seen["places"] / "places365" == Path(places.dataset.places_root)
+
+
+def test_a_failed_run_states_its_error_once_per_layer_not_three_times():
+    """Prefect echoes the error that ends a flow twice more (flow-run ERROR + final state);
+    srae keeps the failed task's line and its own closing one."""
+    import logging
+    import sys
+
+    from srae.run_cli import _drop_flow_failure_echo, _drop_tracebacks
+
+    def record(msg: str, exc: bool = False) -> logging.LogRecord:
+        info = None
+        if exc:
+            try:
+                raise ValueError("boom")
+            except ValueError:
+                info = sys.exc_info()
+        return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, msg, None, info)
+
+    echo = ["Encountered exception during execution: DownloadError('could not download')",
+            "Finished in state Failed('Flow run encountered an exception: DownloadError: could not download')"]
+    kept = ["Beginning flow run 'x' for flow 'srae-pipeline'", "Finished in state Completed()",
+            "report: reports/demo/report.html"]
+    assert [m for m in echo + kept if _drop_flow_failure_echo(record(m))] == kept
+    rec = record("Task run failed", exc=True)
+    assert _drop_tracebacks(rec) and rec.exc_info is None  # the line stays, its traceback goes
