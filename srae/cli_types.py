@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from urllib.parse import urlsplit
 
 
@@ -44,6 +45,13 @@ def http_url(text: str) -> str:
     if parts.scheme not in ("http", "https") or not host:
         raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL with a host")
     return text
+
+
+def md5(text: str) -> str:
+    """32 hex digits, lower-cased."""
+    if not re.fullmatch(r"[0-9a-fA-F]{32}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an md5 (32 hex digits)")
+    return text.lower()
 
 
 def device(text: str) -> str:

@@ -30,6 +30,15 @@ METHODS: tuple[str, ...] = ("SRAE", "NN", "SAE", "CAE", "Lasso")
 DatasetKind = Literal["synthbirds", "synthrooms", "cub", "places"]
 
 
+def _md5_hex(value: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{32}", value):
+        raise ValueError(f"expected 32 hex digits (an md5), got {value!r}")
+    return value.lower()
+
+
+Md5 = Annotated[str, AfterValidator(_md5_hex)]
+
+
 # Limits the generators and backbones impose, checked here so `srae run --check` catches them
 # without importing torch (tests compare them with the code that imposes them).
 SYNTH_MIN_SIZE = 32  # srae.datasets.synthetic._check_sizes
@@ -89,6 +98,9 @@ class DatasetConfig(_Model):
     url: str | None = Field(None, description="archive URL: cub: the CUB_200_2011.tgz link (None: the "
                                               "built-in one); places: your ADE20K zip link (registration "
                                               "needed; None: a zip placed in root)")
+    md5: Md5 | None = Field(None, description="md5 of the archive at url (or placed by hand) when it is not "
+                                              "the official file, e.g. a repackaged mirror; None: the published "
+                                              "checksum (cub), none published (ADE20K: unverified)")
     classes: int = Field(4, ge=2, description="synthetic only: number of classes")
     per_class: int = Field(96, ge=4, description="synthetic only: images per class")
     size: int = Field(64, ge=SYNTH_MIN_SIZE, le=SYNTH_MAX_SIZE, description="synthetic only: image side in pixels")
@@ -100,7 +112,7 @@ class DatasetConfig(_Model):
     def unused_fields(self) -> set[str]:
         """Fields this dataset kind ignores: the generator's on real data, the archive URL on
         generated data, the Places365/class-list reader options on CUB-style data."""
-        unused = {"classes", "per_class", "size", "seed"} if not self.kind.startswith("synth") else {"url"}
+        unused = {"classes", "per_class", "size", "seed"} if not self.kind.startswith("synth") else {"url", "md5"}
         if self.kind in ("synthbirds", "cub"):
             unused |= {"class_names", "places_root", "places_per_class"}
         return unused

@@ -155,10 +155,10 @@ def _fetch(ds: DatasetConfig, root: Path) -> Path:
     """Download what the reader needs; returns its root (ADE20K for places)."""
     download = _lib("srae.datasets.download", "download")
     if ds.kind == "cub":
-        return download("cub", root, url=ds.url)
+        return download("cub", root, url=ds.url, md5=ds.md5)
     if ds.places_root is not None and not Path(ds.places_root).exists():
         download("places", Path(ds.places_root).parent, images=True)
-    return download("ade20k", root, url=ds.url)
+    return download("ade20k", root, url=ds.url, md5=ds.md5)
 
 
 def _present(ds: DatasetConfig, path: Path) -> bool:

@@ -298,6 +298,33 @@ def test_download_cub_end_to_end(server, tmp_path, monkeypatch):
     assert dl.download("cub", tmp_path) == out and len(server.requests) == 1  # verified copy reused
 
 
+def test_a_repackaged_mirror_needs_and_gets_its_own_md5(server, tmp_path):
+    """dataset.url / --url to a mirror whose archive is not the official file: the official
+    size and md5 refuse it; dataset.md5 / --md5 names its checksum instead."""
+    tgz = _tar([("CUB_200_2011/images.txt", b"1 001.A/a.jpg\n")])
+    server.files["CUB_200_2011.tgz"] = tgz
+    url = f"{server.url}/normal/CUB_200_2011.tgz"
+    with pytest.raises(ChecksumError, match="removed the bad file"):
+        dl.download("cub", tmp_path / "a", url=url, retries=0, backoff=0.0)
+    with pytest.raises(ChecksumError, match=f"expected {'0' * 32}"):
+        dl.download("cub", tmp_path / "b", url=url, md5="0" * 32, retries=0, backoff=0.0)
+    out = dl.download("cub", tmp_path / "c", url=url, md5=_md5(tgz).upper(), retries=0, backoff=0.0)
+    assert (out / "images.txt").read_bytes() == b"1 001.A/a.jpg\n"
+
+
+def test_md5_settings_are_checked_before_anything_runs(tmp_path, capsys):
+    from srae.cli import main
+    from srae.config import config_from_dict
+    from srae.errors import SraeError
+
+    assert config_from_dict({"dataset": {"kind": "cub", "md5": "AB" * 16}}).dataset.md5 == "ab" * 16
+    with pytest.raises(SraeError, match="dataset.md5: .*32 hex digits"):
+        config_from_dict({"dataset": {"kind": "cub", "md5": "not-an-md5"}})
+    with pytest.raises(SystemExit) as exc:
+        main(["download", "cub", "--root", str(tmp_path), "--md5", "123"])
+    assert exc.value.code == 2 and "--md5: '123' is not an md5" in capsys.readouterr().err
+
+
 def test_ade20k_without_url_explains_registration(tmp_path):
     with pytest.raises(DownloadError, match="registration.*place it at .*ADE20K_2021_17_01.zip"):
         dl.download("ade20k", tmp_path, retries=0)

@@ -29,7 +29,7 @@ def _download(args: argparse.Namespace) -> int:
     root = Path(args.root) if args.root is not None else DEFAULT_ROOTS.get(args.name, DEFAULT_ROOT)
     if args.name not in ("vgg16", "vgg19") and root.exists() and not root.is_dir():
         raise InputError(f"--root {root}: is a file, not a directory")
-    out = download(args.name, root, url=args.url, images=args.with_images,
+    out = download(args.name, root, url=args.url, md5=args.md5, images=args.with_images,
                    retries=args.retries, timeout=args.timeout)
     print(out)
     return 0
@@ -64,6 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"{DEFAULT_ROOTS['cub']} for cub, {DEFAULT_ROOTS['places']} for places and ade20k)")
     d.add_argument("--url", type=T.http_url, default=None,
                    help="use this http(s) URL instead of the built-in one (ADE20K: your link)")
+    d.add_argument("--md5", type=T.md5, default=None,
+                   help="md5 of the file --url names when it is not the official one (a repackaged mirror)")
     d.add_argument("--with-images", action="store_true", help="places: also fetch the 256 px images (~25 GB)")
     d.add_argument("--retries", type=T.count(0), default=4, help="retries per URL on transient errors (default 4)")
     d.add_argument("--timeout", type=T.seconds, default=60.0, help="socket timeout in seconds (default 60)")

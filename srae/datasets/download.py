@@ -262,11 +262,15 @@ def fetch(urls: str | Sequence[str], dest: Path, *, size: int | None = None, md5
     )
 
 
-def fetch_resource(res: Resource, directory: Path, *, url: str | None = None, **kwargs: object) -> Path:
-    """Fetch one :class:`Resource` into ``directory`` (``url`` overrides its mirrors)."""
+def fetch_resource(res: Resource, directory: Path, *, url: str | None = None, md5: str | None = None,
+                   **kwargs: object) -> Path:
+    """Fetch one :class:`Resource` into ``directory`` (``url`` overrides its mirrors; ``md5``
+    its checksum, for a mirror that is not byte-identical: the published size and sha256 are
+    then not checked either)."""
     urls = (url,) if url else res.urls
-    return fetch(urls, Path(directory) / res.filename, size=res.size, md5=res.md5,
-                 sha256_prefix=res.sha256_prefix, manual=res.manual, **kwargs)  # type: ignore[arg-type]
+    check = ({"size": None, "md5": md5, "sha256_prefix": None} if md5 else
+             {"size": res.size, "md5": res.md5, "sha256_prefix": res.sha256_prefix})
+    return fetch(urls, Path(directory) / res.filename, manual=res.manual, **check, **kwargs)  # type: ignore[arg-type]
 
 
 def extract_once(archive: Path, target: Path) -> Path:
@@ -295,7 +299,7 @@ def torch_hub_checkpoints() -> Path:
     return Path(torch_home) / "hub" / "checkpoints"
 
 
-def download(name: str, root: Path, *, url: str | None = None, images: bool = False,
+def download(name: str, root: Path, *, url: str | None = None, md5: str | None = None, images: bool = False,
              **kwargs: object) -> Path:
     """Fetch and unpack dataset ``name`` under ``root``; return the directory a reader takes.
 
@@ -303,26 +307,27 @@ def download(name: str, root: Path, *, url: str | None = None, images: bool = Fa
     lists; ``images=True`` adds the 256 px images); ``ade20k`` -> ``root/ADE20K_2021_17_01``
     (registration needed: pass the URL you were given, or place the zip in ``root``);
     ``vgg16``/``vgg19`` -> the torchvision checkpoint in :func:`torch_hub_checkpoints`.
+    ``md5`` replaces the checksum of the file ``url`` names (see :func:`fetch_resource`).
     """
     root = Path(root)
     if name == "cub":
-        archive = fetch_resource(CUB, root, url=url, **kwargs)
+        archive = fetch_resource(CUB, root, url=url, md5=md5, **kwargs)
         extract_once(archive, root)
         out = root / "CUB_200_2011"
     elif name == "places":
         out = root / "places365"
-        extract_once(fetch_resource(PLACES_FILELIST, out, url=url, **kwargs), out)
+        extract_once(fetch_resource(PLACES_FILELIST, out, url=url, md5=md5, **kwargs), out)
         verify_file(out / "categories_places365.txt", md5=PLACES_CATEGORIES_MD5)
         if images:
             for res in (PLACES_VAL_256, PLACES_TRAIN_256):
                 extract_once(fetch_resource(res, out, **kwargs), out)
     elif name == "ade20k":
-        archive = fetch_resource(ADE20K, root, url=url, **kwargs)
+        archive = fetch_resource(ADE20K, root, url=url, md5=md5, **kwargs)
         extract_once(archive, root)
         out = root / ADE20K_NAME
     elif name in ("vgg16", "vgg19"):
         res = VGG16 if name == "vgg16" else VGG19
-        out = fetch_resource(res, torch_hub_checkpoints(), url=url, **kwargs)
+        out = fetch_resource(res, torch_hub_checkpoints(), url=url, md5=md5, **kwargs)
     else:
         raise SraeError(f"unknown download {name!r}; choose one of {', '.join(DATASETS)}")
     if not out.exists():
