@@ -258,7 +258,8 @@ def _figure_specs(done_jobs: list[dict[str, Any]], ds: dict[str, Any], ft: dict[
             continue
         specs.append({"title": f"{ds['class_names'][c]}: ExcitationBP on y-hat and SRAE x-features (v_i E_i)",
                       "heatmaps": j["heatmaps"], "ebp": ebp[(c, j.get("split"))], "dataset": ds, "category": c,
-                      "explainer": j.get("explainer"), "features": ft["path"], "rows": 4})
+                      "explainer": j.get("explainer"), "features": ft["path"], "rows": 4,
+                      "scale": cfg.report.figure_scale})
     return specs
 
 

@@ -331,6 +331,8 @@ class ReportConfig(_Model):
     figures: bool = True
     title: str | None = None
     max_figure_categories: int = Field(4, ge=1)
+    figure_scale: Literal["row", "map"] = Field("row", description="Fig. 4 grids: one colour scale per row "
+                                                                   "(row) or each map to its own maximum (map)")
     include_config: bool = Field(True, description="show the run's config (with this machine's paths) in report.html")
 
 

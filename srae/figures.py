@@ -16,8 +16,11 @@ from srae.errors import InputError
 from srae.excitation import resize_maps
 from srae.stores import temp_beside
 
-__all__ = ["order_features", "map_scales", "excitation_grid", "save_excitation_grid"]
+__all__ = ["order_features", "map_scales", "row_scales", "excitation_grid", "save_excitation_grid"]
 NORMALISED_NOTE = "each heatmap normalised to its own max (c-MWP per x-feature per image)"
+ROW_SCALE_NOTE = ("x-feature maps of a row share one colour scale (the row's largest value); ExcitationBP "
+                  "to its own max")
+SCALES = ("row", "map")
 
 SORTS = ("row", "mean", "none")
 
@@ -51,6 +54,16 @@ def map_scales(maps: np.ndarray) -> np.ndarray:
     return np.where(peak > 0, peak, 1.0)
 
 
+def row_scales(xmaps: np.ndarray) -> np.ndarray:
+    """One colour scale per row of x-feature maps ``(R, n, H, W)``: the row's largest value
+    (1 if all 0). c-MWP maps carry unit mass before the contrast, so within a row a brighter
+    panel is a more concentrated map. (ExcitationBP on y-hat keeps its own scale: far more
+    concentrated than any x-feature, it would leave them all near-invisible.)"""
+    x = np.asarray(xmaps, dtype=np.float64)
+    peak = x.reshape(len(x), -1).max(axis=1)
+    return np.where(peak > 0, peak, 1.0)
+
+
 def _as_maps(maps: np.ndarray | torch.Tensor, size: tuple[int, int], what: str) -> np.ndarray:
     m = maps.detach().cpu().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps)
     if m.ndim == 3:
@@ -78,16 +91,18 @@ def excitation_grid(images: np.ndarray, ebp_maps: np.ndarray | torch.Tensor,
                     xfeature_maps: np.ndarray | torch.Tensor, contributions: np.ndarray, *,
                     predictions: Sequence[float] | np.ndarray | None = None, title: str | None = None,
                     sort: str = "row", row_labels: Sequence[str] | None = None,
-                    dead: Sequence[int] = ()):
+                    dead: Sequence[int] = (), scale: str = "row"):
     """Build the Fig. 4 grid as a matplotlib Figure (not shown, Agg canvas).
 
     ``images`` uint8 (R, H, W, 3); ``ebp_maps`` (R, H, W) or (R, 1, H, W): ExcitationBP on
     the logit; ``xfeature_maps`` (R, n, H, W); ``contributions`` (R, n) = ``v_i * E_i``;
-    ``predictions`` (R,) the logit y-hat printed above the ExcitationBP panel. Every map
-    is drawn normalised to its own maximum (the title says so), so a panel whose contribution is
-    under 1% of the row's total is titled in grey with "(~0)". ``dead``: x-features (0-based)
-    that fire on no training image; their panels say so, in grey, so a map of what would
-    excite them is not read as evidence the model used.
+    ``predictions`` (R,) the logit y-hat printed above the ExcitationBP panel. ``scale``:
+    ``"row"`` (default) draws a row's maps on one colour scale (:func:`row_scales`), so they
+    compare at a glance; ``"map"`` draws each relative to its own maximum, so a faint map's
+    shape shows too. The title says which. A panel whose contribution is under 1% of the row's
+    total is titled in grey with "(~0)". ``dead``: x-features (0-based) that fire on no
+    training image; their panels say so, in grey, so a map of what would excite them is not
+    read as evidence the model used.
     """
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -113,7 +128,14 @@ def excitation_grid(images: np.ndarray, ebp_maps: np.ndarray | torch.Tensor,
     if dead_set:  # dead panels go last, after the negative contributions
         order = np.array([[i for i in row if i not in dead_set] + [i for i in row if i in dead_set]
                           for row in order])
-    ebp_scale, x_scale = map_scales(ebp), map_scales(xm)
+    if scale not in SCALES:
+        raise InputError(f"scale {scale!r}: expected one of {', '.join(SCALES)}")
+    if scale == "row":
+        shared = row_scales(xm)
+        ebp_scale, x_scale = map_scales(ebp), np.repeat(shared[:, None], n, axis=1)
+    else:
+        ebp_scale, x_scale = map_scales(ebp), map_scales(xm)
+    note = ROW_SCALE_NOTE if scale == "row" else NORMALISED_NOTE
     cmap = colormaps["jet"]
     cell = 1.9
     fig = Figure(figsize=(cell * (n + 2) + 0.8, cell * r_n + (0.7 if title else 0.4)), dpi=100,
@@ -132,7 +154,7 @@ def excitation_grid(images: np.ndarray, ebp_maps: np.ndarray | torch.Tensor,
             if i in dead_set:
                 ax.set_title(f"x{i + 1}: dead (0 on training)", fontsize=8, color="0.45")
             elif abs(contrib[r, i]) < MINOR_SHARE * np.abs(contrib[r]).sum():
-                # drawn at full colour like the others (own maximum), so its title says it adds ~nothing
+                # its map may be as bright as the others', so its title says it adds ~nothing
                 ax.set_title(f"x{i + 1}: {_signed(contrib[r, i])} (~0)", fontsize=9, color="0.45")
             else:
                 ax.set_title(f"x{i + 1}: {_signed(contrib[r, i])}", fontsize=10, fontweight="bold")
@@ -142,8 +164,8 @@ def excitation_grid(images: np.ndarray, ebp_maps: np.ndarray | torch.Tensor,
         sm = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)
         bar = fig.colorbar(sm, ax=list(axes[r, 1:]), shrink=0.85, pad=0.01, aspect=12)
         bar.ax.tick_params(labelsize=7)
-        bar.set_label("/ own max", fontsize=7)
-    fig.suptitle(f"{title}\n{NORMALISED_NOTE}" if title else NORMALISED_NOTE, fontsize=12 if title else 9)
+        bar.set_label("/ row max" if scale == "row" else "/ own max", fontsize=7)
+    fig.suptitle(f"{title}\n{note}" if title else note, fontsize=12 if title else 9)
     return fig
 
 

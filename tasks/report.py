@@ -136,6 +136,7 @@ def _figure(spec: dict[str, Any]) -> bytes:
     sel = [pos[int(i)] for i in ids]
     expl = load_explainer(spec["explainer"])
     fig = excitation_grid(images, ebp, xmaps, expl.contributions(z[sel]), predictions=logits[sel, spec["category"]],
+                          scale=spec.get("scale", "row"),
                           title=spec["title"], dead=expl.meta.get("dead_features", ()))
     return figure_png(fig)
 

@@ -70,15 +70,48 @@ def test_png_is_written_and_not_blank(tmp_path) -> None:
         excitation_grid(images, ebp, xm, contrib[:, :2])
 
 
-def test_each_map_is_drawn_relative_to_its_own_max() -> None:
+def test_a_row_shares_one_colour_scale_by_default() -> None:
+    """Issue 4: 'shared colour scale per row': of a row's x-feature maps one 100x weaker is
+    drawn faint, one 50x stronger saturates the scale; each panel equals the overlay at the
+    row's maximum. ExcitationBP on y-hat keeps its own (far more concentrated: on the demo it
+    left every x-feature panel near-blank when it shared the scale)."""
+    from matplotlib import colormaps
+
+    from srae.figures import _overlay
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (2, 24, 24, 3), dtype=np.uint8)
+    ebp = rng.random((2, 24, 24))
+    xm = rng.random((2, 3, 24, 24))
+    xm[0, 1] = xm[0, 0] * 0.01
+    xm[0, 2] = xm[0, 0] * 50.0
+    xm[1] = 0.0  # a row of all-zero x-feature maps: scale 1, no division by zero
+    ebp[0] *= 1e3
+    fig = excitation_grid(images, ebp, xm, np.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]]), title="cat 0")
+    assert "share one colour scale" in fig.get_suptitle()
+    shown = [ax.images[0].get_array() for ax in fig.axes if ax.images]  # row by row, panels in order
+    row0 = xm[0].max()
+    cmap = colormaps["jet"]
+    np.testing.assert_allclose(shown[1], _overlay(images[0], ebp[0], ebp[0].max(), cmap), atol=1e-12)
+    np.testing.assert_allclose(shown[5 + 1], _overlay(images[1], ebp[1], ebp[1].max(), cmap), atol=1e-12)
+    np.testing.assert_allclose(shown[5 + 2], _overlay(images[1], xm[1, 0], 1.0, cmap), atol=1e-12)
+    x1, x2, x3 = shown[2], shown[3], shown[4]  # sorted by contribution: 3.0, 2.0, 1.0
+    for panel, k in ((x1, 0), (x2, 1), (x3, 2)):
+        np.testing.assert_allclose(panel, _overlay(images[0], xm[0, k], row0, cmap), atol=1e-12)
+    assert np.abs(x3 - x1).max() > 0.2  # the 50x map is bright where the others are faint
+    with pytest.raises(InputError, match="scale 'col'"):
+        excitation_grid(images, ebp, xm, np.ones((2, 3)), scale="col")
+
+
+def test_each_map_can_be_drawn_relative_to_its_own_max() -> None:
     images, ebp, xm, _ = _data(r=1, n=3)
     xm[0, 1] = xm[0, 0] * 0.01  # the same pattern, 100x weaker
     xm[0, 2] = xm[0, 0] * 50.0  # and 50x stronger
-    fig = excitation_grid(images, ebp * 1e-3, xm, np.array([[3.0, 2.0, 1.0]]), title="cat 0")
+    fig = excitation_grid(images, ebp * 1e-3, xm, np.array([[3.0, 2.0, 1.0]]), title="cat 0", scale="map")
     panels = {ax.get_title().split(":")[0]: ax.images[0].get_array() for ax in fig.axes if ax.images}
     np.testing.assert_allclose(panels["x2"], panels["x1"], atol=1e-12)  # not faint: same picture
     np.testing.assert_allclose(panels["x3"], panels["x1"], atol=1e-12)
-    ref = excitation_grid(images, ebp, xm[:, :1].repeat(3, axis=1), np.array([[3.0, 2.0, 1.0]]))
+    ref = excitation_grid(images, ebp, xm[:, :1].repeat(3, axis=1), np.array([[3.0, 2.0, 1.0]]), scale="map")
     ref_panels = {ax.get_title().split(":")[0]: ax.images[0].get_array() for ax in ref.axes if ax.images}
     np.testing.assert_allclose(panels["ExcitationBP"], ref_panels["ExcitationBP"], atol=1e-6)  # float32 resize
     assert "normalised to its own max" in fig.get_suptitle() and "cat 0" in fig.get_suptitle()
