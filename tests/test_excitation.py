@@ -318,6 +318,26 @@ def test_inplace_relu_vgg_leaves_model_untouched() -> None:
     assert all(p.grad is None for p in chain.parameters())
 
 
+def test_a_real_torchvision_vgg_is_left_as_it_was() -> None:
+    """torchvision's own VGG11 (in-place ReLUs, Dropout, AdaptiveAvgPool) in train mode with a
+    frozen layer: maps at pool2 as for its out-of-place twin; weights, flags and mode unchanged."""
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg11(weights=None, num_classes=5)
+    chain = nn.Sequential(*vgg.features, vgg.avgpool, nn.Flatten(), *vgg.classifier).train()
+    chain[0].weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in chain.state_dict().items()}
+    flags = [p.requires_grad for p in chain.parameters()]
+    x = _x((2, 3, 32, 32), seed=9)
+    maps = excitation_maps(chain, x, [0, 4], readout=5, output_size=32)  # 5: the second MaxPool
+    clean = nn.Sequential(*[nn.ReLU() if isinstance(m, nn.ReLU) else m for m in chain])
+    torch.testing.assert_close(maps, excitation_maps(clean, x, [0, 4], readout=5, output_size=32))
+    assert maps.shape == (2, 2, 32, 32) and float(maps.sum()) > 0
+    assert any(isinstance(m, nn.ReLU) and m.inplace for m in chain)
+    assert all(torch.equal(before[k], v) for k, v in chain.state_dict().items())
+    assert [p.requires_grad for p in chain.parameters()] == flags and all(m.training for m in chain)
+    assert all(p.grad is None for p in chain.parameters())
+
+
 def test_unsupported_modules_are_named() -> None:
     bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
     with pytest.raises(InputError, match=r"module 1 \(BatchNorm2d\)"):

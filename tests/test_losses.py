@@ -9,6 +9,7 @@ import torch
 from srae.losses import (
     balanced_weights,
     faithfulness_loss,
+    mean_reconstruction_loss,
     pull_away_loss,
     sparse_reconstruction_loss,
     srae_objective,
@@ -70,6 +71,17 @@ def test_sparse_reconstruction_matches_loop(gen):
     qs = torch.tensor([[1.0, 2.0, 5.0], [0.5, 3.0, 10.0]], dtype=torch.float64)
     got = sparse_reconstruction_loss(z_hat, z, qs)
     assert got[1, 2].item() == pytest.approx(ref_sparse(z_hat[1, 2].tolist(), z[1, 2].tolist(), 10.0), rel=1e-12)
+
+
+def test_mean_reconstruction_matches_loop(gen):
+    """The SAE/CAE reconstruction term: mean over samples and dims of the squared error."""
+    z = torch.rand(2, 3, 7, 5, generator=gen, dtype=torch.float64)
+    z_hat = z + torch.randn(2, 3, 7, 5, generator=gen, dtype=torch.float64)
+    got = mean_reconstruction_loss(z_hat, z)
+    assert got.shape == (2, 3)
+    for a, b in itertools.product(range(2), range(3)):
+        ref = sum((z_hat[a, b, i, k].item() - z[a, b, i, k].item()) ** 2 for i in range(7) for k in range(5)) / 35
+        assert got[a, b].item() == pytest.approx(ref, rel=1e-12)
 
 
 def test_pull_away_matches_loop(gen):

@@ -83,6 +83,25 @@ def test_lasso_sweep_selects_fewer_dims_as_alpha_grows(planted, trained):
     assert rows[0]["F_reg_test"] < rows[-1]["F_reg_test"]
 
 
+def test_loading_an_explainer_imports_no_training_code(trained, tmp_path):
+    """DESIGN §2 / issue 2: a saved explainer loads and predicts without the trainer, CV or
+    loss modules (and without Prefect): checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    path = trained["SRAE"].explainers[0].save(tmp_path / "srae0")
+    code = ("import sys, numpy as np\n"
+            "from srae.explainers import load_explainer\n"
+            f"e = load_explainer({str(path)!r})\n"
+            "assert np.isfinite(e.predict(np.ones((2, e.weights[0].shape[1])))).all()\n"
+            "e.encoder()\n"
+            "bad = sorted(m for m in ('srae.train', 'srae.cv', 'srae.losses', 'srae.fit', 'prefect') if m in sys.modules)\n"
+            "print(','.join(bad))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == ""
+
+
 def test_explainer_roundtrip_and_encoder_export(planted, trained, tmp_path):
     z, logits, _ = planted
     e = trained["SRAE"].explainers[0]

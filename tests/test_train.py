@@ -53,7 +53,8 @@ def _twin_train(z, y, member, arch, method, steps, mb):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return [lin.weight for lin in enc] + [lin.bias for lin in enc] + [lin.weight for lin in dec] + [v]
+    return ([lin.weight for lin in enc] + [lin.bias for lin in enc] + [lin.weight for lin in dec]
+            + [lin.bias for lin in dec] + [v])
 
 
 @pytest.mark.parametrize("method", ["SRAE", "SAE", "NN"])
@@ -74,7 +75,8 @@ def test_stacked_members_equal_separately_trained_twins(method):
     assert res.steps == 20
     for b, m in enumerate(members):
         twin = _twin_train(z, y, m, Architecture(D, 4, (8, 6), decoder=method != "NN"), method, 20, 16)
-        mine = [w[b] for w in res.model.enc_w] + [bb[b] for bb in res.model.enc_b] + [w[b] for w in res.model.dec_w] + [res.model.v[b]]
+        mine = ([w[b] for w in res.model.enc_w] + [bb[b] for bb in res.model.enc_b] + [w[b] for w in res.model.dec_w]
+                + [bb[b] for bb in res.model.dec_b] + [res.model.v[b]])
         assert len(mine) == len(twin)
         for a, t in zip(mine, twin):
             scale = t.detach().abs().max().item()
@@ -157,6 +159,73 @@ def test_bad_input_names_the_array_or_category():
     # collect mode: the bad category is reported, the others are trained
     out = train_explainers(z, logits, labels0, [0, 1, 2], "NN", SMALL, errors="collect")
     assert set(out.explainers) == {0, 2} and "no positive samples" in out.failed[1]
+
+
+def test_a_diverged_model_is_an_error_naming_its_category_never_a_nan_explainer(monkeypatch):
+    import srae.cv as CV
+
+    z, logits, labels = _toy()
+    real = CV._unstack
+
+    def nan_for_category_1(res, b, method, category, meta):
+        e = real(res, b, method, category, meta)
+        if category == 1:
+            e.weights[0][0, 0] = float("nan")  # as after an overflowing update
+        return e
+
+    monkeypatch.setattr(CV, "_unstack", nan_for_category_1)
+    with pytest.raises(InputError, match="warbler: NN training diverged .*lower the learning rate"):
+        train_explainers(z, logits, labels, [1], "NN", SMALL, class_names=["a", "warbler", "c"])
+    out = train_explainers(z, logits, labels, [0, 1, 2], "NN", SMALL, errors="collect")
+    assert set(out.explainers) == {0, 2} and "diverged" in out.failed[1]
+    assert all(bool(torch.isfinite(w).all()) for e in out.explainers.values() for w in e.weights)
+
+
+def test_the_selection_criterion_and_rule_are_recorded():
+    z, logits, labels = _toy()
+    for method, criterion in (("SRAE", "val_faithfulness_mse"), ("CAE", "val_reconstruction_mse")):
+        meta = train_explainers(z, logits, labels, [0], method, SMALL).explainers[0].meta
+        assert meta["cv_criterion"] == criterion and meta["cv_rule"] == SMALL.cv_rule
+        assert meta["samples"] == {"train_pos": 20, "train_neg": 60, "test_pos": meta["samples"]["test_pos"],
+                                   "test_neg": 30} and meta["samples"]["test_pos"] > 0
+
+
+def test_early_stopping_stops_a_member_and_restores_its_best_epoch(monkeypatch):
+    """Validation values are scripted per epoch: member 0 is best after epoch 2 and stops after
+    `patience` worse epochs, with its epoch-2 parameters restored (equal to a 2-epoch fit of
+    its twin without validation); member 1 keeps improving and trains every epoch."""
+    import srae.train as T
+
+    g = np.random.default_rng(5)
+    N, D = 90, 8
+    z = torch.as_tensor(g.uniform(0, 2, (N, D)))
+    y = torch.as_tensor(g.normal(0, 2, (N, 2)))
+    idx, val = np.arange(60), np.arange(60, 90)
+    hp = dict(lr=1e-2, beta=1.0, eta=0.1, q=1.0, weight_decay=0.0)
+    members = [Member(c, idx, (y[idx, c] > 0).numpy(), hp, seed=7 + c, val_idx=val, val_pos=(y[val, c] > 0).numpy())
+               for c in (0, 1)]
+    script = {0: [5.0, 3.0, 4.0, 4.5, 6.0, 7.0, 8.0], 1: [5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.2]}
+    calls = []
+
+    def scripted(model, *args, **kwargs):
+        calls.append(1)
+        return [script[b][len(calls) - 1] for b in range(2)]
+
+    monkeypatch.setattr(T, "evaluate_criterion", scripted)
+    arch = Architecture(D, 3, (6,))
+    settings = TrainSettings(batch_size=20, max_epochs=7, patience=2, normalize=False, dtype=torch.float64,
+                             revive=False)
+    res = fit_stack(z, y, members, "SRAE", arch, settings)
+    assert res.best_epoch == [2, 7] and res.best_val == [3.0, 0.2]
+    assert len(res.curves[0]["val"]) == 4 and len(res.curves[1]["val"]) == 7  # 0 stopped after epoch 4
+    assert len(res.curves[0]["train"]) == 4
+
+    monkeypatch.undo()
+    twin = Member(0, idx, members[0].train_pos, hp, seed=7)
+    two = fit_stack(z, y, [twin], "SRAE", arch, TrainSettings(batch_size=20, max_epochs=2, normalize=False,
+                                                               dtype=torch.float64, revive=False))
+    for mine, ref in zip(res.model.parameters(), two.model.parameters()):
+        torch.testing.assert_close(mine[0], ref[0], rtol=1e-12, atol=1e-12)
 
 
 def test_dead_x_features_are_revived_to_fire_on_about_half_the_batch():
