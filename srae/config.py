@@ -272,6 +272,8 @@ class HeatmapsConfig(_Model):
         None, description="Z column: locality of this many sampled Z dims (their maps stored; 0: no Z column), "
                           "or 'all' (the paper's column: every dim, scored as drawn, no maps stored); "
                           "None: all on a CUDA GPU, 64 elsewhere")
+    gradcam: bool = Field(True, description="also Grad-CAM on y-hat at the same readout: a second heatmap method "
+                                            "beside ExcitationBP, scored for locality (column 'Grad-CAM')")
     z_chunk: int = Field(256, ge=1, description="Z dims per top-down pass when all are scored, on up to 4 images "
                                                 "(memory vs speed; a pass out of memory is retried with half)")
     batch_size: int = Field(16, ge=1)

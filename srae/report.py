@@ -37,6 +37,8 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "experiment", "category", "method", "metric", "split", "value", "n_features", "hparams",
 )
 TABLE_METHODS: tuple[str, ...] = ("SRAE", "NN", "SAE", "Lasso", "CAE", "Z", "ExcitationBP")
+# Heatmap methods beyond the paper's: a Table 1 column only when scored.
+EXTRA_METHODS: tuple[str, ...] = ("Grad-CAM",)
 MAIN_ROWS: tuple[tuple[str, str], ...] = (
     ("F_reg", "train"), ("F_reg", "test"), ("F_cls", "train"), ("F_cls", "test"),
 )
@@ -184,7 +186,8 @@ def missing_categories(t: pd.DataFrame) -> dict[tuple[str, str, str], tuple[int,
 
 # ---------------------------------------------------------------------- wide tables
 def table_main(df: pd.DataFrame, lasso_alpha: float | None = None) -> pd.DataFrame:
-    """Table 1 / 3. Index ``(metric, split)``, columns :data:`TABLE_METHODS` (NaN = not scored).
+    """Table 1 / 3. Index ``(metric, split)``, columns :data:`TABLE_METHODS` (NaN = not scored),
+    then those of :data:`EXTRA_METHODS` that were scored.
 
     Means leave out categories with an infinite value (O2); which cells did, and for how many
     categories, is in ``attrs["infinite_categories"]`` (see :func:`infinite_categories`)."""
@@ -195,7 +198,8 @@ def table_main(df: pd.DataFrame, lasso_alpha: float | None = None) -> pd.DataFra
     infinite: list[dict[str, Any]] = []
     means = _category_mean(df, ["metric", "split", "method"], infinite)
     index = pd.MultiIndex.from_tuples(rows, names=["metric", "split"])
-    out = pd.DataFrame(np.nan, index=index, columns=list(TABLE_METHODS), dtype="float64")
+    extra = [m for m in EXTRA_METHODS if m in set(df["method"])]
+    out = pd.DataFrame(np.nan, index=index, columns=[*TABLE_METHODS, *extra], dtype="float64")
     for (metric, split, method), value in means.items():
         if (metric, split) in index and method in out.columns:
             out.loc[(metric, split), method] = value

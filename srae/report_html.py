@@ -144,7 +144,7 @@ MAIN_CAPTION = (
     "objects, log of roughly how many it covers) on positive images, lower is better; they include "
     "every x-feature's map, dead ones too. Z: ExcitationBP on dimensions of Z (all, or a sample: see Notes); "
     "ExcitationBP: on "
-    "y-hat. dead_x (not in the paper): x-features per category that fire on no training image; they add "
+    "y-hat; Grad-CAM (beyond the paper, when drawn): on y-hat at the same readout. dead_x (not in the paper): x-features per category that fire on no training image; they add "
     "nothing to y-hat there, and the figures mark them.")
 
 

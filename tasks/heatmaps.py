@@ -1,5 +1,6 @@
 """Stage 5: c-MWP heatmaps per category group: x-features of each headline explainer,
-ExcitationBP on y-hat (the category's logit) and dimensions of Z. Lasso's x-features are its
+ExcitationBP on y-hat (the category's logit) and dimensions of Z; Grad-CAM on y-hat at the
+same readout as a second method (``heatmaps.gradcam``). Lasso's x-features are its
 selected Z dims and are drawn exactly like the Z column (contrasted at fc6).
 
 The Z column either draws a sample of Z dims into a store like the others (scored by the
@@ -101,6 +102,10 @@ def heatmap_jobs(expl_results: list[dict[str, Any]], groups: list[list[int]], fe
                 jobs.append({"method": "ExcitationBP", "category": c, "split": split, "explainer": None, "hparams": {},
                              "heatmaps": str(base / f"ExcitationBP-{split}.zarr"), "annotations": ann,
                              "metrics": list(LOCALITY_ONLY)})
+                if cfg.heatmaps.gradcam:
+                    jobs.append({"method": "Grad-CAM", "category": c, "split": split, "explainer": None,
+                                 "hparams": {}, "heatmaps": str(base / f"GradCAM-{split}.zarr"), "annotations": ann,
+                                 "metrics": list(LOCALITY_ONLY), "kind": "Grad-CAM"})
                 if z_dims == "all":  # no store: "heatmaps" only names the scores file
                     jobs.append({"method": "Z", "category": c, "split": split, "explainer": None,
                                  "hparams": {"z_dims": "all"}, "heatmaps": str(base / f"Zall-{split}.zarr"),
@@ -275,7 +280,7 @@ class _Drawing:
         for j in jobs:
             c = int(j["category"])
             attrs = {"method": j["method"], "category": c, "split": j["split"], "readout_name": self.readout_name}
-            if j["method"] == "ExcitationBP":
+            if j["method"] in ("ExcitationBP", "Grad-CAM"):  # both on y-hat, the category's logit
                 head, units = nn.Sequential(*self.tail, *self.bb.head), [c]
             elif j["method"] == "Z":
                 units = _z_dims(z, int(j["hparams"]["z_dims"]), c)
@@ -286,11 +291,12 @@ class _Drawing:
                 attrs.update(extra)
                 attrs["explainer"] = str(j["explainer"])
                 attrs["explainer_sha256"] = _explainer_sha(j["explainer"])
-            hjobs.append(HeatmapJob(Path(j["heatmaps"]), head, units, attrs))
+            hjobs.append((j.get("kind", "c-MWP"), HeatmapJob(Path(j["heatmaps"]), head, units, attrs)))
         drawn = [0]
-        compute_heatmaps(self.trunk, hjobs, self._batches(ids, drawn), ids, readout=self.readout,
-                         output_size=self.bb.input_size, mean=self.bb.mean, std=self.bb.std,
-                         wait_for_writer=WAIT_FOR_OTHER_RUN_S)
+        for kind in sorted({k for k, _ in hjobs}):  # one pass over the images per kind of map
+            compute_heatmaps(self.trunk, [h for k, h in hjobs if k == kind], self._batches(ids, drawn), ids,
+                             readout=self.readout, output_size=self.bb.input_size, kind=kind, mean=self.bb.mean,
+                             std=self.bb.std, wait_for_writer=WAIT_FOR_OTHER_RUN_S)
         return drawn[0] > 0
 
     def score_streamed(self, job: dict[str, Any], ids: np.ndarray, unit_chunk: int) -> bool:

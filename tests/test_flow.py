@@ -32,9 +32,14 @@ def test_end_to_end_report_schema_methods_and_faithfulness(tiny_run):
         sub = df[(df["method"] == method) & (df["metric"] == "F_cls") & ~R._is_sweep(df)]
         assert sorted(zip(sub["category"], sub["split"])) == [(0, "test"), (0, "train"), (1, "test"), (1, "train")]
     main = pd.read_parquet(out / "table_main.parquet").set_index(["metric", "split"])
-    assert list(main.columns) == list(R.TABLE_METHODS)
+    assert list(main.columns) == [*R.TABLE_METHODS, "Grad-CAM"]  # the second heatmap method, scored
     assert main.loc[("F_cls", "test"), "SRAE"] >= 0.95
     assert np.isfinite(main.loc[("locality", "test"), "ExcitationBP"])
+    assert np.isfinite(main.loc[("locality", "test"), "Grad-CAM"])
+    import zarr
+
+    cams = sorted(Path(tiny_run["config"]["cache_dir"]).glob("heatmaps/**/GradCAM-test.zarr"))
+    assert len(cams) == 2 and all(zarr.open_group(str(p), mode="r").attrs["heatmap"] == "Grad-CAM" for p in cams)
     assert np.isfinite(main.loc[("locality", "test"), "Z"])
     assert main.loc[[("F_reg", "test"), ("F_cls", "test")], list(FIVE)].notna().all().all()
     # the derived table equals the one recomputed from the long table

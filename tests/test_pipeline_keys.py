@@ -182,7 +182,7 @@ def test_edited_cub_annotations_change_the_dataset_identity(tiny_dataset: dict, 
 
     def the_job(ds: dict) -> dict:
         (job,), = [jobs for _, jobs in heatmap_jobs([], [[0]], {"fingerprint": "f" * 64}, bb,
-                                                   cfg.model_copy(update={"heatmaps": cfg.heatmaps.model_copy(update={"z_dims": 0})}),
+                                                   cfg.model_copy(update={"heatmaps": cfg.heatmaps.model_copy(update={"z_dims": 0, "gradcam": False})}),
                                                    str(tmp_path / "heat"), dataset=ds)]
         return job
 
