@@ -222,6 +222,8 @@ class ExplainerConfig(_Model):
     cv_rule: Literal["best", "one_se"] = Field(
         "best", description="best: lowest CV criterion; one_se: the most regularised config within one "
                             "standard error of it (faithfulness alone favours the weakest eta/beta)")
+    predictor_bias: bool = Field(False, description="give y-bar = v.E a bias term (off in the paper: then the "
+                                                    "contributions v_i E_i sum to y-bar exactly)")
     group_size: int = Field(4, ge=1, description="categories per mapped task")
     stack_categories: bool | None = Field(
         None, description="train the categories of a group in shared stacks: faster on a GPU, but a category's "

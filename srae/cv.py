@@ -51,6 +51,7 @@ class ExplainerSettings:
     max_members: int = 128  # members per stacked fit (bounds memory: ~27 MB each at D = 4096, x5 with Adam)
     refit_seeds: int = 2  # final fits per category from different inits; the best-fitting one is kept
     cv_rule: str = "best"  # "best": lowest mean CV criterion; "one_se": see select_config
+    predictor_bias: bool = False  # y_bar = v . E + bias (the paper has no bias)
     # Whether members of different categories share stacks. Sharing is what makes a GPU fast; on
     # the CPU it gains little, and a multi-threaded CPU matmul or reduction may split its work by
     # stack size, so a category's explainer would depend on its neighbours in the run. None: share
@@ -181,16 +182,22 @@ def _unstack(res: FitResult, b: int, method: str, category: int, meta: dict) -> 
     biases = [bb[b].detach().double().cpu().clone() for bb in m.enc_b]
     weights[0] = weights[0] / zs  # fold Z normalisation into the first layer
     v = m.v[b].detach().double().cpu() * ys
-    bias = float(m.v_bias[b]) * ys
+    bias = float(m.v_bias[b].detach()) * ys
     return Explainer(method, category, weights, biases, v, bias, meta)
 
 
-def _least_squares_v(expl: Explainer, z: np.ndarray, y: np.ndarray, is_pos: np.ndarray, factor: float) -> Explainer:
-    """CAE: fit ``v`` afterwards by (balanced) weighted least squares so faithfulness can be scored."""
+def _least_squares_v(expl: Explainer, z: np.ndarray, y: np.ndarray, is_pos: np.ndarray, factor: float,
+                     with_bias: bool = False) -> Explainer:
+    """CAE: fit ``v`` (and the bias, ``with_bias``) afterwards by (balanced) weighted least
+    squares so faithfulness can be scored."""
     e = expl.features(z)
+    if with_bias:
+        e = np.column_stack([e, np.ones(len(e))])
     w = balanced_weights_np(is_pos, factor)
     sw = np.sqrt(w)[:, None]
     v, *_ = np.linalg.lstsq(e * sw, y * sw[:, 0], rcond=None)
+    if with_bias:
+        v, expl.bias = v[:-1], float(v[-1])
     expl.v = torch.as_tensor(v, dtype=torch.float64)
     return expl
 
@@ -286,7 +293,7 @@ def train_explainers(
     dev = s.train.device
     zt = torch.as_tensor(z, device=dev)
     yt = torch.as_tensor(logits, device=dev)
-    arch = Architecture(z.shape[1], s.n, tuple(s.hidden), spec.decoder)
+    arch = Architecture(z.shape[1], s.n, tuple(s.hidden), spec.decoder, s.predictor_bias)
     configs = method_configs(method, s.grid)
     cats = list(designs)
 
@@ -356,7 +363,7 @@ def train_explainers(
             expl = _unstack(res, b, method, c, dict(meta, curve=res.curves[b]["train"], revivals=revived))
             if method == "CAE":
                 expl = _least_squares_v(expl, z[d.train_idx], logits[d.train_idx, c], d.train_pos,
-                                        s.train.positive_factor)
+                                        s.train.positive_factor, s.predictor_bias)
             params = torch.cat([w.flatten() for w in expl.weights] + [expl.v.flatten()])
             if bool(torch.isfinite(params).all()):
                 candidates.append((_train_mse(expl, z, logits, d, s.train.positive_factor), expl))

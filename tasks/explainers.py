@@ -50,6 +50,8 @@ def method_settings(x: ExplainerConfig, method: str) -> list[dict[str, Any]]:
     grid = {k: list(getattr(x.grid, k)) for k in keys if getattr(x.grid, k) is not None}
     # cv_rule only when not the default, so existing explainer directories keep their keys
     rule = {} if x.cv_rule == "best" else {"cv_rule": x.cv_rule}
+    if x.predictor_bias:  # likewise only when on
+        rule["predictor_bias"] = True
     return [dict(common, n=x.n, hidden=list(x.hidden), folds=x.folds, grid=grid, max_epochs=x.max_epochs,
                  patience=x.patience, batch_size=x.batch_size, positive_factor=x.positive_factor,
                  refit_seeds=x.refit_seeds, **rule)]
@@ -141,7 +143,7 @@ def _train_neural(method, cats, settings, z, logits, labels, ids, splits, names,
         n_test_neg=settings["n_test_neg"], use_dataset_split=settings["use_dataset_split"],
         folds=settings["folds"], grid=settings["grid"], seed=settings["seed"],
         refit_seeds=settings.get("refit_seeds", 2), cv_rule=settings.get("cv_rule", "best"),
-        stack_categories=stack_categories,
+        predictor_bias=bool(settings.get("predictor_bias", False)), stack_categories=stack_categories,
         train=TrainSettings(batch_size=settings["batch_size"], max_epochs=settings["max_epochs"],
                             patience=settings["patience"], positive_factor=settings["positive_factor"],
                             device=device))

@@ -119,6 +119,19 @@ def test_cv_rule_keys_the_explainers_only_when_not_the_default():
 
     assert "cv_rule" not in method_settings(ExplainerConfig(), "SRAE")[0]
     assert method_settings(ExplainerConfig(cv_rule="one_se"), "SRAE")[0]["cv_rule"] == "one_se"
+    # likewise the predictor bias, which reaches the trainer's settings
+    from tasks.explainers import _train_neural
+
+    assert "predictor_bias" not in method_settings(ExplainerConfig(), "SRAE")[0]
+    on = method_settings(ExplainerConfig(predictor_bias=True, n=2, hidden=[4], n_pos=10, n_neg=20, n_test_neg=10,
+                                         folds=1, max_epochs=2), "NN")[0]
+    assert on["predictor_bias"] is True
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    z, logits = g.uniform(0, 1, (80, 6)).astype(np.float32), g.normal(size=(80, 2)).astype(np.float32) + 9
+    expl, failed = _train_neural("NN", [0], on, z, logits, logits.argmax(1), np.arange(80), None, None, "cpu")
+    assert not failed and expl[0].meta["settings"]["predictor_bias"] is True and expl[0].bias != 0.0
 
 
 def test_a_null_faithfulness_value_becomes_a_nan_row(tmp_path):

@@ -228,6 +228,24 @@ def test_early_stopping_stops_a_member_and_restores_its_best_epoch(monkeypatch):
         torch.testing.assert_close(mine[0], ref[0], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["SRAE", "CAE"])
+def test_a_predictor_bias_is_off_by_default_and_learns_an_offset_when_on(method):
+    """y-hat far from 0 on every image: with the bias on, it carries the offset (the
+    contributions v_i E_i plus the bias give y-bar); off (the paper's choice) it stays 0."""
+    z, logits, labels = _toy()
+    shifted = logits + 40.0
+    on = ExplainerSettings(**{**SMALL.__dict__, "predictor_bias": True,
+                              "train": TrainSettings(batch_size=32, max_epochs=60, patience=60)})
+    off = ExplainerSettings(**{**on.__dict__, "predictor_bias": False})
+    with_bias = train_explainers(z, shifted, labels, [0], method, on).explainers[0]
+    without = train_explainers(z, shifted, labels, [0], method, off).explainers[0]
+    assert without.bias == 0.0 and abs(with_bias.bias) > 1.0
+    rows = z[:20]
+    np.testing.assert_allclose(with_bias.contributions(rows).sum(1) + with_bias.bias, with_bias.predict(rows),
+                               rtol=1e-9, atol=1e-9)
+    assert with_bias.meta["F_reg_train"] < without.meta["F_reg_train"]
+
+
 def test_dead_x_features_are_revived_to_fire_on_about_half_the_batch():
     from srae.optim import StackedAdam
     from srae.train import _revive_features
