@@ -37,7 +37,7 @@ from tasks.common import (TASK_DEFAULTS, WAIT_FOR_OTHER_RUN_S, atomic_write_parq
 
 LOCALITY_ONLY = ("locality", "concept_recovery")
 # Images per pass when every Z dim is scored as drawn: memory grows with images x z_chunk
-# (VGG19 at pool3: ~1.6 MB per image and unit at conv4, a few such tensors alive at once), and
+# (VGG19 at pool3: ~8.5 MB per image and unit, measured on a CPU; ~9 GB at 4 x 256), and
 # the running sums are saved once per batch, so a small batch keeps both in bounds.
 Z_ALL_BATCH = 4
 ALL_METRICS = ("locality", "O1", "O2", "concept_recovery")
