@@ -230,9 +230,11 @@ def heatmap_group(jobs: list[dict[str, Any]], dataset: dict[str, Any], backbone:
         draw = _Drawing(bb, base, tail, ro, ro_name, index, path_of, dev, int(heatmaps.get("batch_size", 16)))
         for done, ((c, split), cj) in enumerate(by_cat.items()):
             progress.update(done)
-            stored = [j for j in cj if not j.get("stream")]
+            # c-MWP stores first, then Grad-CAM's, then each streamed Z job: each part fails alone
+            kinds = sorted({j.get("kind", "c-MWP") for j in cj if not j.get("stream")}, key=lambda k: k != "c-MWP")
+            parts = [[j for j in cj if not j.get("stream") and j.get("kind", "c-MWP") == k] for k in kinds]
             ids = z = positive = None
-            for part in ([stored] if stored else []) + [[j] for j in cj if j.get("stream")]:
+            for part in parts + [[j] for j in cj if j.get("stream")]:
                 try:
                     with timed() as t:
                         if ids is None:

@@ -149,6 +149,27 @@ def test_failed_category_is_reported_and_the_others_complete(tiny_run, monkeypat
     assert len(re.findall(r"<td>003\.[^<]+</td>", html)) >= len(FIVE) and "<td>2</td>" not in html
 
 
+def test_a_failing_grad_cam_leaves_the_c_mwp_maps_of_its_category_drawn(tiny_run, monkeypatch):
+    """Grad-CAM is a second method: when it fails (here: planted), the category's c-MWP stores
+    (x-features, ExcitationBP, Z) are still drawn and scored, and the report names the failure."""
+    import srae.heatmaps
+    from flows.pipeline import pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted Grad-CAM failure")
+
+    monkeypatch.setattr(srae.heatmaps, "gradcam_maps", broken)
+    base = tiny_run["base"]
+    cfg = tiny_pipeline_config(base, **{"report.out_dir": str(base / "report-nocam"), "report.figures": False,
+                                        "heatmaps.max_images": 3})  # new stores for every method
+    report = Path(pipeline(cfg))
+    df = R.read_metrics(report.parent / "metrics.parquet")
+    loc = df[df["metric"] == "locality"]
+    assert FIVE | {"ExcitationBP", "Z"} <= set(loc["method"]) and "Grad-CAM" not in set(loc["method"])
+    assert sorted(set(loc.loc[loc["method"] == "SRAE", "category"])) == [0, 1]
+    assert "planted Grad-CAM failure" in report.read_text()
+
+
 def test_bad_config_is_one_line_before_any_run(tmp_path, capsys):
     from srae import cli
 
