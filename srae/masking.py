@@ -35,8 +35,11 @@ Classifier = Callable[[np.ndarray], np.ndarray]  # uint8 (B, H, W, 3) -> logits 
 
 
 def metric_name(gamma: float) -> str:
-    """Long-table metric name for one threshold, e.g. ``mask_acc@0.05``."""
-    return f"mask_acc@{gamma:g}"
+    """Long-table metric name for one threshold, e.g. ``mask_acc@0.05`` (the name the report's
+    masking table reads: :func:`srae.report.gamma_metric`)."""
+    from srae.report import gamma_metric
+
+    return gamma_metric(gamma)
 
 
 def area_metric_name(gamma: float) -> str:
