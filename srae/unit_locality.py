@@ -205,12 +205,13 @@ def score_units(trunk: nn.Module | Sequence[nn.Module], head: nn.Module | Sequen
             except Exception as exc:  # noqa: BLE001 - only allocation failures are retried
                 if chunk == 1 or not _out_of_memory(exc):
                     raise
-                del exc
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                log.warning("%s: out of memory with %d units per pass on %d images; retrying with %d",
-                            job.heatmaps, chunk, len(images), chunk // 2)
-                chunk //= 2
+            # Out of the except block: the failed pass's traceback, and the tensors its frames
+            # held, are gone before the cache is emptied and the smaller pass allocates.
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning("%s: out of memory with %d units per pass on %d images; retrying with %d",
+                        job.heatmaps, chunk, len(images), chunk // 2)
+            chunk //= 2
         hist += part
         seen.update(i for i, _, _ in images)
         if state is not None:

@@ -155,6 +155,8 @@ def test_an_interrupted_run_resumes_from_its_sums_and_ignores_anothers(tmp_path,
 
 
 def test_out_of_memory_retries_with_fewer_units_per_pass(tmp_path, rng, monkeypatch, caplog) -> None:
+    import weakref
+
     import srae.unit_locality as U
 
     trunk, head = chain()
@@ -166,9 +168,14 @@ def test_out_of_memory_retries_with_fewer_units_per_pass(tmp_path, rng, monkeypa
     whole = score_units(trunk, head, range(9), batches(x, ids, 2), job, index, ids, unit_chunk=8, **kw)
     real, chunks = U.excitation_maps_chunked, []
 
+    held = []  # weak references to what each failed pass allocated
+
     def tight(t, h, u, xb, *, chunk, **k):  # a device that holds at most 2 units per pass
         chunks.append(chunk)
+        assert all(r() is None for r in held)  # the failed pass's tensors are freed before a retry
         if chunk > 2:
+            big = torch.empty(1000)
+            held.append(weakref.ref(big))
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.6 GiB")
         return real(t, h, u, xb, chunk=chunk, **k)
 
