@@ -122,6 +122,10 @@ class DatasetConfig(_Model):
         if self.kind == "synthrooms" and self.classes > SYNTHROOMS_MAX_CLASSES:
             raise ValueError(f"classes: synthrooms has at most {SYNTHROOMS_MAX_CLASSES} room classes, "
                              f"got {self.classes}")
+        if self.kind == "cub" and self.md5 is not None and self.url is None:
+            # the official archive has its published checksum: another md5 would only make a
+            # good download fail (and be deleted and fetched again)
+            raise ValueError("md5: set only with url (the mirror whose archive it checks)")
         return self
 
 

@@ -364,7 +364,8 @@ def train_explainers(
             if method == "CAE":
                 expl = _least_squares_v(expl, z[d.train_idx], logits[d.train_idx, c], d.train_pos,
                                         s.train.positive_factor, s.predictor_bias)
-            params = torch.cat([w.flatten() for w in expl.weights] + [expl.v.flatten()])
+            bias = torch.tensor([float(expl.bias)], dtype=torch.float64)
+            params = torch.cat([w.flatten() for w in expl.weights] + [expl.v.flatten(), bias])
             if bool(torch.isfinite(params).all()):
                 candidates.append((_train_mse(expl, z, logits, d, s.train.positive_factor), expl))
         if not candidates:

@@ -54,13 +54,15 @@ def map_scales(maps: np.ndarray) -> np.ndarray:
     return np.where(peak > 0, peak, 1.0)
 
 
-def row_scales(xmaps: np.ndarray) -> np.ndarray:
-    """One colour scale per row of x-feature maps ``(R, n, H, W)``: the row's largest value
-    (1 if all 0). c-MWP maps carry unit mass before the contrast, so within a row a brighter
-    panel is a more concentrated map. (ExcitationBP on y-hat keeps its own scale: far more
-    concentrated than any x-feature, it would leave them all near-invisible.)"""
+def row_scales(xmaps: np.ndarray, dead: Sequence[int] = ()) -> np.ndarray:
+    """One colour scale per row of x-feature maps ``(R, n, H, W)``: the largest value of the
+    row's live x-features (1 if all 0). c-MWP maps carry unit mass before the contrast, so
+    within a row a brighter panel is a more concentrated map. Dead x-features (0-based) do not
+    set the scale: their maps show only what *would* excite them. (ExcitationBP on y-hat keeps
+    its own scale: far more concentrated than any x-feature, it would leave them near-invisible.)"""
     x = np.asarray(xmaps, dtype=np.float64)
-    peak = x.reshape(len(x), -1).max(axis=1)
+    live = [i for i in range(x.shape[1]) if i not in set(int(d) for d in dead)] or list(range(x.shape[1]))
+    peak = x[:, live].reshape(len(x), -1).max(axis=1) if x.shape[1] else np.zeros(len(x))
     return np.where(peak > 0, peak, 1.0)
 
 
@@ -131,7 +133,7 @@ def excitation_grid(images: np.ndarray, ebp_maps: np.ndarray | torch.Tensor,
     if scale not in SCALES:
         raise InputError(f"scale {scale!r}: expected one of {', '.join(SCALES)}")
     if scale == "row":
-        shared = row_scales(xm)
+        shared = row_scales(xm, sorted(dead_set))
         ebp_scale, x_scale = map_scales(ebp), np.repeat(shared[:, None], n, axis=1)
     else:
         ebp_scale, x_scale = map_scales(ebp), map_scales(xm)
@@ -162,7 +164,9 @@ def excitation_grid(images: np.ndarray, ebp_maps: np.ndarray | torch.Tensor,
             ax.set_xticks([])
             ax.set_yticks([])
         sm = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)
-        bar = fig.colorbar(sm, ax=list(axes[r, 1:]), shrink=0.85, pad=0.01, aspect=12)
+        # row scale: the bar is the x-features' (ExcitationBP keeps its own, as the title says)
+        bar = fig.colorbar(sm, ax=list(axes[r, 2:] if scale == "row" else axes[r, 1:]), shrink=0.85, pad=0.01,
+                           aspect=12)
         bar.ax.tick_params(labelsize=7)
         bar.set_label("/ row max" if scale == "row" else "/ own max", fontsize=7)
     fig.suptitle(f"{title}\n{note}" if title else note, fontsize=12 if title else 9)

@@ -50,7 +50,7 @@ def group_complete(path: str | Path) -> bool:
     return is_complete(path)
 
 
-def _heat_key(cfg: ExperimentConfig, backbone: dict[str, Any]) -> str:
+def _heat_key(cfg: ExperimentConfig, backbone: dict[str, Any], images: str | None = None) -> str:
     """Name of a heatmap set: its settings and weights. Annotations are not part of it: the
     images a store holds are in its spec (a changed image set rebuilds it), and the scores
     computed from annotations are named by them (:func:`tasks.scoring.scores_path`), so an
@@ -60,8 +60,9 @@ def _heat_key(cfg: ExperimentConfig, backbone: dict[str, Any]) -> str:
            "input_size": backbone.get("input_size"),
            "samples": {k: getattr(cfg.explainer, k) for k in ("n_pos", "n_neg", "n_test_neg", "use_dataset_split",
                                                               "seed")}}
-    if h.images != "positives":  # only then: the stores of positives keep their names
-        key["images"] = h.images
+    images = images or h.images
+    if images != "positives":  # only then: the stores of positives keep their names
+        key["images"] = images
     return stable_hash(key, 12)
 
 
@@ -73,6 +74,9 @@ def heatmap_jobs(expl_results: list[dict[str, Any]], groups: list[list[int]], fe
     from tasks.explainers import row_hparams
 
     key = _heat_key(cfg, backbone)
+    # the streamed Z column only ever scores positives: its scores keep their place whatever
+    # heatmaps.images is (they are the most expensive result of the stage)
+    positives_key = _heat_key(cfg, backbone, images="positives")
     ann = str((dataset or {}).get("annotations") or "")[:12]  # names the score files
     root = Path(heat_root)
     per_cat: dict[int, list[dict[str, Any]]] = {}
@@ -107,8 +111,9 @@ def heatmap_jobs(expl_results: list[dict[str, Any]], groups: list[list[int]], fe
                                  "hparams": {}, "heatmaps": str(base / f"GradCAM-{split}.zarr"), "annotations": ann,
                                  "metrics": list(LOCALITY_ONLY), "kind": "Grad-CAM"})
                 if z_dims == "all":  # no store: "heatmaps" only names the scores file
+                    zall = root / fp / "baselines" / positives_key / f"cat{c:04d}" / f"Zall-{split}.zarr"
                     jobs.append({"method": "Z", "category": c, "split": split, "explainer": None,
-                                 "hparams": {"z_dims": "all"}, "heatmaps": str(base / f"Zall-{split}.zarr"),
+                                 "hparams": {"z_dims": "all"}, "heatmaps": str(zall),
                                  "annotations": ann, "metrics": ["locality"], "stream": True,
                                  "experiment": cfg.name})
                 elif z_dims > 0:

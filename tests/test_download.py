@@ -317,12 +317,20 @@ def test_md5_settings_are_checked_before_anything_runs(tmp_path, capsys):
     from srae.config import config_from_dict
     from srae.errors import SraeError
 
-    assert config_from_dict({"dataset": {"kind": "cub", "md5": "AB" * 16}}).dataset.md5 == "ab" * 16
+    url = "http://127.0.0.1:9/CUB_200_2011.tgz"
+    assert config_from_dict({"dataset": {"kind": "cub", "url": url, "md5": "AB" * 16}}).dataset.md5 == "ab" * 16
     with pytest.raises(SraeError, match="dataset.md5: .*32 hex digits"):
-        config_from_dict({"dataset": {"kind": "cub", "md5": "not-an-md5"}})
+        config_from_dict({"dataset": {"kind": "cub", "url": url, "md5": "not-an-md5"}})
+    # without a mirror it could only fail (and delete) a good official archive
+    with pytest.raises(SraeError, match="dataset: md5: set only with url"):
+        config_from_dict({"dataset": {"kind": "cub", "md5": "ab" * 16}})
+    assert config_from_dict({"dataset": {"kind": "places", "md5": "ab" * 16}}).dataset.md5  # a hand-placed ADE20K zip
     with pytest.raises(SystemExit) as exc:
         main(["download", "cub", "--root", str(tmp_path), "--md5", "123"])
     assert exc.value.code == 2 and "--md5: '123' is not an md5" in capsys.readouterr().err
+    assert main(["download", "cub", "--root", str(tmp_path), "--md5", "ab" * 16]) == 2
+    assert "--md5 is for a file --url names" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was fetched
 
 
 def test_ade20k_without_url_explains_registration(tmp_path):

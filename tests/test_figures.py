@@ -99,6 +99,11 @@ def test_a_row_shares_one_colour_scale_by_default() -> None:
     for panel, k in ((x1, 0), (x2, 1), (x3, 2)):
         np.testing.assert_allclose(panel, _overlay(images[0], xm[0, k], row0, cmap), atol=1e-12)
     assert np.abs(x3 - x1).max() > 0.2  # the 50x map is bright where the others are faint
+    # a dead x-feature does not set the scale (its map shows only what would excite it)
+    dead = excitation_grid(images, ebp, xm, np.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]]), dead=[2])
+    shown = [ax.images[0].get_array() for ax in dead.axes if ax.images]
+    live_max = max(xm[0, 0].max(), xm[0, 1].max())
+    np.testing.assert_allclose(shown[2], _overlay(images[0], xm[0, 0], live_max, cmap), atol=1e-12)
     with pytest.raises(InputError, match="scale 'col'"):
         excitation_grid(images, ebp, xm, np.ones((2, 3)), scale="col")
 

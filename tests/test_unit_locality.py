@@ -275,6 +275,11 @@ def test_the_z_column_defaults_to_every_dim_on_a_gpu_and_64_sampled_on_a_cpu(tmp
     assert "64 sampled dimensions" in TH.z_column_note(cfg)
     (mps,) = z_jobs(cfg, "mps")  # not CUDA: sampled too (no float64 there, and slower)
     assert mps["hparams"] == {"z_dims": 64}
+    # heatmaps.images: all adds negatives to the stores, not to the streamed Z column (positives
+    # only): its expensive scores keep their place; a sampled Z store moves with the others
+    everything = cfg.model_copy(update={"heatmaps": HeatmapsConfig(images="all")})
+    assert z_jobs(everything, "cuda:0")[0]["heatmaps"] == gpu["heatmaps"]
+    assert z_jobs(everything, "cpu")[0]["heatmaps"] != cpu["heatmaps"]
     for z, device, want in ((8, "cuda:0", {"z_dims": 8}), ("all", "cpu", {"z_dims": "all"})):  # explicit wins
         (job,) = z_jobs(cfg.model_copy(update={"heatmaps": HeatmapsConfig(z_dims=z)}), device)
         assert job["hparams"] == want

@@ -26,6 +26,10 @@ def _download(args: argparse.Namespace) -> int:
     from srae.datasets.download import download
     from srae.errors import InputError
 
+    if args.md5 is not None and args.url is None and args.name != "ade20k":
+        # the built-in links serve the official files, which have their published checksums
+        raise InputError(f"--md5 is for a file --url names (or a hand-placed ade20k zip); {args.name}'s "
+                         "built-in link has its published checksum")
     root = Path(args.root) if args.root is not None else DEFAULT_ROOTS.get(args.name, DEFAULT_ROOT)
     if args.name not in ("vgg16", "vgg19") and root.exists() and not root.is_dir():
         raise InputError(f"--root {root}: is a file, not a directory")
