@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from urllib.parse import urlsplit
 
 
@@ -48,10 +47,13 @@ def http_url(text: str) -> str:
 
 
 def md5(text: str) -> str:
-    """32 hex digits, lower-cased."""
-    if not re.fullmatch(r"[0-9a-fA-F]{32}", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not an md5 (32 hex digits)")
-    return text.lower()
+    """32 hex digits, lower-cased (the rule of the config's ``dataset.md5``)."""
+    from srae.config import md5_hex
+
+    try:
+        return md5_hex(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an md5 (32 hex digits)") from None
 
 
 def device(text: str) -> str:

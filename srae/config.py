@@ -30,13 +30,14 @@ METHODS: tuple[str, ...] = ("SRAE", "NN", "SAE", "CAE", "Lasso")
 DatasetKind = Literal["synthbirds", "synthrooms", "cub", "places"]
 
 
-def _md5_hex(value: str) -> str:
+def md5_hex(value: str) -> str:
+    """``value`` lower-cased if it is an md5 (32 hex digits), else ValueError."""
     if not re.fullmatch(r"[0-9a-fA-F]{32}", value):
         raise ValueError(f"expected 32 hex digits (an md5), got {value!r}")
     return value.lower()
 
 
-Md5 = Annotated[str, AfterValidator(_md5_hex)]
+Md5 = Annotated[str, AfterValidator(md5_hex)]
 
 
 # Limits the generators and backbones impose, checked here so `srae run --check` catches them

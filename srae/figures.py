@@ -61,7 +61,8 @@ def row_scales(xmaps: np.ndarray, dead: Sequence[int] = ()) -> np.ndarray:
     set the scale: their maps show only what *would* excite them. (ExcitationBP on y-hat keeps
     its own scale: far more concentrated than any x-feature, it would leave them near-invisible.)"""
     x = np.asarray(xmaps, dtype=np.float64)
-    live = [i for i in range(x.shape[1]) if i not in set(int(d) for d in dead)] or list(range(x.shape[1]))
+    off = {int(d) for d in dead}
+    live = [i for i in range(x.shape[1]) if i not in off] or list(range(x.shape[1]))
     peak = x[:, live].reshape(len(x), -1).max(axis=1) if x.shape[1] else np.zeros(len(x))
     return np.where(peak > 0, peak, 1.0)
 
@@ -132,11 +133,9 @@ def excitation_grid(images: np.ndarray, ebp_maps: np.ndarray | torch.Tensor,
                           for row in order])
     if scale not in SCALES:
         raise InputError(f"scale {scale!r}: expected one of {', '.join(SCALES)}")
-    if scale == "row":
-        shared = row_scales(xm, sorted(dead_set))
-        ebp_scale, x_scale = map_scales(ebp), np.repeat(shared[:, None], n, axis=1)
-    else:
-        ebp_scale, x_scale = map_scales(ebp), map_scales(xm)
+    ebp_scale = map_scales(ebp)  # ExcitationBP: its own max on either scale
+    x_scale = (np.repeat(row_scales(xm, sorted(dead_set))[:, None], n, axis=1) if scale == "row"
+               else map_scales(xm))
     note = ROW_SCALE_NOTE if scale == "row" else NORMALISED_NOTE
     cmap = colormaps["jet"]
     cell = 1.9

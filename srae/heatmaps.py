@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,8 @@ from srae.gradcam import gradcam_maps
 log = logging.getLogger(__name__)
 
 __all__ = ["HEATMAP_KINDS", "HeatmapJob", "HeatmapSet", "batch_images", "compute_heatmaps", "explainer_head", "is_complete",
-           "map_compressors", "open_heatmaps", "pending_image_ids", "positive_rows", "selected_z_dims", "unpack_batch"]
+           "map_compressors", "open_heatmaps", "output_grid", "pending_image_ids", "positive_rows", "selected_z_dims",
+           "unpack_batch"]
 
 HEATMAP_KINDS: tuple[str, ...] = ("c-MWP", "MWP", "Grad-CAM")
 STORE_VERSION = 1
@@ -108,7 +109,7 @@ def pending_image_ids(job: HeatmapJob, image_ids: Sequence[int] | np.ndarray, *,
     import zarr
 
     ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
-    spec = _spec(job, kind, readout, ids, (len(ids), len(job.units), *_size(output_size)))
+    spec = _spec(job, kind, readout, ids, (len(ids), len(job.units), *output_grid(output_size)))
     old = stores.root_attrs(Path(job.store))
     if stores.damage(job.store, old) or not _resumable(old, spec):
         return ids
@@ -153,8 +154,12 @@ def explainer_head(explainer: Any, z_head: Sequence[nn.Module]) -> tuple[nn.Sequ
     return nn.Sequential(*z_head, *explainer.encoder()), list(range(explainer.n_features)), {}
 
 
-def _size(output_size: int | tuple[int, int]) -> tuple[int, int]:
-    return (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+def output_grid(output_size: int | tuple[int, int]) -> tuple[int, int]:
+    """``(H, W)`` of the maps from an int side or a pair; anything else is a one-line error."""
+    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in size):
+        raise InputError(f"output_size {output_size!r}: expected a positive int or (H, W) pair of them")
+    return int(size[0]), int(size[1])
 
 
 def _resumable(old: dict | None, spec: dict) -> bool:
@@ -215,20 +220,25 @@ def positive_rows(image_ids: Sequence[int] | np.ndarray, label_of: Any, category
     return np.asarray(rows[: limit or None], dtype=np.int64)
 
 
-def unpack_batch(batch: Any) -> tuple[Tensor, np.ndarray]:
+def unpack_batch(batch: Any, known: Container[int] | None = None,
+                 what: str = "heatmap batches") -> tuple[Tensor, np.ndarray]:
     """(images, image ids) from a DataLoader batch: a tuple/list ``(x, ..., image_id)`` or a
-    dict with ``image`` and ``image_id``."""
+    dict with ``image`` and ``image_id``; with ``known``, ids outside it are an error."""
     if isinstance(batch, dict):
         x, ids = batch.get("image"), batch.get("image_id")
     elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
         x, ids = batch[0], batch[-1]
     else:
-        raise InputError("heatmap batches: expected (images, ..., image_id) tuples or dicts")
+        raise InputError(f"{what}: expected (images, ..., image_id) tuples or dicts")
     if not isinstance(x, Tensor) or x.ndim != 4:
-        raise InputError("heatmap batches: images must be a (B, 3, H, W) tensor")
+        raise InputError(f"{what}: images must be a (B, 3, H, W) tensor")
     ids = np.asarray(ids.cpu() if isinstance(ids, Tensor) else ids, dtype=np.int64).reshape(-1)
     if ids.shape[0] != x.shape[0]:
-        raise InputError(f"heatmap batches: {x.shape[0]} images but {ids.shape[0]} image ids")
+        raise InputError(f"{what}: {x.shape[0]} images but {ids.shape[0]} image ids")
+    if known is not None:
+        unknown = [int(i) for i in ids if int(i) not in known]
+        if unknown:
+            raise InputError(f"{what}: image ids {unknown[:5]} are not in image_ids")
     return x, ids
 
 
@@ -280,7 +290,7 @@ def compute_heatmaps(trunk: nn.Sequential, jobs: Sequence[HeatmapJob], batches: 
     ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
     if len(np.unique(ids)) != len(ids):
         raise InputError("image_ids: contains duplicates")
-    size = _size(output_size)
+    size = output_grid(output_size)
     jobs = [HeatmapJob(Path(j.store), j.head, list(j.units), dict(j.attrs)) for j in jobs]
     with stores.every_chunk_written(), contextlib.ExitStack() as locks:
         # a missing chunk file must mean damage (stores.missing_chunks); sorted: no lock-order deadlock
@@ -298,10 +308,7 @@ def compute_heatmaps(trunk: nn.Sequential, jobs: Sequence[HeatmapJob], batches: 
         device = next(trunk.parameters()).device
         for batch in batches:
             cancel.check("heatmaps")
-            x, bids = unpack_batch(batch)
-            unknown = [int(i) for i in bids if int(i) not in row_of]
-            if unknown:
-                raise InputError(f"heatmap batches: image ids {unknown[:5]} are not in image_ids")
+            x, bids = unpack_batch(batch, row_of)
             rows = np.array([row_of[int(i)] for i in bids], dtype=np.int64)
             todo = [k for k, d in enumerate(done) if not d[rows].all()]
             keep = np.zeros(len(rows), bool)

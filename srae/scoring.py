@@ -145,6 +145,16 @@ def spec_labels(spec: ChunkSpec, k: int, height: int, width: int) -> np.ndarray:
     return resize_labels_nearest(load_ade_labels(spec.mask_paths[k]), height, width).ravel()
 
 
+def spec_object_columns(spec: ChunkSpec, height: int,
+                        width: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """The object labels present in an "objects" spec's images (sorted: the histogram's
+    columns) and per image (its labels' positions among them, each pixel's index into its
+    labels)."""
+    uniq = [np.unique(spec_labels(spec, k, height, width), return_inverse=True) for k in range(len(spec.rows))]
+    cols = np.unique(np.concatenate([u for u, _ in uniq])) if uniq else np.zeros(0, np.int64)
+    return cols, [(np.searchsorted(cols, u), inv.ravel()) for u, inv in uniq]
+
+
 def score_chunk(spec: ChunkSpec) -> ChunkStats:
     """Score one chunk of images of one heatmap group (runs on a Dask worker)."""
     import zarr
@@ -156,11 +166,8 @@ def score_chunk(spec: ChunkSpec) -> ChunkStats:
         cols = np.arange(spec.parts.shape[1] + 1)
         hist = np.zeros((n, cols.size))
     else:
-        labels = [spec_labels(spec, k, h, w) for k in range(len(spec.rows))]
-        uniq = [np.unique(lab, return_inverse=True) for lab in labels]
-        cols = np.unique(np.concatenate([u for u, _ in uniq])) if uniq else np.zeros(0, np.int64)
+        cols, local = spec_object_columns(spec, h, w)
         hist = np.zeros((n, cols.size))
-        local = [(np.searchsorted(cols, u), inv.ravel()) for u, inv in uniq]
     orth = OrthogonalityStats(n=n, pixels=h * w) if spec.orthogonality else None
     per_image = max(1, h * w * 4 * max(1, min(arr.chunks[0], spec.stop - spec.start)))
     block = n if spec.orthogonality else max(1, min(n, BLOCK_BYTES // per_image))

@@ -28,22 +28,15 @@ from srae.config import stable_hash
 from srae.datasets.common import DatasetIndex
 from srae.errors import InputError, SraeError
 from srae.excitation import excitation_maps_chunked
-from srae.heatmaps import batch_images, unpack_batch
+from srae.heatmaps import batch_images, output_grid, unpack_batch
 from srae.progress import ProgressLog
 from srae.scoring import (ChunkSpec, ChunkStats, ScoreJob, ScoreResult, _Annotations, _chunk_spec, reduce_results,
-                          spec_labels, spec_part_geometry)
+                          spec_object_columns, spec_part_geometry)
 from srae.stores import temp_beside
 
 log = logging.getLogger(__name__)
 
 __all__ = ["score_units"]
-
-
-def _grid(output_size: int | tuple[int, int]) -> tuple[int, int]:
-    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in size):
-        raise InputError(f"output_size {output_size!r}: expected a positive int or (H, W) pair of them")
-    return int(size[0]), int(size[1])
 
 
 class _Weights:
@@ -56,11 +49,7 @@ class _Weights:
             self.cols = np.arange(spec.parts.shape[1] + 1)
             self._labels: list[tuple[np.ndarray, np.ndarray]] = []
         else:
-            labels = [np.unique(spec_labels(spec, k, height, width), return_inverse=True)
-                      for k in range(len(spec.rows))]
-            self.cols = (np.unique(np.concatenate([u for u, _ in labels])) if labels
-                         else np.zeros(0, np.int64))
-            self._labels = [(np.searchsorted(self.cols, u), inv.ravel()) for u, inv in labels]
+            self.cols, self._labels = spec_object_columns(spec, height, width)
 
     def of(self, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """(column positions (K_k,), weights (K_k, H*W)) of scored image ``k`` on ``device``."""
@@ -169,7 +158,7 @@ def score_units(trunk: nn.Module | Sequence[nn.Module], head: nn.Module | Sequen
     if spec is None:
         raise InputError(f"{job.heatmaps}: no images to score for category {job.category!r}")
     scored = {int(ids[r]): k for k, r in enumerate(spec.rows)}  # image id -> position in the spec
-    height, width = _grid(output_size)
+    height, width = output_grid(output_size)
     weights = _Weights(spec, height, width)
     device = next(p for m in ([trunk] if isinstance(trunk, nn.Module) else trunk) for p in m.parameters()).device
     sums = _sums_device(device)
@@ -188,10 +177,7 @@ def score_units(trunk: nn.Module | Sequence[nn.Module], head: nn.Module | Sequen
     chunk = int(unit_chunk)
     for batch in batches:
         cancel.check("Z locality")
-        x, bids = unpack_batch(batch)
-        unknown = [int(i) for i in bids if int(i) not in planned]
-        if unknown:
-            raise InputError(f"unit locality batches: image ids {unknown[:5]} are not in image_ids")
+        x, bids = unpack_batch(batch, planned, "unit locality batches")
         keep = [b for b, i in enumerate(bids) if int(i) in scored and int(i) not in seen]
         if not keep:
             continue

@@ -95,7 +95,7 @@ def heatmap_jobs(expl_results: list[dict[str, Any]], groups: list[list[int]], fe
                     "heatmaps": str(root / rel / key / f"{split}.zarr"), "annotations": ann,
                     "metrics": list(ALL_METRICS if int(meta.get("n_features", 0)) > 1 else LOCALITY_ONLY)})
     fp = features["fingerprint"][:16]
-    z_dims = cfg.heatmaps.effective_z_dims(resolve_device(cfg.stage_device(cfg.heatmaps.device)))
+    z_dims = _z_dims_of(cfg)
     out = []
     for g in groups:
         jobs = []
@@ -124,9 +124,14 @@ def heatmap_jobs(expl_results: list[dict[str, Any]], groups: list[list[int]], fe
     return out
 
 
+def _z_dims_of(cfg: ExperimentConfig) -> int | str:
+    """``heatmaps.z_dims`` as it applies on the device the heatmaps stage runs on."""
+    return cfg.heatmaps.effective_z_dims(resolve_device(cfg.stage_device(cfg.heatmaps.device)))
+
+
 def z_column_note(cfg: ExperimentConfig) -> str:
     """One report line saying what the Z column is made of in this run."""
-    z = cfg.heatmaps.effective_z_dims(resolve_device(cfg.stage_device(cfg.heatmaps.device)))
+    z = _z_dims_of(cfg)
     if z == "all":
         return "Z column: ExcitationBP on every dimension of Z, each scored as it was drawn (heatmaps.z_dims: all)"
     if z == 0:
@@ -275,7 +280,7 @@ class _Drawing:
                         seen)
 
     def stored(self, jobs: list[dict[str, Any]], ids: np.ndarray, z: np.ndarray) -> bool:
-        """Draw (or finish) the stores of ``jobs`` (one category and split) on images ``ids``;
+        """Draw (or finish) the stores of ``jobs`` (one category, split and kind of map) on images ``ids``;
         ``z``: the positives' Z rows, among whose active dims a Z job samples. True if any
         image was drawn (none when another run drew the maps meanwhile)."""
         from torch import nn
@@ -298,12 +303,11 @@ class _Drawing:
                 attrs.update(extra)
                 attrs["explainer"] = str(j["explainer"])
                 attrs["explainer_sha256"] = _explainer_sha(j["explainer"])
-            hjobs.append((j.get("kind", "c-MWP"), HeatmapJob(Path(j["heatmaps"]), head, units, attrs)))
+            hjobs.append(HeatmapJob(Path(j["heatmaps"]), head, units, attrs))
         drawn = [0]
-        for kind in sorted({k for k, _ in hjobs}):  # one pass over the images per kind of map
-            compute_heatmaps(self.trunk, [h for k, h in hjobs if k == kind], self._batches(ids, drawn), ids,
-                             readout=self.readout, output_size=self.bb.input_size, kind=kind, mean=self.bb.mean,
-                             std=self.bb.std, wait_for_writer=WAIT_FOR_OTHER_RUN_S)
+        compute_heatmaps(self.trunk, hjobs, self._batches(ids, drawn), ids, readout=self.readout,
+                         output_size=self.bb.input_size, kind=jobs[0].get("kind", "c-MWP"), mean=self.bb.mean,
+                         std=self.bb.std, wait_for_writer=WAIT_FOR_OTHER_RUN_S)
         return drawn[0] > 0
 
     def score_streamed(self, job: dict[str, Any], ids: np.ndarray, unit_chunk: int) -> bool:
