@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 import zarr
 from dask.distributed import Client, LocalCluster
-from PIL import Image
 
 from srae.datasets.common import DatasetIndex
 from srae.errors import InputError, SraeError
@@ -18,9 +17,10 @@ from srae.metrics.concepts import concept_recovery, evidence_columns
 from srae.metrics.locality import entropy, object_probabilities, part_probabilities
 from srae.metrics.orthogonality import orthogonality
 from srae.scoring import ScoreJob, score, score_serial
+from tests import conftest
 
 H, W = 12, 16
-PART_NAMES = ["beak", "crown", "wing", "tail"]
+PART_NAMES = conftest.PART_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +40,7 @@ def write_group(path: Path, maps: np.ndarray, ids: np.ndarray, chunk: int, **att
 
 
 def cub_like(rng: np.random.Generator, m: int) -> DatasetIndex:
-    rows = []
-    for k in range(m):
-        width, height = float(rng.integers(30, 60)), float(rng.integers(20, 50))
-        parts = np.column_stack([rng.uniform(0, width, 4), rng.uniform(0, height, 4), rng.random(4) < 0.8])
-        bbox = (rng.uniform(0, width / 3), rng.uniform(0, height / 3), width / 2, height / 2)
-        rows.append({"image_id": 100 + k, "path": f"im{k}.jpg", "label": k % 2, "split": "test",
-                     "width": width, "height": height, "bbox": None if k == 3 else bbox,
-                     "parts": parts.astype(float), "mask_path": None})
-    return DatasetIndex("cubish", Path("."), ["a", "b"], pd.DataFrame(rows), part_names=PART_NAMES,
-                        evidence={0: ["beak", "wing"]})
+    return conftest.cub_like(rng, m, first_id=100, label=lambda k: k % 2, no_bbox=3)
 
 
 def expected_parts(index: DatasetIndex, maps: np.ndarray, ids: np.ndarray, cls: int):
@@ -117,23 +108,11 @@ def test_parts_scoring_matches_direct_metrics_and_dask_equals_serial(tmp_path, r
     pd.testing.assert_frame_equal(via_address.metrics, serial.metrics, check_exact=True)
 
 
-def write_seg(path: Path, labels: np.ndarray) -> None:
-    rgb = np.zeros((*labels.shape, 3), dtype=np.uint8)
-    rgb[..., 0] = (labels // 256) * 10
-    rgb[..., 1] = labels % 256
-    Image.fromarray(rgb).save(path)
+write_seg = conftest.write_seg
 
 
 def test_object_scoring_with_masks(tmp_path, rng, client) -> None:
-    rows, fine = [], []
-    for k in range(5):
-        labels = rng.choice([0, 3, 7, 300], size=(2 * H, 2 * W))
-        write_seg(tmp_path / f"m{k}_seg.png", labels)
-        fine.append(labels)
-        rows.append({"image_id": k, "path": f"m{k}.jpg", "label": 0, "split": "train", "width": 64.0,
-                     "height": 48.0, "bbox": None, "parts": None, "mask_path": f"m{k}_seg.png"})
-    index = DatasetIndex("ade", tmp_path, ["kitchen"], pd.DataFrame(rows),
-                         object_names={3: "bed", 7: "lamp", 300: "pillow"}, evidence={0: ["bed", "pillow"]})
+    index, fine = conftest.ade_like(tmp_path, rng, 5, (2 * H, 2 * W), split="train")
     maps = (rng.random((5, 2, H, W)) ** 2).astype(np.float32)
     job = ScoreJob(write_group(tmp_path / "o.zarr", maps, np.arange(5), 2), "kitchen", "SRAE", split="train",
                    class_index=0)

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from srae.datasets.common import DatasetIndex
@@ -20,9 +19,10 @@ from srae.metrics.concepts import concept_recovery, evidence_columns
 from srae.metrics.locality import entropy, object_probabilities, part_probabilities
 from srae.scoring import ScoreJob, score_serial
 from srae.unit_locality import score_units
+from tests import conftest
 
 H, W = 12, 16  # map grid (not square: a swapped axis shows)
-PARTS = ["beak", "crown", "wing", "tail"]
+PARTS = conftest.PART_NAMES
 
 
 def chain() -> tuple[nn.Sequential, nn.Sequential]:
@@ -38,16 +38,7 @@ def chain() -> tuple[nn.Sequential, nn.Sequential]:
 
 
 def cub_like(rng: np.random.Generator, m: int) -> DatasetIndex:
-    rows = []
-    for k in range(m):
-        width, height = float(rng.integers(30, 60)), float(rng.integers(20, 50))
-        parts = np.column_stack([rng.uniform(0, width, 4), rng.uniform(0, height, 4), rng.random(4) < 0.8])
-        bbox = (rng.uniform(0, width / 3), rng.uniform(0, height / 3), width / 2, height / 2)
-        rows.append({"image_id": 50 + k, "path": f"im{k}.jpg", "label": int(k % 3 == 2), "split": "test",
-                     "width": width, "height": height, "bbox": None if k == 1 else bbox,
-                     "parts": parts, "mask_path": None})
-    return DatasetIndex("cubish", Path("."), ["a", "b"], pd.DataFrame(rows), part_names=PARTS,
-                        evidence={0: ["beak", "wing"]})
+    return conftest.cub_like(rng, m, first_id=50, label=lambda k: k % 3 == 2, no_bbox=1)
 
 
 def batches(x: torch.Tensor, ids: np.ndarray, size: int):
@@ -199,26 +190,13 @@ def test_out_of_memory_retries_with_fewer_units_per_pass(tmp_path, rng, monkeypa
     assert chunks == [8]
 
 
-def write_seg(path: Path, labels: np.ndarray) -> None:
-    rgb = np.zeros((*labels.shape, 3), dtype=np.uint8)
-    rgb[..., 0] = (labels // 256) * 10
-    rgb[..., 1] = labels % 256
-    Image.fromarray(rgb).save(path)
-
-
 def test_objects_match_object_probabilities_and_unlabeled_is_left_out(tmp_path, rng) -> None:
     trunk, head = chain()
-    rows, fine = [], []
-    for k in range(4):
-        labels = rng.choice([0, 3, 7, 300], size=(2 * H, 2 * W))
+    def no_pillows_in_image_2(k: int, labels: np.ndarray) -> None:  # its columns differ from the others'
         if k == 2:
-            labels[labels == 300] = 7  # an image without pillows: its columns differ from the others'
-        write_seg(tmp_path / f"m{k}_seg.png", labels)
-        fine.append(labels)
-        rows.append({"image_id": k, "path": f"m{k}.jpg", "label": 0, "split": "test", "width": 64.0,
-                     "height": 48.0, "bbox": None, "parts": None, "mask_path": f"m{k}_seg.png"})
-    index = DatasetIndex("ade", tmp_path, ["kitchen"], pd.DataFrame(rows),
-                         object_names={3: "bed", 7: "lamp", 300: "pillow"}, evidence={0: ["bed", "pillow"]})
+            labels[labels == 300] = 7
+
+    index, fine = conftest.ade_like(tmp_path, rng, 4, (2 * H, 2 * W), split="test", edit=no_pillows_in_image_2)
     ids = np.arange(4)
     x = torch.randn(4, 3, 16, 16)
     units = list(range(9))
