@@ -49,12 +49,10 @@ def _index(rng: np.random.Generator, m: int, side: int) -> DatasetIndex:
 
 def _demo() -> tuple[nn.Sequential, nn.Sequential, int, int]:
     """The demo CNN's layout split below fc6: (trunk, [fc6, ReLU], readout pool2, input size)."""
-    layers: list[nn.Module] = []
-    cin = 3
-    for cout in (16, 32, 64, 64):
-        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
-        cin = cout
-    return nn.Sequential(*layers, nn.Flatten()).eval(), nn.Sequential(nn.Linear(64 * 4 * 4, 256), nn.ReLU()), 5, 64
+    from benchmarks.bench_excitation import demo_chain
+
+    trunk, _, readout, size = demo_chain()
+    return nn.Sequential(*trunk[:-2]).eval(), nn.Sequential(*trunk[-2:]).eval(), readout, size
 
 
 def _vgg19() -> tuple[nn.Sequential, nn.Sequential, int, int]:
