@@ -25,6 +25,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from srae.config import ExperimentConfig, apply_overrides, config_from_dict, dump_config, load_config, parse_categories
 from tasks.backbone import prepare_backbone
+from tasks.causal import part_effects_task
 from tasks.common import Progress, artifact_key, run_logger, short_error
 from tasks.download import prepare_dataset
 from tasks.explainers import SAMPLE_KEYS, method_settings, shared_variants, train_explainer_group
@@ -132,6 +133,13 @@ def pipeline(config: str | dict[str, Any] = "configs/demo.yaml", categories: str
 
     labels = cfg.label_ids(ds["num_classes"])
     groups = category_groups(labels, cfg.explainer.group_size)
+
+    # ---- causal ground truth (synthetic data): which parts the CNN uses
+    st.start("causal")
+    causal = opt(part_effects_task)(ds, bb, cfg.causal.model_dump(mode="json"), labels, cache,
+                                    cfg.stage_device(cfg.heatmaps.device))
+    failed.extend(causal["failed"])
+    st.done()
     explainer_root = str(Path(cache) / "explainers")
     logger.info("%d categories in %d groups, methods %s", len(labels), len(groups), cfg.explainer.methods)
 
@@ -230,6 +238,7 @@ def pipeline(config: str | dict[str, Any] = "configs/demo.yaml", categories: str
             f.setdefault("class", names[c])
     path = opt(build_report_task)(
         cfg.name, str(cfg.report.out_dir), expl_results, score_files, masking_files, class_names=names,
+        causal_files=causal["files"], dataset=ds,
         lasso_alpha=None,  # headline Lasso rows are the non-sweep ones
         failed=failed, bad_inputs=ds["bad_inputs"] + ft.get("bad_inputs", []), timings=dict(st.times),
         config_yaml=dump_config(cfg, applicable_only=True) if cfg.report.include_config else None, figures=figures, notes=notes, title=cfg.report.title)

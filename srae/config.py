@@ -104,8 +104,12 @@ class DatasetConfig(_Model):
                                               "checksum (cub), none published (ADE20K: unverified)")
     classes: int = Field(4, ge=2, description="synthetic only: number of classes")
     per_class: int = Field(96, ge=4, description="synthetic only: images per class")
-    size: int = Field(64, ge=SYNTH_MIN_SIZE, le=SYNTH_MAX_SIZE, description="synthetic only: image side in pixels")
+    size: int = Field(96, ge=SYNTH_MIN_SIZE, le=SYNTH_MAX_SIZE, description="synthetic only: image side in pixels")
     seed: int = Field(0, ge=0, description="synthetic only: generator seed (default: the top-level seed)")
+    design: Literal["factorial", "unique"] = Field(
+        "factorial", description="synthetic only: class design; factorial: every trait (object) is shared by "
+                                 "two classes, so only a class's combination of traits tells it apart; unique: "
+                                 "the earlier design, where with few classes one trait identifies a class")
     class_names: list[str] | None = Field(None, description="places only: which scene classes, in order")
     places_root: UserPath | None = Field(None, description="places only: Places365 lists/images added for training")
     places_per_class: int | None = Field(None, ge=1, description="places only: Places365 images per class and split")
@@ -113,13 +117,16 @@ class DatasetConfig(_Model):
     def unused_fields(self) -> set[str]:
         """Fields this dataset kind ignores: the generator's on real data, the archive URL on
         generated data, the Places365/class-list reader options on CUB-style data."""
-        unused = {"classes", "per_class", "size", "seed"} if not self.kind.startswith("synth") else {"url", "md5"}
+        unused = {"classes", "per_class", "size", "seed", "design"} if not self.kind.startswith("synth") else {"url", "md5"}
         if self.kind in ("synthbirds", "cub"):
             unused |= {"class_names", "places_root", "places_per_class"}
         return unused
 
     @model_validator(mode="after")
     def _generator_limits(self) -> DatasetConfig:
+        if self.kind == "synthrooms" and self.design == "factorial" and self.classes < 3:
+            raise ValueError(f"design: factorial rooms need at least 3 classes (each object shared by two "
+                             f"rooms), got {self.classes}; use design: unique")
         if self.kind == "synthrooms" and self.classes > SYNTHROOMS_MAX_CLASSES:
             raise ValueError(f"classes: synthrooms has at most {SYNTHROOMS_MAX_CLASSES} room classes, "
                              f"got {self.classes}")
@@ -135,7 +142,7 @@ class FitConfig(_Model):
 
     ``epochs: 0`` uses the checkpoint (or the ImageNet weights) as it is."""
 
-    epochs: int = Field(8, ge=0)
+    epochs: int = Field(16, ge=0)
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(32, ge=1)
     weight_decay: float = Field(1e-4, ge=0)
@@ -224,9 +231,11 @@ class ExplainerConfig(_Model):
                                 "category by CV among lasso_alphas, selecting at most n dims")
     lasso_alphas: list[float] = Field([1.0, 0.5, 0.2, 0.1, 0.05, 0.01], description="Table 2a / 5 sweep")
     refit_seeds: int = Field(2, ge=1, description="final fits per category from different inits; the best-fitting is kept")
-    cv_rule: Literal["best", "one_se"] = Field(
+    cv_rule: Literal["best", "one_se", "spread"] = Field(
         "best", description="best: lowest CV criterion; one_se: the most regularised config within one "
-                            "standard error of it (faithfulness alone favours the weakest eta/beta)")
+                            "standard error of it (faithfulness alone favours the weakest eta/beta); spread: "
+                            "among configs within max(1 SE, 10%) of the best, the one whose validation "
+                            "explanations spread over most x-features (largest n_eff; no labels used)")
     predictor_bias: bool = Field(False, description="give y-bar = v.E a bias term (off in the paper: then the "
                                                     "contributions v_i E_i sum to y-bar exactly)")
     group_size: int = Field(4, ge=1, description="categories per mapped task")
@@ -333,6 +342,14 @@ class MaskingConfig(_Model):
         return v
 
 
+class CausalConfig(_Model):
+    """Causal ground truth on synthetic data: each part swapped in counterfactual renders of
+    test positives, the CNN's y-hat measured (``part_effect``); ignored on real data."""
+
+    enabled: bool = True
+    max_images: int | None = Field(16, ge=2, description="test positives per category (null: all)")
+
+
 class ReportConfig(_Model):
     """Where the report goes and what it contains."""
 
@@ -340,8 +357,10 @@ class ReportConfig(_Model):
     figures: bool = True
     title: str | None = None
     max_figure_categories: int = Field(4, ge=1)
-    figure_scale: Literal["row", "map"] = Field("row", description="Fig. 4 grids: one colour scale per row "
-                                                                   "(row) or each map to its own maximum (map)")
+    figure_scale: Literal["row", "map"] = Field("row", description="Fig. 4 grids: row: each map to its own max "
+                                                                   "times its share of the row's largest |v_i E_i| "
+                                                                   "(a panel is as bright as it contributes); map: "
+                                                                   "each map to its own maximum")
     include_config: bool = Field(True, description="show the run's config (with this machine's paths) in report.html")
 
 
@@ -361,6 +380,7 @@ class ExperimentConfig(_Model):
     heatmaps: HeatmapsConfig = HeatmapsConfig()
     scoring: ScoringConfig = ScoringConfig()
     masking: MaskingConfig = MaskingConfig()
+    causal: CausalConfig = CausalConfig()
     report: ReportConfig = ReportConfig()
 
     @model_validator(mode="before")

@@ -10,6 +10,7 @@ import itertools
 import logging
 import math
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ import torch
 from srae.arrays import as_numpy
 from srae.errors import InputError
 from srae.explainers import Explainer
+from srae.metrics.degeneracy import degeneracy_summary, n_eff
 from srae.metrics.faithfulness import f_cls, f_reg
 from srae.losses import balanced_weights_np
 from srae.model import Architecture, method_spec
@@ -67,7 +69,8 @@ class TrainOutcome:
     designs: dict[int, SampleDesign]
 
 
-CV_RULES = ("best", "one_se")
+CV_RULES = ("best", "one_se", "spread")
+SPREAD_TOLERANCE = 0.1  # "spread": configs within max(1 SE, 10% of the best) count as equally faithful
 # From stronger to weaker claims on the x-features (pull-away, sparse reconstruction, L2):
 # "one_se" prefers larger values in this order among the configs it finds equally good.
 REGULARISERS = ("eta", "beta", "lambda1", "lambda2", "lambda3", "weight_decay")
@@ -80,7 +83,11 @@ def select_config(rows: list[dict], rule: str = "best") -> dict:
     "best" (the default, DESIGN's criterion) takes the lowest mean. Faithfulness alone always
     favours the weakest regularisation, so "one_se" takes, among the configs whose mean is
     within one standard error of the best, the most regularised one (largest eta, then beta,
-    then the L2 weights; the lower mean breaks ties): the usual one-standard-error rule."""
+    then the L2 weights; the lower mean breaks ties): the usual one-standard-error rule.
+    "spread" (against collapse onto one x-feature) takes, among the configs within
+    ``max(1 SE, 10%)`` of the best mean, the one with the largest ``val_n_eff``: the effective
+    number of x-features the validation positives' contributions spread over
+    (:func:`srae.metrics.degeneracy.n_eff`). It uses no labels beyond the class's own."""
     if rule not in CV_RULES:
         raise InputError(f"cv_rule {rule!r}: expected one of {', '.join(CV_RULES)}")
     finite = [r for r in rows if math.isfinite(r["val_criterion"])]
@@ -90,10 +97,19 @@ def select_config(rows: list[dict], rule: str = "best") -> dict:
     if rule == "best":
         return best
     se = best.get("val_se", 0.0)
-    limit = best["val_criterion"] + (se if math.isfinite(se) else 0.0)
+    se = se if math.isfinite(se) else 0.0
+    if rule == "spread":
+        limit = best["val_criterion"] + max(se, SPREAD_TOLERANCE * abs(best["val_criterion"]))
+        near = [r for r in finite if r["val_criterion"] <= limit]
+        return max(near, key=lambda r: (_finite_or(r.get("val_n_eff"), -math.inf), -r["val_criterion"]))
+    limit = best["val_criterion"] + se
     near = [r for r in finite if r["val_criterion"] <= limit]
     return max(near, key=lambda r: (tuple(float(r["hparams"].get(k, 0.0)) for k in REGULARISERS),
                                     -r["val_criterion"]))
+
+
+def _finite_or(v: Any, default: float) -> float:
+    return float(v) if v is not None and math.isfinite(float(v)) else default
 
 
 def checked_settings(s: ExplainerSettings) -> ExplainerSettings:
@@ -175,6 +191,14 @@ def _fit_chunked(z, y, members: list[Member], method: str, arch: Architecture, s
     return out  # type: ignore[return-value]
 
 
+def _val_n_eff(res: FitResult, b: int, method: str, member: Member, z: np.ndarray) -> float:
+    """n_eff of a CV member's contributions on its validation positives (NaN without any)."""
+    if member.val_idx is None or member.val_pos is None or not member.val_pos.any():
+        return float("nan")
+    with np.errstate(all="ignore"):
+        return n_eff(_unstack(res, b, method, member.category, {}).contributions(z[member.val_idx[member.val_pos]]))
+
+
 def _unstack(res: FitResult, b: int, method: str, category: int, meta: dict) -> Explainer:
     m = res.model
     zs, ys = float(res.z_scale[b]), float(res.y_scale[b])
@@ -210,13 +234,18 @@ def _train_mse(expl: Explainer, z: np.ndarray, logits: np.ndarray, design: Sampl
     return float((w * err).sum() / w.sum())
 
 
-def faithfulness_summary(expl: Explainer, z: np.ndarray, logits: np.ndarray, design: SampleDesign) -> dict[str, float]:
-    """F_reg and F_cls on the train and test rows of ``design``."""
-    out = {}
+def faithfulness_summary(expl: Explainer, z: np.ndarray, logits: np.ndarray, design: SampleDesign) -> dict[str, Any]:
+    """F_reg and F_cls on the train and test rows of ``design``, and how the explanation
+    spreads over its x-features on the test positives (:func:`degeneracy_summary`: top_share,
+    n_eff and each x-feature's share of y-hat)."""
+    out: dict[str, Any] = {}
     for split, idx in (("train", design.train_idx), ("test", design.test_idx)):
         y_bar = expl.predict(z[idx])
         out[f"F_reg_{split}"] = f_reg(y_bar, logits[idx, design.category])
         out[f"F_cls_{split}"] = f_cls(y_bar, logits[idx], design.category)
+    pos = design.test_idx[design.test_pos]
+    spread = degeneracy_summary(expl.contributions(z[pos]), logits[pos, design.category])
+    out.update({f"{k}_test": v for k, v in spread.items()})
     return out
 
 
@@ -318,15 +347,19 @@ def train_explainers(
         log.info("%s: cross-validating %d members (%d categories x %d configs x %d folds)",
                  method, len(members), len(cats), len(configs), s.folds)
         fits = _fit_chunked(zt, yt, members, method, arch, s, "cross-validation")
-        agg: dict[tuple[int, int], list[tuple[float, int]]] = {}
-        for (c, ci), (res, b) in zip(keys, fits):
-            agg.setdefault((c, ci), []).append((res.best_val[b], res.best_epoch[b]))
+        agg: dict[tuple[int, int], list[tuple[float, int, float]]] = {}
+        for m, (c, ci), (res, b) in zip(members, keys, fits):
+            spread = _val_n_eff(res, b, method, m, z) if s.cv_rule == "spread" else float("nan")
+            agg.setdefault((c, ci), []).append((res.best_val[b], res.best_epoch[b], spread))
         for c in cats:
             for ci, cfg in enumerate(configs):
-                vals = np.array([v for v, _ in agg[(c, ci)]], dtype=np.float64)
+                vals = np.array([v for v, _, _ in agg[(c, ci)]], dtype=np.float64)
                 se = float(vals.std(ddof=1) / math.sqrt(len(vals))) if len(vals) > 1 else 0.0
-                cv_rows[c].append({"hparams": cfg, "val_criterion": float(vals.mean()), "val_se": se,
-                                   "epochs": max(1, round(float(np.mean([e for _, e in agg[(c, ci)]]))))})
+                row = {"hparams": cfg, "val_criterion": float(vals.mean()), "val_se": se,
+                       "epochs": max(1, round(float(np.mean([e for _, e, _ in agg[(c, ci)]]))))}
+                if s.cv_rule == "spread":
+                    row["val_n_eff"] = float(np.nanmean([n for _, _, n in agg[(c, ci)]]))
+                cv_rows[c].append(row)
             best = select_config(cv_rows[c], s.cv_rule)
             chosen[c] = (best["hparams"], best["epochs"])
     else:

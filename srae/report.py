@@ -10,13 +10,17 @@ tables are *derived* from it, never computed separately:
 - :func:`table_lasso_sweep` - Table 2a / 5: Num_x and F_reg per Lasso alpha.
 - :func:`table_masking` - Table 2b / 4: accuracy per gamma on original / masked images.
 - :func:`table_concepts` - concept recovery on synthetic data (category x method).
-- :func:`qualitative_findings` - whether the paper's qualitative claims hold.
+- :func:`table_part_effects` - which parts the CNN uses per class (counterfactual drops).
+- :func:`table_degeneracy` - top_share, n_eff, concept coverage / purity, dead_x per method.
+- :func:`qualitative_findings` - whether the paper's qualitative claims hold, with k of N
+  categories and bootstrap intervals when given the long frame (plus one claim beyond it).
 
 The HTML page lives in :mod:`srae.report_html`, the figures in :mod:`srae.report_figures`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -205,6 +209,7 @@ def table_main(df: pd.DataFrame, lasso_alpha: float | None = None) -> pd.DataFra
             out.loc[(metric, split), method] = value
     out.attrs["infinite_categories"] = [r for r in infinite if (r["metric"], r["split"]) in index
                                         and r["method"] in out.columns]
+    out.attrs["lasso_alpha"] = lasso_alpha  # for qualitative_findings' per-category rows
     return out
 
 
@@ -370,19 +375,139 @@ def table_per_category(df: pd.DataFrame, metric: str = "F_cls", split: str = "te
     return wide
 
 
+# ---------------------------------------------------------------------- degeneracy, part effects
+# Beyond the paper: does an explanation collapse onto one x-feature, and do its x-features
+# separate the parts the CNN uses? (rows from srae.metrics.degeneracy, split "test")
+DEGENERACY_ROWS: tuple[tuple[str, str], ...] = (
+    ("top_share", "test"), ("n_eff", "test"), ("concept_coverage", "test"), ("concept_purity", "test"),
+)
+PART_EFFECT_METRIC = "part_effect"
+
+
+def _row_keys(df: pd.DataFrame) -> pd.Series:
+    return df["metric"] + "\x00" + df["split"]
+
+
+def table_degeneracy(df: pd.DataFrame, lasso_alpha: float | None = None) -> pd.DataFrame:
+    """Degeneracy and concept separation per method (beyond the paper).
+
+    Index ``metric``: those of :data:`DEGENERACY_ROWS` that were recorded, then ``dead_x``
+    (train) where recorded; columns = methods (Table 1's order, then the others); cells = the
+    mean over categories (a category's duplicates averaged first, NaN skipped). Empty when none
+    of the :data:`DEGENERACY_ROWS` metrics was recorded."""
+    df = _headline(validate_metrics(df), lasso_alpha)
+    keys = _row_keys(df)
+    if not keys.isin([f"{m}\x00{s}" for m, s in DEGENERACY_ROWS]).any():
+        return pd.DataFrame(index=pd.Index([], name="metric"), dtype="float64")
+    rows = [r for r in (*DEGENERACY_ROWS, *EXTRA_ROWS) if (keys == f"{r[0]}\x00{r[1]}").any()]
+    sub = df[keys.isin([f"{m}\x00{s}" for m, s in rows])]
+    means = _category_mean(sub, ["metric", "method"])
+    present = set(sub["method"])
+    methods = [m for m in (*TABLE_METHODS, *EXTRA_METHODS) if m in present]
+    methods += sorted(present - set(methods))
+    out = pd.DataFrame(np.nan, index=pd.Index([m for m, _ in rows], name="metric"), columns=methods,
+                       dtype="float64")
+    for (metric, method), value in means.items():
+        out.loc[metric, method] = value
+    out.columns.name = None
+    return out
+
+
+def _part_effect_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The CNN's part-effect rows: category, part, value (mean drop), used, evidence."""
+    df = validate_metrics(df)
+    sub = df[(df["metric"] == PART_EFFECT_METRIC) & (df["split"] == "test") & (df["method"] == "CNN")]
+    hp = sub["hparams"].map(_hp)
+    part = hp.map(lambda h: h.get("part"))
+    out = pd.DataFrame({"category": sub["category"].to_numpy(), "part": part.to_numpy(),
+                        "value": sub["value"].to_numpy(),
+                        "used": hp.map(lambda h: bool(h.get("used", False))).to_numpy(dtype=bool),
+                        "evidence": hp.map(lambda h: bool(h.get("evidence", False))).to_numpy(dtype=bool)})
+    out = out[np.array([p is not None and str(p) != "" for p in out["part"]], dtype=bool)]
+    return out.assign(part=out["part"].astype(str)).reset_index(drop=True)
+
+
+def evidence_parts_used(df: pd.DataFrame) -> tuple[int, int]:
+    """``(k, n)``: of the ``n`` classes with part-effect rows for at least one evidence part,
+    the ``k`` whose evidence parts the CNN uses, every one of them (hparams ``evidence`` and
+    ``used`` of the ``part_effect`` rows)."""
+    rows = _part_effect_rows(df)
+    ev = rows[rows["evidence"]]
+    if ev.empty:
+        return 0, 0
+    per_class = ev.groupby(["category", "part"])["used"].all().groupby(level=0).all()
+    return int(per_class.sum()), int(per_class.size)
+
+
+def table_part_effects(df: pd.DataFrame, class_names: list[str] | None = None) -> pd.DataFrame:
+    """Which parts the CNN uses, per class: rows = class (name, or the 0-based index as a
+    string), columns = parts (in the order first recorded), cells = the mean drop of y-hat when
+    the part is swapped for a nuisance colour, ``"5.32*"`` with ``*`` when the part counts as
+    used. From the ``CNN`` ``part_effect`` rows; duplicates are averaged (used only if every
+    duplicate says so). ``attrs["evidence_parts_used"]`` holds :func:`evidence_parts_used`."""
+    rows = _part_effect_rows(df)
+    if rows.empty:
+        return pd.DataFrame(index=pd.Index([], name="class"), dtype="object")
+    agg = rows.groupby(["category", "part"], sort=False).agg(value=("value", "mean"), used=("used", "all"))
+    parts = list(dict.fromkeys(rows["part"]))
+    cats = sorted(set(int(c) for c in rows["category"]))
+    names = class_names or []
+    labels = {c: names[c] if 0 <= c < len(names) else str(c) for c in cats}
+    out = pd.DataFrame(np.nan, index=pd.Index([labels[c] for c in cats], name="class"), columns=parts,
+                       dtype="object")
+    for (c, p), r in agg.iterrows():
+        v = float(r["value"])
+        out.loc[labels[int(c)], p] = ("n/a" if math.isnan(v) else f"{v:.2f}") + ("*" if bool(r["used"]) else "")
+    out.columns.name = None
+    out.attrs["evidence_parts_used"] = list(evidence_parts_used(df))
+    return out
+
+
 # ---------------------------------------------------------------------- findings
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
 @dataclass(frozen=True)
 class Finding:
-    """One qualitative claim of the paper and whether it holds here (None: not evaluable)."""
+    """One qualitative claim of the paper and whether it holds here (None: not evaluable).
+
+    ``k_of_n``: in how many categories the rule, applied to that category alone, holds, of
+    the categories with every value it needs (None: not computed, e.g. without the long
+    frame). ``intervals``: ``(what, mean, low, high)`` per difference that drives the rule,
+    the mean over categories with a percentile bootstrap 95% interval (categories resampled).
+    ``beyond_paper``: a statement this implementation adds, not one of the paper's."""
 
     claim: str
     holds: bool | None
     evidence: str
     rule: str = ""  # what decides the verdict, in words
+    k_of_n: tuple[int, int] | None = None
+    intervals: tuple[tuple[str, float, float, float], ...] = ()
+    beyond_paper: bool = False
 
     @property
     def verdict(self) -> str:
         return {True: "holds", False: "does NOT hold", None: "not evaluated"}[self.holds]
+
+
+def bootstrap_ci(values: Any, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (one per category): ``n_boot``
+    resamples of the categories with replacement from ``numpy.random.default_rng(seed)``, so
+    deterministic. Non-finite values are left out; ``(nan, nan)`` when none is left; exactly
+    ``(v, v)`` when every value is ``v``."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan"), float("nan")
+    if np.all(v == v[0]):
+        return float(v[0]), float(v[0])
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(int(n_boot), v.size))].mean(axis=1)
+    tail = 50.0 * (1.0 - level)
+    lo, hi = np.percentile(means, [tail, 100.0 - tail])
+    return float(lo), float(hi)
 
 
 def _get(t: pd.DataFrame, metric: str, split: str, method: str) -> float:
@@ -398,41 +523,138 @@ def _heat_split(t: pd.DataFrame) -> str:
     return "test" if "test" in splits or not splits else splits[0]
 
 
-def qualitative_findings(t: pd.DataFrame, faithful_cls: float = 0.95, margin: float = 0.02,
-                         unfaithful_ratio: float = 2.0) -> list[Finding]:
-    """Evaluate the paper's four qualitative claims on a :func:`table_main` frame.
+def _per_category(d: pd.DataFrame | None, need: dict[str, tuple[str, str, str]]) -> pd.DataFrame:
+    """One column per name in ``need`` (``(metric, split, method)``), one row per category (its
+    rows averaged), only the categories that have every value (infinite values are kept)."""
+    if d is None or not need:
+        return pd.DataFrame(columns=list(need), dtype="float64")
+    cols: dict[str, pd.Series] = {}
+    for name, (metric, split, method) in need.items():
+        sub = d[(d["metric"] == metric) & (d["split"] == split) & (d["method"] == method)]
+        cols[name] = sub.groupby("category")["value"].mean().astype("float64")
+    frame = pd.DataFrame(cols)
+    return frame.dropna(how="any")
+
+
+class _Strength:
+    """k of N and the bootstrap intervals of one finding, and their words."""
+
+    def __init__(self, n_boot: int, seed: int) -> None:
+        self.n_boot, self.seed = n_boot, seed
+        self.k_of_n: tuple[int, int] | None = None
+        self.intervals: list[tuple[str, float, float, float]] = []
+        self.words: list[str] = []
+
+    def count(self, ok: pd.Series) -> None:
+        self.k_of_n = (int(ok.astype(bool).sum()), int(len(ok)))
+
+    def interval(self, label: str, diffs: pd.Series, points: bool = False) -> None:
+        d = np.asarray(diffs, dtype=np.float64)
+        finite = d[np.isfinite(d)]
+        if finite.size == 0:
+            return
+        mean = float(finite[0]) if np.all(finite == finite[0]) else float(finite.mean())
+        lo, hi = bootstrap_ci(finite, self.n_boot, self.seed)
+        self.intervals.append((label, mean, lo, hi))
+        fmt = (lambda x: f"{100 * x:+.2f}") if points else (lambda x: f"{x:+.4g}")
+        unit = " points" if points else ""
+        over = "" if finite.size == d.size else f", over the {finite.size} categories with finite values"
+        self.words.append(f"mean {label} {fmt(mean)}{unit} (95% bootstrap interval {fmt(lo)} to {fmt(hi)}{unit}"
+                          f"{over})")
+
+    def apply(self, f: Finding) -> Finding:
+        if self.k_of_n is None:
+            return f
+        k, n = self.k_of_n
+        head = (f"per category: holds in {k} of {n} categories" if n else
+                "per category: no category has every value the rule needs")
+        text = "; ".join([head, *self.words])
+        return dataclasses.replace(f, evidence=f"{f.evidence}. {text[0].upper()}{text[1:]}",
+                                   k_of_n=self.k_of_n, intervals=tuple(self.intervals))
+
+
+def qualitative_findings(t: pd.DataFrame, df: pd.DataFrame | None = None, faithful_cls: float = 0.95,
+                         margin: float = 0.02, unfaithful_ratio: float = 2.0, coverage_min: float = 0.5, *,
+                         lasso_alpha: float | None = None, n_boot: int = BOOTSTRAP_RESAMPLES,
+                         seed: int = BOOTSTRAP_SEED) -> list[Finding]:
+    """Evaluate the paper's four qualitative claims on a :func:`table_main` frame ``t``, and,
+    with the long frame ``df``, a fifth one beyond the paper.
 
     Rules (fixed here, not tuned to the data): (1) SRAE test F_cls >= ``faithful_cls`` and
     within ``margin`` of the lower of NN/SAE, and its test F_reg under ``unfaithful_ratio``
     times the better of NN/SAE (the yardstick rule 4 calls unfaithful); (2) SRAE locality <
-    ExcitationBP locality; (3) SRAE O1 and O2 below both NN and SAE; (4) CAE and Lasso test
-    F_reg at least ``unfaithful_ratio`` times SRAE's. Means are over categories with finite
-    values; the evidence says in how many categories O2 was infinite. Each finding states its
-    rule."""
+    ExcitationBP locality; (3) SRAE O1 and O2 below both NN and SAE; (4) CAE and Lasso each
+    unfaithful: test F_cls at least ``margin`` below SRAE's, or test F_reg at least
+    ``unfaithful_ratio`` times SRAE's; (5, only with ``df``) SRAE's mean concept_coverage above
+    ExcitationBP's and above ``coverage_min`` (None without coverage rows). Means are over
+    categories with finite values; the evidence says in how many categories O2 was infinite.
+    Each finding states its rule.
+
+    The verdicts are those of the means in ``t``. With ``df`` (the long frame ``t`` came from;
+    its headline rows at ``lasso_alpha``, by default ``t.attrs["lasso_alpha"]``) each finding
+    also says in how many categories its rule holds applied to that category alone (k of N;
+    N counts the categories with every value the rule needs) and gives a bootstrap 95% interval
+    (``n_boot`` resamples of the categories, seeded) of the mean per-category difference that
+    drives it; finding 3 also gives O1/O2 without the categories with dead x-features."""
+    if df is not None and not isinstance(df, pd.DataFrame):
+        raise TypeError(f"qualitative_findings: df must be the long metrics frame, got {type(df).__name__}")
+    alpha = lasso_alpha if lasso_alpha is not None else t.attrs.get("lasso_alpha")
+    d = _headline(validate_metrics(df), alpha) if df is not None else None
     g = lambda *a: _get(t, *a)  # noqa: E731
+    isnan = math.isnan
     hs = _heat_split(t)
     out: list[Finding] = []
 
+    def strength() -> _Strength:
+        return _Strength(n_boot, seed)
+
+    # (1) faithfulness of SRAE ------------------------------------------------------------
     s, nn, sae = g("F_cls", "test", "SRAE"), g("F_cls", "test", "NN"), g("F_cls", "test", "SAE")
     rs, rnn, rsae = g("F_reg", "test", "SRAE"), g("F_reg", "test", "NN"), g("F_reg", "test", "SAE")
-    ref = np.nanmin([nn, sae]) if not (math.isnan(nn) and math.isnan(sae)) else float("nan")
-    ref_reg = np.nanmin([rnn, rsae]) if not (math.isnan(rnn) and math.isnan(rsae)) else float("nan")
-    holds = (None if any(math.isnan(v) for v in (s, ref, rs, ref_reg))
+    ref = np.nanmin([nn, sae]) if not (isnan(nn) and isnan(sae)) else float("nan")
+    ref_reg = np.nanmin([rnn, rsae]) if not (isnan(rnn) and isnan(rsae)) else float("nan")
+    holds = (None if any(isnan(v) for v in (s, ref, rs, ref_reg))
              else bool(s >= faithful_cls and s >= ref - margin and rs < unfaithful_ratio * ref_reg))
-    out.append(Finding("SRAE is as faithful as NN and SAE", holds,
-                       f"test F_cls: SRAE {_pct(s)}, NN {_pct(nn)}, SAE {_pct(sae)}; test F_reg: SRAE "
-                       f"{_f(rs)}, NN {_f(rnn)}, SAE {_f(rsae)}",
-                       f"SRAE's test F_cls at least {_pct(faithful_cls)} and at most {100 * margin:g} points below "
-                       f"the lower of NN and SAE, and its test F_reg under {unfaithful_ratio:g}x the lower of theirs"))
+    f = Finding("SRAE is as faithful as NN and SAE", holds,
+                f"test F_cls: SRAE {_pct(s)}, NN {_pct(nn)}, SAE {_pct(sae)}; test F_reg: SRAE "
+                f"{_f(rs)}, NN {_f(rnn)}, SAE {_f(rsae)}",
+                f"SRAE's test F_cls at least {_pct(faithful_cls)} and at most {100 * margin:g} points below "
+                f"the lower of NN and SAE, and its test F_reg under {unfaithful_ratio:g}x the lower of theirs")
+    if d is not None:
+        st = strength()
+        refs = [m for m, v in (("NN", nn), ("SAE", sae)) if not isnan(v)]
+        refs_reg = [m for m, v in (("NN", rnn), ("SAE", rsae)) if not isnan(v)]
+        need = {"s": ("F_cls", "test", "SRAE"), "rs": ("F_reg", "test", "SRAE"),
+                **{f"c{m}": ("F_cls", "test", m) for m in refs}, **{f"r{m}": ("F_reg", "test", m) for m in refs_reg}}
+        c = _per_category(d, need) if refs and refs_reg else _per_category(None, need)
+        if refs and refs_reg:
+            ref_c = c[[f"c{m}" for m in refs]].min(axis=1)
+            ref_reg_c = c[[f"r{m}" for m in refs_reg]].min(axis=1)
+            st.count((c["s"] >= faithful_cls) & (c["s"] >= ref_c - margin) & (c["rs"] < unfaithful_ratio * ref_reg_c))
+            st.interval(f"SRAE - {_lower_of(refs)} test F_cls", c["s"] - ref_c, points=True)
+        else:
+            st.count(pd.Series([], dtype=bool))
+        f = st.apply(f)
+    out.append(f)
 
+    # (2) locality ---------------------------------------------------------------------------
     ls, le = g("locality", hs, "SRAE"), g("locality", hs, "ExcitationBP")
-    holds = None if math.isnan(ls) or math.isnan(le) else bool(ls < le)
-    out.append(Finding("x-features are more local than ExcitationBP on y-hat", holds,
-                       f"locality (entropy, lower = more local): SRAE {_f(ls)}, ExcitationBP {_f(le)}, "
-                       f"Z {_f(g('locality', hs, 'Z'))}",
-                       f"SRAE's mean locality on {hs} positives below ExcitationBP's"))
+    holds = None if isnan(ls) or isnan(le) else bool(ls < le)
+    f = Finding("x-features are more local than ExcitationBP on y-hat", holds,
+                f"locality (entropy, lower = more local): SRAE {_f(ls)}, ExcitationBP {_f(le)}, "
+                f"Z {_f(g('locality', hs, 'Z'))}",
+                f"SRAE's mean locality on {hs} positives below ExcitationBP's")
+    if d is not None:
+        st = strength()
+        c = _per_category(d, {"s": ("locality", hs, "SRAE"), "e": ("locality", hs, "ExcitationBP")})
+        st.count(c["s"] < c["e"])
+        st.interval("SRAE - ExcitationBP locality", c["s"] - c["e"])
+        f = st.apply(f)
+    out.append(f)
 
-    vals = {(o, m): g(o, hs, m) for o in ("O1", "O2") for m in ("SRAE", "NN", "SAE")}
+    # (3) orthogonality ----------------------------------------------------------------------
+    trio = ("SRAE", "NN", "SAE")
+    vals = {(o, m): g(o, hs, m) for o in ("O1", "O2") for m in trio}
     inf = infinite_categories(t)
 
     def o2_key(m: str) -> tuple[int, float]:
@@ -440,31 +662,160 @@ def qualitative_findings(t: pd.DataFrame, faithful_cls: float = 0.95, margin: fl
         # table's means leave such categories out: compare their count first, then the means.
         return inf.get(("O2", hs, m), (0, 0))[0], vals[("O2", m)]
 
-    if any(math.isnan(v) for v in vals.values()):
+    if any(isnan(v) for v in vals.values()):
         holds = None
     else:
         holds = bool(vals[("O1", "SRAE")] < min(vals[("O1", "NN")], vals[("O1", "SAE")])
                      and o2_key("SRAE") < o2_key("NN") and o2_key("SRAE") < o2_key("SAE"))
     inf_notes = [f"{m} {inf[('O2', hs, m)][0]} of {inf[('O2', hs, m)][1]}"
-                 for m in ("SRAE", "NN", "SAE") if ("O2", hs, m) in inf]
-    out.append(Finding("x-features are more orthogonal than NN and SAE", holds,
-                       "; ".join(f"{o}: SRAE {_f(vals[(o, 'SRAE')])}, NN {_f(vals[(o, 'NN')])}, "
-                                 f"SAE {_f(vals[(o, 'SAE')])}" for o in ("O1", "O2"))
-                       + (f" (O2 means over finite categories; O2 = inf, a singular correlation, in "
-                          f"{', '.join(inf_notes)} categories, which counts against a method before "
-                          f"its mean{_dead_note(t)})" if inf_notes else ""),
-                       "SRAE's O1 and O2 both below NN's and SAE's (fewer categories with O2 = inf first)"))
+                 for m in trio if ("O2", hs, m) in inf]
+    evidence = ("; ".join(f"{o}: SRAE {_f(vals[(o, 'SRAE')])}, NN {_f(vals[(o, 'NN')])}, "
+                          f"SAE {_f(vals[(o, 'SAE')])}" for o in ("O1", "O2"))
+                + (f" (O2 means over finite categories; O2 = inf, a singular correlation, in "
+                   f"{', '.join(inf_notes)} categories, which counts against a method before "
+                   f"its mean{_dead_note(t)})" if inf_notes else ""))
+    f = Finding("x-features are more orthogonal than NN and SAE", holds,
+                evidence if d is None else f"all categories: {evidence}; {_without_dead(d, hs)}",
+                "SRAE's O1 and O2 both below NN's and SAE's (fewer categories with O2 = inf first); "
+                "judged on all categories, dead x-features included")
+    if d is not None:
+        st = strength()
+        c = _per_category(d, {f"{o}{m}": (o, hs, m) for o in ("O1", "O2") for m in trio})
+        with np.errstate(invalid="ignore"):
+            st.count((c["O1SRAE"] < c[["O1NN", "O1SAE"]].min(axis=1))
+                     & (c["O2SRAE"] < c["O2NN"]) & (c["O2SRAE"] < c["O2SAE"]))
+            st.interval("SRAE - min(NN, SAE) O1", c["O1SRAE"] - c[["O1NN", "O1SAE"]].min(axis=1))
+            st.interval("SRAE - min(NN, SAE) O2", c["O2SRAE"] - c[["O2NN", "O2SAE"]].min(axis=1))
+        f = st.apply(f)
+    out.append(f)
 
-    fs, fc, fl = g("F_reg", "test", "SRAE"), g("F_reg", "test", "CAE"), g("F_reg", "test", "Lasso")
-    if any(math.isnan(v) for v in (fs, fc, fl)):
-        holds = None
-    else:
-        holds = bool(fc >= unfaithful_ratio * fs and fl >= unfaithful_ratio * fs)
-    out.append(Finding("CAE and Lasso are unfaithful", holds,
-                       f"test F_reg: SRAE {_f(fs)}, CAE {_f(fc)}, Lasso {_f(fl)}; test F_cls: CAE "
-                       f"{_pct(g('F_cls', 'test', 'CAE'))}, Lasso {_pct(g('F_cls', 'test', 'Lasso'))}",
-                       f"CAE's and Lasso's test F_reg each at least {unfaithful_ratio:g}x SRAE's"))
+    # (4) CAE and Lasso unfaithful -----------------------------------------------------------
+    fs, fsc = g("F_reg", "test", "SRAE"), g("F_cls", "test", "SRAE")
+    verdicts: list[bool | None] = []
+    conds: dict[str, list[str]] = {}
+    words: list[str] = []
+    for m in ("CAE", "Lasso"):
+        mc, mr = g("F_cls", "test", m), g("F_reg", "test", m)
+        cls_ok = None if isnan(fsc) or isnan(mc) else bool(fsc - mc >= margin - 1e-12)
+        reg_ok = None if isnan(fs) or isnan(mr) else bool(mr >= unfaithful_ratio * fs)
+        conds[m] = [k for k, v in (("cls", cls_ok), ("reg", reg_ok)) if v is not None]
+        known = [v for v in (cls_ok, reg_ok) if v is not None]
+        verdicts.append(None if not known else any(known))
+        yes = {True: "yes", False: "no"}
+        cls_w = ("F_cls n/a" if cls_ok is None else
+                 f"F_cls {100 * (fsc - mc):.2f} points below SRAE's (at least {100 * margin:g}: {yes[cls_ok]})")
+        ratio = (mr / fs if fs > 0 else math.inf) if reg_ok is not None else float("nan")
+        reg_w = ("F_reg n/a" if reg_ok is None else
+                 f"F_reg {_f(ratio)}x SRAE's (at least {unfaithful_ratio:g}x: {yes[reg_ok]})")
+        alone = (" (judged on F_reg alone)" if conds[m] == ["reg"] else
+                 " (judged on F_cls alone)" if conds[m] == ["cls"] else "")
+        words.append(f"{m}: {cls_w}, {reg_w}{alone}")
+    holds = None if any(v is None for v in verdicts) else all(verdicts)
+    f = Finding("CAE and Lasso are unfaithful", holds,
+                f"test F_reg: SRAE {_f(fs)}, CAE {_f(g('F_reg', 'test', 'CAE'))}, Lasso "
+                f"{_f(g('F_reg', 'test', 'Lasso'))}; test F_cls: SRAE {_pct(fsc)}, CAE "
+                f"{_pct(g('F_cls', 'test', 'CAE'))}, Lasso {_pct(g('F_cls', 'test', 'Lasso'))}; " + "; ".join(words),
+                f"as the paper reads Table 1, CAE and Lasso are unfaithful because their y-bar, put in place of "
+                f"y-hat, changes the classification (F_cls falls) and lies far from y-hat (large F_reg): each of "
+                f"CAE and Lasso counts as unfaithful when its test F_cls is at least {100 * margin:g} points below "
+                f"SRAE's or its test F_reg at least {unfaithful_ratio:g}x SRAE's (either suffices; both are "
+                f"reported, and a condition whose values are missing is left out)")
+    if d is not None:
+        st = strength()
+        if all(conds[m] for m in ("CAE", "Lasso")):
+            need: dict[str, tuple[str, str, str]] = {}
+            for m in ("CAE", "Lasso"):
+                for k in conds[m]:
+                    metric = "F_cls" if k == "cls" else "F_reg"
+                    need[f"{k}SRAE"] = (metric, "test", "SRAE")
+                    need[f"{k}{m}"] = (metric, "test", m)
+            c = _per_category(d, need)
+            ok = pd.Series(True, index=c.index)
+            for m in ("CAE", "Lasso"):
+                ok_m = pd.Series(False, index=c.index)
+                if "cls" in conds[m]:
+                    ok_m |= c["clsSRAE"] - c[f"cls{m}"] >= margin - 1e-12
+                if "reg" in conds[m]:
+                    ok_m |= c[f"reg{m}"] >= unfaithful_ratio * c["regSRAE"]
+                ok &= ok_m
+            st.count(ok)
+            for m in ("CAE", "Lasso"):
+                if "cls" in conds[m]:
+                    st.interval(f"SRAE - {m} test F_cls", c["clsSRAE"] - c[f"cls{m}"], points=True)
+                if "reg" in conds[m]:
+                    st.interval(f"{m} - SRAE test F_reg", c[f"reg{m}"] - c["regSRAE"])
+        else:
+            st.count(pd.Series([], dtype=bool))
+        f = st.apply(f)
+    out.append(f)
+
+    # (5) beyond the paper: concept separation ------------------------------------------------
+    if d is not None:
+        out.append(_coverage_finding(d, coverage_min, strength()))
     return out
+
+
+def _lower_of(methods: list[str]) -> str:
+    return methods[0] if len(methods) == 1 else f"min({', '.join(methods)})"
+
+
+def _without_dead(d: pd.DataFrame, hs: str) -> str:
+    """O1 / O2 means of SRAE, NN and SAE without the categories where any of them has a dead
+    x-feature (``dead_x`` train rows > 0), for the orthogonality evidence."""
+    trio = ("SRAE", "NN", "SAE")
+    orth = d[d["metric"].isin(["O1", "O2"]) & (d["split"] == hs) & d["method"].isin(trio)]
+    dead_rows = d[(d["metric"] == "dead_x") & (d["split"] == "train") & d["method"].isin(trio)]
+    if orth.empty:
+        return "no O1/O2 rows, so none without dead x-features either"
+    if dead_rows.empty:
+        return "dead x-features not recorded (no dead_x rows): no means without them"
+    per_cat = dead_rows.groupby(["category", "method"])["value"].mean()
+    dead_cats = {int(c) for (c, _m), v in per_cat.items() if v > 0}
+    scope = sorted(set(int(c) for c in orth["category"]))
+    excluded = [c for c in scope if c in dead_cats]
+    unrecorded = [m for m in trio if m not in set(dead_rows["method"])]
+    note = f" (no dead_x rows for {', '.join(unrecorded)})" if unrecorded else ""
+    if not excluded:
+        return (f"no category has a dead x-feature in SRAE, NN or SAE{note}, so the means without such "
+                "categories are the same")
+    kept = orth[~orth["category"].isin(excluded)]
+    left = len(scope) - len(excluded)
+    head = (f"excluding the {len(excluded)} of {len(scope)} categories with dead x-features (firing on no "
+            f"training image) in SRAE, NN or SAE{note}")
+    if kept.empty:
+        return f"{head}: no category is left"
+    infinite: list[dict[str, Any]] = []
+    means = _category_mean(kept, ["metric", "method"], infinite)
+    n_inf = {(r["metric"], r["method"]): (r["infinite"], r["categories"]) for r in infinite if "infinite" in r}
+
+    def cell(o: str, m: str) -> str:
+        v = _f(float(means.get((o, m), float("nan"))))
+        return v + (f" ({n_inf[(o, m)][0]} of {n_inf[(o, m)][1]} inf)" if (o, m) in n_inf else "")
+
+    return f"{head}, {left} left: " + "; ".join(
+        f"{o}: " + ", ".join(f"{m} {cell(o, m)}" for m in trio) for o in ("O1", "O2"))
+
+
+def _coverage_finding(d: pd.DataFrame, coverage_min: float, st: _Strength) -> Finding:
+    """Beyond the paper: do SRAE's x-features separate the parts the CNN uses?"""
+    cov = d[(d["metric"] == "concept_coverage") & (d["split"] == "test")]
+    means = _category_mean(cov, ["method"]) if not cov.empty else pd.Series(dtype="float64")
+    sc, ec = float(means.get("SRAE", float("nan"))), float(means.get("ExcitationBP", float("nan")))
+    holds = None if math.isnan(sc) or math.isnan(ec) else bool(sc > ec and sc > coverage_min)
+    shown = [m for m in (*TABLE_METHODS, *EXTRA_METHODS) if m in means.index and m not in ("SRAE", "ExcitationBP")]
+    evidence = ("no concept_coverage rows" if cov.empty else
+                "mean concept_coverage (share of the parts the CNN causally uses that are the top part of a "
+                f"distinct x-feature): SRAE {_f(sc)}, ExcitationBP {_f(ec)}"
+                + "".join(f", {m} {_f(float(means[m]))}" for m in shown))
+    f = Finding("x-features separate the concepts the CNN uses", holds, evidence,
+                f"SRAE's mean concept_coverage above ExcitationBP's (the single-map baseline, which covers at most "
+                f"one part) and above {coverage_min:g}; not evaluated without coverage rows", beyond_paper=True)
+    if cov.empty:
+        return f
+    c = _per_category(d, {"s": ("concept_coverage", "test", "SRAE"), "e": ("concept_coverage", "test", "ExcitationBP")})
+    st.count((c["s"] > c["e"]) & (c["s"] > coverage_min))
+    st.interval("SRAE - ExcitationBP concept_coverage", c["s"] - c["e"])
+    return st.apply(f)
 
 
 def _dead_note(t: pd.DataFrame) -> str:

@@ -2,8 +2,8 @@
 
 :func:`build_report` is the single entry point. The HTML page is self-contained (inline
 CSS, figures as base64 PNG) and shows the qualitative findings, Tables 1/3, 2a/5, 2b/4,
-concept recovery (synthetic data), figures, failed categories, bad inputs, and a footer
-with the wall time of each pipeline stage.
+concept recovery, the parts the CNN uses and degeneracy (synthetic data), figures, failed
+categories, bad inputs, and a footer with the wall time of each pipeline stage.
 """
 
 from __future__ import annotations
@@ -158,14 +158,35 @@ LASSO_CAPTION = ("Columns: Lasso's alpha. Num_x: dimensions of Z selected (mean 
 CONCEPTS_CAPTION = (
     "Per x-feature, the share (0-1, higher is better) of its map mass over parts or objects, averaged "
     "over test positives, that falls on the class's evidence parts (known on synthetic data); mean over "
-    "the x-features with any mass. metrics.parquet also holds concept_coverage: the share of evidence "
-    "parts that are the top part of at least one x-feature.")
+    "the x-features with any mass. concept_coverage is in the degeneracy table where recorded.")
+PART_EFFECTS_CAPTION = (
+    "Which parts the CNN uses (beyond the paper): per class, the mean drop of y-hat on test positives when "
+    "a part is swapped for a nuisance colour. A part is used (*) when its mean drop is positive, at least 2 "
+    "standard errors above 0, and at least 10% of the class's summed positive drops.")
+DEGENERACY_CAPTION = (
+    "Degeneracy and concept separation (beyond the paper), mean over categories. top_share: mean share of "
+    "the largest contribution v_i E_i in sum |v_i E_i| (1 = one x-feature carries everything). n_eff: "
+    "exp(entropy) of the mean contribution shares (1..n). concept_coverage: share of the parts the CNN "
+    "causally uses that are the top part of a distinct x-feature carrying at least 10% of y-hat (a single "
+    "map such as ExcitationBP covers at most one part). concept_purity: mass of such an x-feature on its "
+    "part. dead_x: x-features per category that fire on no training image.")
+
+
+def evidence_parts_note(part_effects: pd.DataFrame) -> str:
+    """The line under the part-effects table: classes using every evidence part, k of N
+    ("" without part-effect rows)."""
+    k_n = part_effects.attrs.get("evidence_parts_used") if not part_effects.empty else None
+    if not k_n:
+        return ""
+    k, n = int(k_n[0]), int(k_n[1])
+    return f"Classes using every evidence part: {k} of {n}." if n else "No class has a recorded evidence part."
 
 
 def _findings_html(findings: list[R.Finding]) -> str:
     cls = {True: "ok", False: "bad", None: "na"}
     items = "".join(
-        f'<li><b>{html.escape(f.claim)}</b>: <span class="{cls[f.holds]}">{f.verdict}</span>'
+        f'<li><b>{html.escape(f.claim)}</b>{" (beyond the paper)" if f.beyond_paper else ""}: '
+        f'<span class="{cls[f.holds]}">{f.verdict}</span>'
         f"<br><small>{html.escape(f.evidence)}</small>"
         + (f"<br><small><i>Rule: {html.escape(f.rule)}.</i></small>" if f.rule else "") + "</li>" for f in findings)
     return f"<ul>{items}</ul>"
@@ -194,14 +215,18 @@ def _infinite_note_html(main: pd.DataFrame) -> str:
 
 
 def summary_line(findings: list[R.Finding]) -> str:
-    held = [f.claim for f in findings if f.holds is True]
-    failed = [f.claim for f in findings if f.holds is False]
-    na = [f.claim for f in findings if f.holds is None]
-    parts = [f"{len(held)} of {len(findings)} of the paper's qualitative findings hold on this data"]
+    """One sentence on the findings: how many of the paper's hold, which do not or were not
+    evaluated, then the verdict of each statement beyond the paper."""
+    paper = [f for f in findings if not f.beyond_paper]
+    held = [f.claim for f in paper if f.holds is True]
+    failed = [f.claim for f in paper if f.holds is False]
+    na = [f.claim for f in paper if f.holds is None]
+    parts = [f"{len(held)} of {len(paper)} of the paper's qualitative findings hold on this data"]
     if failed:
         parts.append("Not holding: " + "; ".join(failed))
     if na:
         parts.append("Not evaluated: " + "; ".join(na))
+    parts += [f'Beyond the paper, "{f.claim}": {f.verdict}' for f in findings if f.beyond_paper]
     return ". ".join(parts) + "."
 
 
@@ -229,6 +254,13 @@ def render_html(inp: ReportInputs, tables: dict[str, pd.DataFrame], findings: li
               "x-feature's mass on test positives; * marks one of the class's evidence parts, \"(dead)\" an "
               "x-feature that fires on no training image.</p>",
               to_html_table(tables["top_parts"])]
+    if not tables["part_effects"].empty:
+        note = evidence_parts_note(tables["part_effects"])
+        s += ["<h2>Parts the CNN uses</h2>", f"<p>{html.escape(PART_EFFECTS_CAPTION)}</p>",
+              to_html_table(tables["part_effects"])] + ([f"<p>{html.escape(note)}</p>"] if note else [])
+    if not tables["degeneracy"].empty:
+        s += ["<h2>Degeneracy and concept separation</h2>", f"<p>{html.escape(DEGENERACY_CAPTION)}</p>",
+              to_html_table(tables["degeneracy"])]
     s += ["<h2>Per category: test F_cls</h2>", "<p>Per class (1-based id as in <code>--categories</code>), "
           "the share of test images whose predicted class stays the same with y-bar in place of y-hat "
           "(higher is better).</p>", to_html_table(tables["per_category"])]
@@ -258,16 +290,23 @@ def _footer(inp: ReportInputs) -> str:
 
 def render_markdown(inp: ReportInputs, tables: dict[str, pd.DataFrame], findings: list[R.Finding]) -> str:
     lines = [f"# {inp.title or 'SRAE report: ' + inp.experiment}", "", summary_line(findings), ""]
-    lines += [f"- {f.claim}: **{f.verdict}** ({f.evidence})" + (f". Rule: {f.rule}." if f.rule else "")
-              for f in findings] + [""]
+    lines += [f"- {f.claim}{' (beyond the paper)' if f.beyond_paper else ''}: **{f.verdict}** ({f.evidence})"
+              + (f". Rule: {f.rule}." if f.rule else "") for f in findings] + [""]
     for key, caption in (("main", "Table 1/3"), ("lasso", "Table 2a/5 (Lasso sweep)"),
                          ("masking", "Table 2b/4 (masking)"), ("concepts", "Concept recovery"),
-                         ("top_parts", "Where each x-feature lands (* = evidence part)")):
+                         ("top_parts", "Where each x-feature lands (* = evidence part)"),
+                         ("part_effects", "Parts the CNN uses (* = used)"),
+                         ("degeneracy", "Degeneracy and concept separation")):
+        if key in ("part_effects", "degeneracy") and tables[key].empty:
+            continue
         note = {"main": MAIN_CAPTION, "lasso": LASSO_CAPTION, "masking": MASKING_CAPTION,
-                "concepts": CONCEPTS_CAPTION}.get(key)
+                "concepts": CONCEPTS_CAPTION, "part_effects": PART_EFFECTS_CAPTION,
+                "degeneracy": DEGENERACY_CAPTION}.get(key)
         lines += [f"## {caption}", ""] + ([note, ""] if note else []) + [to_markdown(_readable(key, tables[key]))]
         if key == "main" and infinite_note(tables[key]):
             lines += [infinite_note(tables[key]), ""]
+        if key == "part_effects" and evidence_parts_note(tables[key]):
+            lines += [evidence_parts_note(tables[key]), ""]
     if inp.failed:
         lines += ["## Failed categories", ""] + [
             "- " + "; ".join(f"{k} {v}" for k, v in rec.items()) for rec in failed_records(inp.failed, inp.class_names)
@@ -294,6 +333,8 @@ def derive_tables(inp: ReportInputs) -> dict[str, pd.DataFrame]:
         "concepts": R.table_concepts(m, inp.class_names or None),
         "per_category": R.table_per_category(m, lasso_alpha=inp.lasso_alpha, class_names=inp.class_names or None),
         "top_parts": R.table_top_parts(inp.top_parts, inp.class_names or None),
+        "part_effects": R.table_part_effects(m, inp.class_names or None),
+        "degeneracy": R.table_degeneracy(m, inp.lasso_alpha),
     }
 
 
@@ -309,11 +350,12 @@ def build_report(inp: ReportInputs) -> Path:
     R.write_metrics(inp.metrics, out / "metrics.parquet")
     tables = derive_tables(inp)
     names = {"main": "table_main", "lasso": "table_lasso_sweep", "masking": "table_masking",
-             "concepts": "table_concepts", "per_category": "table_per_category", "top_parts": "table_top_parts"}
+             "concepts": "table_concepts", "per_category": "table_per_category", "top_parts": "table_top_parts",
+             "part_effects": "table_part_effects", "degeneracy": "table_degeneracy"}
     for key, df in tables.items():
         _flat_for_parquet(df).to_parquet(out / f"{names[key]}.parquet", index=False)
         (out / f"{names[key]}.md").write_text(to_markdown(_readable(key, df)))
-    findings = R.qualitative_findings(tables["main"])
+    findings = R.qualitative_findings(tables["main"], inp.metrics, lasso_alpha=inp.lasso_alpha)
     figures = list(inp.figures)
     try:
         if tables["main"].notna().any().any():

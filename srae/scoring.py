@@ -366,7 +366,8 @@ def reduce_results(jobs: Sequence[ScoreJob], index: DatasetIndex, stats: Sequenc
                 notes.append(f"{job.category}/{job.method}/{job.split}: concept recovery not scored ({exc})")
                 log.warning("%s", notes[-1])
             else:
-                rows += [{**base, "metric": m, "value": v} for m, v in values.items()]
+                # coverage is scored against the parts the CNN uses, at report time (srae.causal)
+                rows += [{**base, "metric": m, "value": v} for m, v in values.items() if m != "concept_coverage"]
                 for key in ("experiment", "category", "method", "split"):
                     table.insert(0, key, base[key])
                 tables.append(table)

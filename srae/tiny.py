@@ -18,7 +18,10 @@ def tiny_experiment(base: str | Path, **changes: Any) -> dict[str, Any]:
     base = Path(base)
     cfg: dict[str, Any] = {
         "name": "tiny", "cache_dir": str(base / "cache"), "categories": [1, 2], "device": "cpu",
-        "dataset": {"kind": "synthbirds", "root": str(base / "data"), "classes": 3, "per_class": 24, "size": 32},
+        # design unique: a 4-epoch CNN at 32 px cannot learn classes told apart only by a
+        # combination of traits, and these runs check the pipeline's mechanics
+        "dataset": {"kind": "synthbirds", "root": str(base / "data"), "classes": 3, "per_class": 24, "size": 32,
+                    "design": "unique"},
         "backbone": {"name": "demo_cnn", "input_size": 32,
                      "fit": {"epochs": 4, "lr": 0.003, "batch_size": 16, "augment": False}},
         "features": {"batch_size": 32},
@@ -29,6 +32,7 @@ def tiny_experiment(base: str | Path, **changes: Any) -> dict[str, Any]:
         "heatmaps": {"max_images": 4, "z_dims": 3, "batch_size": 8},
         "scoring": {"n_workers": 1, "processes": False},
         "masking": {"gammas": [0.05, 0.3], "max_images": 4},
+        "causal": {"max_images": 4},
         "report": {"out_dir": str(base / "report"), "max_figure_categories": 1},
     }
     for path, value in changes.items():

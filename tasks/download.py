@@ -148,7 +148,8 @@ def load_index(dataset: dict[str, Any]) -> DatasetIndex:
 def _generate(ds: DatasetConfig, out: Path) -> Path:
     fn_name = {"synthbirds": "make_synthbirds", "synthrooms": "make_synthrooms"}[ds.kind]
     make = _lib("srae.datasets.synthetic", fn_name)
-    return Path(make(out, classes=ds.classes, per_class=ds.per_class, size=ds.size, seed=ds.seed))
+    return Path(make(out, classes=ds.classes, per_class=ds.per_class, size=ds.size, seed=ds.seed,
+                     design=ds.design))
 
 
 def _fetch(ds: DatasetConfig, root: Path) -> Path:

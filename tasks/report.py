@@ -29,10 +29,13 @@ log = logging.getLogger(__name__)
 
 def faithfulness_rows(experiment: str, explainer_results: list[dict[str, Any]],
                       dead: dict[tuple[int, str], set[int]] | None = None,
-                      notes: list[str] | None = None) -> list[dict[str, Any]]:
-    """F_reg / F_cls train+test rows, and the dead x-feature count, from every explainer's meta.json.
-    ``dead`` (if given) receives the dead x-features (0-based) of each headline (category, method);
-    ``notes`` what the report should say about them (:func:`explainer_notes`)."""
+                      notes: list[str] | None = None,
+                      shares: dict[tuple[int, str], list[float]] | None = None) -> list[dict[str, Any]]:
+    """F_reg / F_cls train+test rows, the dead x-feature count, and top_share / n_eff (test
+    positives) from every explainer's meta.json. ``dead`` (if given) receives the dead
+    x-features (0-based) of each headline (category, method); ``shares`` each headline
+    x-feature's mean share of y-hat; ``notes`` what the report should say about them
+    (:func:`explainer_notes`)."""
     from srae.explainers import META_FILE
 
     rows = []
@@ -56,6 +59,15 @@ def faithfulness_rows(experiment: str, explainer_results: list[dict[str, Any]],
             if "dead_features" in meta:  # absent in explainers saved before it was recorded
                 rows.append(R.metric_row(experiment, int(cat), res["method"], "dead_x", "train",
                                          float(len(meta["dead_features"])), int(meta.get("n_features", 0)), hp))
+            for metric in ("top_share", "n_eff"):  # absent in explainers saved before they were recorded
+                if f"{metric}_test" in meta:
+                    v = meta[f"{metric}_test"]
+                    rows.append(R.metric_row(experiment, int(cat), res["method"], metric, "test",
+                                             float("nan") if v is None else float(v), int(meta.get("n_features", 0)),
+                                             hp))
+            if shares is not None and not settings.get("sweep") and meta.get("feature_shares_test") is not None:
+                shares[(int(cat), res["method"])] = [float("nan") if v is None else float(v)
+                                                     for v in meta["feature_shares_test"]]
     if notes is not None:
         notes.extend(explainer_notes(headline))
     return rows
@@ -88,13 +100,84 @@ def _read_parquets(paths: list[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(R.METRIC_COLUMNS))
 
 
+def part_effect_rows(experiment: str, effects: pd.DataFrame) -> tuple[list[dict[str, Any]], dict[int, list[str]]]:
+    """``part_effect`` rows (method CNN, split test, the part and its verdict in hparams) and
+    the parts each category uses (:func:`srae.causal.summarise_effects`)."""
+    from srae.causal import summarise_effects
+
+    rows, used = [], {}
+    for r in summarise_effects(effects).itertuples(index=False):
+        hp = {"part": r.part, "evidence": bool(r.evidence), "used": bool(r.used),
+              "share": None if pd.isna(r.share) else float(r.share), "se": None if pd.isna(r.se) else float(r.se),
+              "count": int(r.count)}
+        rows.append(R.metric_row(experiment, int(r.category), "CNN", "part_effect", "test", float(r.mean), None, hp))
+        if r.used:
+            used.setdefault(int(r.category), []).append(str(r.part))
+    return rows, used
+
+
+def concept_rows(experiment: str, score_files: list[str], used: dict[int, list[str]],
+                 groups: dict[str, list[str]], shares: dict[tuple[int, str], list[float]]) -> list[dict[str, Any]]:
+    """``concept_coverage`` / ``concept_purity`` of every scored map group with a histogram,
+    against the parts its category uses: an explainer's x-features weighted by their share of
+    y-hat, ExcitationBP and Grad-CAM as one map of y-hat (share 1); the Z column is skipped."""
+    from srae.causal import concept_scores
+    from tasks.scoring import histogram_of
+
+    rows = []
+    for f in score_files:
+        h = histogram_of(f)
+        if not (Path(f).is_file() and h.is_file()):
+            continue
+        first = pd.read_parquet(f).head(1)
+        if first.empty or first["method"].iloc[0] == "Z":
+            continue
+        cat, method = int(first["category"].iloc[0]), str(first["method"].iloc[0])
+        hist = pd.read_parquet(h)
+        share = [1.0] * len(hist) if method in ("ExcitationBP", "Grad-CAM") else shares.get((cat, method))
+        if share is None or len(share) != len(hist) or cat not in used:
+            continue
+        values = concept_scores(hist.to_numpy(float), list(hist.columns), groups, used[cat], share)
+        rows += [R.metric_row(experiment, cat, method, m, str(first["split"].iloc[0]), v, len(hist),
+                              json.loads(first["hparams"].iloc[0])) for m, v in values.items() if not np.isnan(v)]
+    return rows
+
+
+def causal_metrics(experiment: str, causal_files: list[str], score_files: list[str], dataset: dict[str, Any] | None,
+                   shares: dict[tuple[int, str], list[float]]) -> list[dict[str, Any]]:
+    """The causal ground truth's rows: part effects, and concept coverage / purity against them."""
+    from srae.datasets.counterfactual import part_columns, synth_params
+    from tasks.causal import read_effects, synth_dir
+
+    effects = read_effects(causal_files)
+    if effects.empty or dataset is None or synth_dir(dataset) is None:
+        return []
+    rows, used = part_effect_rows(experiment, effects)
+    groups = part_columns(synth_params(synth_dir(dataset)))
+    return rows + concept_rows(experiment, score_files, used, groups, shares)
+
+
 def assemble_metrics(experiment: str, explainer_results: list[dict[str, Any]], score_files: list[str],
                      masking_files: list[str], dead: dict[tuple[int, str], set[int]] | None = None,
-                     notes: list[str] | None = None) -> pd.DataFrame:
-    """The long metrics table of this run (``dead``, ``notes``: see :func:`faithfulness_rows`)."""
-    parts = [pd.DataFrame(faithfulness_rows(experiment, explainer_results, dead, notes),
+                     notes: list[str] | None = None, causal_files: list[str] | None = None,
+                     dataset: dict[str, Any] | None = None) -> pd.DataFrame:
+    """The long metrics table of this run (``dead``, ``notes``: see :func:`faithfulness_rows`;
+    ``causal_files`` and ``dataset``: the part effects of :mod:`tasks.causal` and the rows
+    scored against them)."""
+    shares: dict[tuple[int, str], list[float]] = {}
+    parts = [pd.DataFrame(faithfulness_rows(experiment, explainer_results, dead, notes, shares),
+                          columns=list(R.METRIC_COLUMNS)),
+             pd.DataFrame(causal_metrics(experiment, causal_files or [], score_files, dataset, shares),
                           columns=list(R.METRIC_COLUMNS)),
              _read_parquets(score_files), _read_parquets(masking_files)]
+    causal = parts[1]
+    if len(causal) and len(parts[2]):  # concept rows against the causal truth replace those against intent
+        judged = set(zip(causal.loc[causal["metric"].str.startswith("concept_"), "category"],
+                         causal.loc[causal["metric"].str.startswith("concept_"), "method"]))
+        scored = parts[2]
+        stale = scored["metric"].isin(["concept_recovery", "concept_coverage"]) & pd.Series(
+            [(c, m) in judged for c, m in zip(scored["category"], scored["method"])], index=scored.index)
+        parts[2] = scored[~stale]
     parts = [p for p in parts if len(p)]
     if not parts:
         return pd.DataFrame(columns=list(R.METRIC_COLUMNS))
@@ -105,39 +188,59 @@ def assemble_metrics(experiment: str, explainer_results: list[dict[str, Any]], s
 
 
 def _figures(fig_specs: list[dict[str, Any]], logger) -> list[tuple[str, bytes]]:
-    """Fig. 1/4 grids: image, ExcitationBP on y-hat, the x-features sorted by v_i E_i."""
+    """Fig. 1/4 grids: image, ExcitationBP on y-hat, the x-features sorted by v_i E_i; after
+    each, the category's concept atlas (each x-feature's top test positives, its map on them)."""
     out: list[tuple[str, bytes]] = []
     for spec in fig_specs:
-        try:
-            out.append((spec["title"], _figure(spec)))
-        except Exception as exc:  # a figure must never sink the report
-            logger.warning("figure %s skipped: %s", spec.get("title"), exc)
+        names = spec.get("dataset", {}).get("class_names") or []
+        c = spec.get("category")
+        atlas = f"Concept atlas: {names[c] if isinstance(c, int) and 0 <= c < len(names) else c}"
+        for kind, title in (("grid", spec.get("title")), ("atlas", atlas)):
+            try:  # a figure must never sink the report
+                out.append((title, _figure(spec, kind)))
+            except Exception as exc:
+                logger.warning("figure %s skipped: %s", title, exc)
     return out
 
 
-def _figure(spec: dict[str, Any]) -> bytes:
+def _figure(spec: dict[str, Any], kind: str = "grid") -> bytes:
+    """PNG of the Fig. 4 grid (``kind="grid"``: the first ``spec["rows"]`` test positives) or
+    the concept atlas (``"atlas"``: all test positives in the heatmap store); both read the
+    same stores, E_i and v_i E_i from the explainer on those images' features."""
     from srae.explainers import load_explainer
-    from srae.figures import excitation_grid
     from srae.heatmaps import open_heatmaps, positive_rows
     from srae.report_figures import figure_png
     from tasks.explainers import load_feature_arrays
 
     xs = open_heatmaps(spec["heatmaps"])
-    eb = open_heatmaps(spec["ebp"])
     z, logits, labels, all_ids = load_feature_arrays(spec["features"])
     pos = {int(i): k for k, i in enumerate(all_ids)}
     # the category's own images: a store may hold negatives too (heatmaps.images: all)
-    keep = positive_rows(xs.image_id, {i: labels[k] for i, k in pos.items()}, spec["category"], spec.get("rows", 4))
+    limit = spec.get("rows", 4) if kind == "grid" else None
+    keep = positive_rows(xs.image_id, {i: labels[k] for i, k in pos.items()}, spec["category"], limit)
     ids = xs.image_id[keep]
+    sel = [pos[int(i)] for i in ids]
+    expl = load_explainer(spec["explainer"])
+    dead = expl.meta.get("dead_features", ())
+    size = xs.maps.shape[-1]
+    if kind == "atlas":
+        from srae.atlas import concept_atlas, top_images
+
+        e = expl.features(z[sel])
+        need = sorted({int(k) for k in top_images(e, 4).ravel() if k >= 0})  # only these are read
+        fig = concept_atlas({k: _load_image(spec["dataset"], int(ids[k]), size) for k in need},
+                            {k: np.asarray(xs.maps[int(keep[k])]) for k in need}, e, expl.contributions(z[sel]),
+                            ids=ids, top=4, dead=dead)
+        return figure_png(fig)
+    from srae.figures import excitation_grid
+
+    eb = open_heatmaps(spec["ebp"])
     e_row = {int(i): k for k, i in enumerate(eb.image_id)}
     xmaps = np.stack([np.asarray(xs.maps[int(r)]) for r in keep])
     ebp = np.stack([np.asarray(eb.maps[e_row[int(i)]]) for i in ids])
-    images = np.stack([_load_image(spec["dataset"], int(i), xmaps.shape[-1]) for i in ids])
-    sel = [pos[int(i)] for i in ids]
-    expl = load_explainer(spec["explainer"])
+    images = np.stack([_load_image(spec["dataset"], int(i), size) for i in ids])
     fig = excitation_grid(images, ebp, xmaps, expl.contributions(z[sel]), predictions=logits[sel, spec["category"]],
-                          scale=spec.get("scale", "row"),
-                          title=spec["title"], dead=expl.meta.get("dead_features", ()))
+                          scale=spec.get("scale", "row"), title=spec["title"], dead=dead)
     return figure_png(fig)
 
 
@@ -174,12 +277,14 @@ def build_report_task(experiment: str, out_dir: str, explainer_results: list[dic
                       score_files: list[str], masking_files: list[str], *, class_names: list[str],
                       lasso_alpha: float | None, failed: list[dict[str, Any]], bad_inputs: list[dict[str, Any]],
                       timings: dict[str, float], config_yaml: str | None, figures: list[dict[str, Any]],
-                      notes: list[str], title: str | None = None) -> str:
+                      notes: list[str], title: str | None = None, causal_files: list[str] | None = None,
+                      dataset: dict[str, Any] | None = None) -> str:
     """Write the report; return the path of report.html."""
     logger = run_logger()
     dead: dict[tuple[int, str], set[int]] = {}
     notes = list(notes)
-    metrics = assemble_metrics(experiment, explainer_results, score_files, masking_files, dead, notes)
+    metrics = assemble_metrics(experiment, explainer_results, score_files, masking_files, dead, notes,
+                               causal_files, dataset)
     top_parts = _read_parquets([str(concepts_of(f)) for f in score_files])
     if {"category", "method", "feature"} <= set(top_parts.columns):
         top_parts["dead"] = [int(f) in dead.get((int(c), m), ()) for c, m, f in
@@ -192,6 +297,7 @@ def build_report_task(experiment: str, out_dir: str, explainer_results: list[dic
     from srae.report_html import summary_line
 
     main = R.table_main(inp.metrics, lasso_alpha)
-    _artifacts(experiment, main, path, summary_line(R.qualitative_findings(main)), logger)
+    _artifacts(experiment, main, path, summary_line(R.qualitative_findings(main, inp.metrics, lasso_alpha=lasso_alpha)),
+               logger)
     logger.info("report: %s", path)
     return str(path)

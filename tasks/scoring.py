@@ -37,6 +37,19 @@ def concepts_path(heatmap_group: str, annotations: str | None = None) -> Path:
     return _derived(heatmap_group, annotations, "concepts")
 
 
+def histogram_path(heatmap_group: str, annotations: str | None = None) -> Path:
+    """Each x-feature's mean located mass over the annotation columns (parts or objects) of one
+    scored group: rows are x-features, columns the part/object names. Concept coverage and
+    purity against the causal ground truth are computed from it at report time."""
+    return _derived(heatmap_group, annotations, "hist")
+
+
+def histogram_of(scores_file: str | Path) -> Path:
+    """The histogram written beside a scores file (:func:`histogram_path` of the same group)."""
+    p = Path(scores_file)
+    return p.with_name(p.name.removesuffix(".scores.parquet") + ".hist.parquet")
+
+
 def concepts_of(scores_file: str | Path) -> Path:
     """The concept table written beside a scores file (:func:`concepts_path` of the same group)."""
     p = Path(scores_file)
@@ -100,17 +113,18 @@ def _score_and_save(todo: list[dict[str, Any]], jobs: list[dict[str, Any]], data
     for j, res in zip(todo, results):
         if res is None:
             continue
-        rows, concepts = res
+        rows, concepts, (names, hist) = res
         if not concepts.empty:
             atomic_write_parquet(concepts, concepts_path(j["heatmaps"], j.get("annotations")))
-        atomic_write_parquet(rows, _scores(j))
+        atomic_write_parquet(pd.DataFrame(hist, columns=names), histogram_path(j["heatmaps"], j.get("annotations")))
+        atomic_write_parquet(rows, _scores(j))  # last: the marker of a scored group
         record_work(cache_dir, "scoring", f"{j['method']}/{j['category']}", seconds / max(1, len(todo)),
                     method=j["method"], category=int(j["category"]))
     logger.info("scoring: %d groups scored, %d failed, %d reused", len(todo) - len(failed), len(failed),
                 len(jobs) - len(todo))
 
 
-def _score_each(specs, index, scoring, failed, logger, notes: list[str]) -> list[tuple[pd.DataFrame, pd.DataFrame] | None]:
+def _score_each(specs, index, scoring, failed, logger, notes: list[str]) -> list[tuple | None]:
     """Score all jobs on Dask at once; if that fails, job by job so one bad group is isolated."""
     from srae.scoring import dask_client, score
 
@@ -119,15 +133,15 @@ def _score_each(specs, index, scoring, failed, logger, notes: list[str]) -> list
         try:
             res = score(specs, index, client=client)
             notes.extend(res.notes)
-            return [(_rows_of(res.metrics, s), _rows_of(res.concepts, s)) for s in specs]
+            return [(_rows_of(res.metrics, s), _rows_of(res.concepts, s), h) for s, h in zip(specs, res.histograms)]
         except Exception as exc:
             logger.warning("scoring all groups together failed (%s); scoring one by one", exc)
-        out: list[pd.DataFrame | None] = []
+        out: list[tuple | None] = []
         for s in specs:
             try:
                 res = score([s], index, client=client)
                 notes.extend(res.notes)
-                out.append((res.metrics, res.concepts))
+                out.append((res.metrics, res.concepts, res.histograms[0]))
             except Exception as exc:
                 failed.append({"category": s.category, "stage": "scoring", "method": s.method,
                                "error": short_error(exc)})

@@ -1,4 +1,4 @@
-"""Fig. 4 grid (srae.figures): sorting, per-map normalisation, panel titles and the PNG."""
+"""Fig. 4 grid (srae.figures): sorting, contribution-weighted heat, muted ~0 panels, titles, the PNG."""
 
 from __future__ import annotations
 
@@ -70,42 +70,88 @@ def test_png_is_written_and_not_blank(tmp_path) -> None:
         excitation_grid(images, ebp, xm, contrib[:, :2])
 
 
-def test_a_row_shares_one_colour_scale_by_default() -> None:
-    """Issue 4: 'shared colour scale per row': of a row's x-feature maps one 100x weaker is
-    drawn faint, one 50x stronger saturates the scale; each panel equals the overlay at the
-    row's maximum. ExcitationBP on y-hat keeps its own (far more concentrated: on the demo it
-    left every x-feature panel near-blank when it shared the scale)."""
+def _panels(fig) -> dict[str, np.ndarray]:
+    """Drawn RGB arrays by panel name ("image", "ExcitationBP", "x1", ...); one-row figures."""
+    return {ax.get_title().split(":")[0].split(" ")[0]: np.asarray(ax.images[0].get_array())
+            for ax in fig.axes if ax.images}
+
+
+def test_a_panel_is_as_bright_as_its_x_feature_contributes() -> None:
+    """Fig. 4 tells the truth: x1 contributes 10.0, x2 0.01 (0.1% of it), x3 0.5 (5%), with
+    maps of equal peak. x2's heat is <= 1% of x1's and its panel is muted (a grey image, no
+    colour, "(~0)"); x3 peaks at 5% of the scale. (The old row scale drew all three alike.)"""
     from matplotlib import colormaps
 
-    from srae.figures import _overlay
+    from srae.figures import _overlay, muted_panels, panel_intensity, panel_values
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (1, 24, 24, 3), dtype=np.uint8)
+    ebp = rng.random((1, 24, 24))
+    xm = rng.random((1, 3, 24, 24))
+    xm[0, 1] = xm[0, 0]
+    xm[0, 2] = xm[0, 0][::-1]  # equal peaks, x3 elsewhere
+    contrib = np.array([[10.0, 0.01, 0.5]])
+    np.testing.assert_allclose(panel_intensity(contrib), [[1.0, 0.001, 0.05]])
+    np.testing.assert_array_equal(muted_panels(contrib), [[False, True, False]])
+    values = panel_values(xm, contrib)
+    assert values[0, 1].max() <= 0.01 * values[0, 0].max() and values[0, 0].max() == 1.0
+    assert values[0, 2].max() == pytest.approx(0.05)
+
+    fig = excitation_grid(images, ebp, xm, contrib, title="cat 0")
+    titles = {ax.get_title(): ax.title.get_color() for ax in fig.axes if ax.get_title()}
+    assert titles["x2: 0.01 (~0)"] == "0.45" and "x1: 10.00" in titles and "x3: 0.50" in titles
+    shown = _panels(fig)
+    cmap = colormaps["jet"]
+    np.testing.assert_allclose(shown["x1"], _overlay(images[0], values[0, 0], cmap), atol=1e-12)
+    np.testing.assert_allclose(shown["x3"], _overlay(images[0], values[0, 2], cmap), atol=1e-12)
+    np.testing.assert_allclose(shown["ExcitationBP"], _overlay(images[0], ebp[0] / ebp[0].max(), cmap), atol=1e-12)
+
+    def heat(p):  # colour drawn over the grey image: spread between the RGB channels
+        return float((p.max(axis=-1) - p.min(axis=-1)).max())
+
+    assert heat(shown["x2"]) == 0.0 < 0.3 < heat(shown["x1"])  # muted: no colour at all
+    assert not np.allclose(shown["x2"], shown["x1"], atol=0.05)
+    assert heat(shown["x3"]) < 0.5 * heat(shown["x1"])
+    assert "|v_i E_i|" in fig.get_suptitle()
+
+
+def test_the_grid_draws_what_panel_values_returns(monkeypatch) -> None:
+    """The drawing goes through panel_values/muted_panels (what the tests above check)."""
+    from matplotlib import colormaps
+
+    import srae.figures as F
+
+    images, ebp, xm, contrib = _data(r=1, n=3)
+    planted = np.full((1, 3, 24, 24), 0.25)
+    monkeypatch.setattr(F, "panel_values", lambda maps, c, scale="row": planted)
+    shown = _panels(F.excitation_grid(images, ebp, xm, contrib))
+    for k in ("x1", "x2", "x3"):
+        np.testing.assert_allclose(shown[k], F._overlay(images[0], planted[0, 0], colormaps["jet"]), atol=1e-12)
+
+
+def test_row_scale_edge_cases() -> None:
+    """A row that contributes nothing: every panel muted, no division by zero. Dead x-features
+    keep their titles; a negative contribution is drawn by its size (its sign is in the title)."""
+    from srae.figures import panel_intensity
 
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (2, 24, 24, 3), dtype=np.uint8)
-    ebp = rng.random((2, 24, 24))
     xm = rng.random((2, 3, 24, 24))
-    xm[0, 1] = xm[0, 0] * 0.01
-    xm[0, 2] = xm[0, 0] * 50.0
-    xm[1] = 0.0  # a row of all-zero x-feature maps: scale 1, no division by zero
-    ebp[0] *= 1e3
-    fig = excitation_grid(images, ebp, xm, np.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]]), title="cat 0")
-    assert "share one colour scale" in fig.get_suptitle()
-    shown = [ax.images[0].get_array() for ax in fig.axes if ax.images]  # row by row, panels in order
-    row0 = xm[0].max()
-    cmap = colormaps["jet"]
-    np.testing.assert_allclose(shown[1], _overlay(images[0], ebp[0], ebp[0].max(), cmap), atol=1e-12)
-    np.testing.assert_allclose(shown[5 + 1], _overlay(images[1], ebp[1], ebp[1].max(), cmap), atol=1e-12)
-    np.testing.assert_allclose(shown[5 + 2], _overlay(images[1], xm[1, 0], 1.0, cmap), atol=1e-12)
-    x1, x2, x3 = shown[2], shown[3], shown[4]  # sorted by contribution: 3.0, 2.0, 1.0
-    for panel, k in ((x1, 0), (x2, 1), (x3, 2)):
-        np.testing.assert_allclose(panel, _overlay(images[0], xm[0, k], row0, cmap), atol=1e-12)
-    assert np.abs(x3 - x1).max() > 0.2  # the 50x map is bright where the others are faint
-    # a dead x-feature does not set the scale (its map shows only what would excite it)
-    dead = excitation_grid(images, ebp, xm, np.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]]), dead=[2])
-    shown = [ax.images[0].get_array() for ax in dead.axes if ax.images]
-    live_max = max(xm[0, 0].max(), xm[0, 1].max())
-    np.testing.assert_allclose(shown[2], _overlay(images[0], xm[0, 0], live_max, cmap), atol=1e-12)
+    xm[1, 0] = 0.0  # an all-zero map: no heat, no division by zero
+    contrib = np.array([[0.0, 0.0, 0.0], [4.0, -2.0, 0.0]])
+    np.testing.assert_allclose(panel_intensity(contrib), [[0, 0, 0], [1.0, 0.5, 0.0]])
+    fig = excitation_grid(images, rng.random((2, 24, 24)), xm, contrib, dead=[2])
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["image", "ExcitationBP", "x1: 0.00 (~0)", "x2: 0.00 (~0)", "x3: dead (0 on training)",
+                      "image", "ExcitationBP", "x1: 4.00", "x2: -2.00", "x3: dead (0 on training)"]
+    shown = [np.asarray(ax.images[0].get_array()) for ax in fig.axes if ax.images]
+    for p in shown[2:5] + shown[9:10]:  # row 1 all muted; row 2's dead x3 contributes 0
+        assert np.ptp(p, axis=-1).max() == 0.0
+    assert np.isfinite(np.stack(shown)).all()
     with pytest.raises(InputError, match="scale 'col'"):
-        excitation_grid(images, ebp, xm, np.ones((2, 3)), scale="col")
+        excitation_grid(images, rng.random((2, 24, 24)), xm, contrib, scale="col")
+    with pytest.raises(InputError, match="NaN"):
+        excitation_grid(images, rng.random((2, 24, 24)), xm, contrib * np.nan)
 
 
 def test_each_map_can_be_drawn_relative_to_its_own_max() -> None:
@@ -120,6 +166,10 @@ def test_each_map_can_be_drawn_relative_to_its_own_max() -> None:
     ref_panels = {ax.get_title().split(":")[0]: ax.images[0].get_array() for ax in ref.axes if ax.images}
     np.testing.assert_allclose(panels["ExcitationBP"], ref_panels["ExcitationBP"], atol=1e-6)  # float32 resize
     assert "normalised to its own max" in fig.get_suptitle() and "cat 0" in fig.get_suptitle()
+    # a ~0 x-feature keeps its map here (the shape shows), its grey title says it adds ~nothing
+    fig = excitation_grid(images, ebp, xm, np.array([[3.0, 0.001, 1.0]]), scale="map")
+    titled = {ax.get_title(): ax.images[0].get_array() for ax in fig.axes if ax.images}
+    np.testing.assert_allclose(titled["x2: 0.00 (~0)"], titled["x1: 3.00"], atol=1e-12)
 
 
 def test_report_charts_leave_matplotlib_global_state_alone() -> None:

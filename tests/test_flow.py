@@ -141,12 +141,56 @@ def test_failed_category_is_reported_and_the_others_complete(tiny_run, monkeypat
     assert any("failure(s) in categories [3]" in r.getMessage() for r in caplog.records), \
         [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     df = R.read_metrics(report.parent / "metrics.parquet")
-    assert set(df["category"]) == {0, 1}
+    # the CNN's part effects are measured before the explainers, for every category
+    assert set(df.loc[df["method"] != "CNN", "category"]) == {0, 1}
+    assert set(df.loc[df["method"] == "CNN", "category"]) == {0, 1, 2}
     assert FIVE <= set(df["method"])
     html = report.read_text()
     assert "planted crash in the trainer" in html and "planted failure: category 2" in html
     # one failed row per method at least, the class by its name (003.*), never the 0-based index 2
     assert len(re.findall(r"<td>003\.[^<]+</td>", html)) >= len(FIVE) and "<td>2</td>" not in html
+
+
+def test_the_run_measures_part_effects_and_scores_concepts_against_them(tiny_run):
+    """The causal stage's part effects reach metrics.parquet with their verdicts, and coverage,
+    purity and recovery are scored against the used parts for explainers and single maps."""
+    from srae.causal import concept_scores
+    from srae.datasets import synthbirds as sb
+    from srae.metrics.degeneracy import used_parts
+    from tasks.causal import read_effects
+    from tasks.scoring import histogram_of
+
+    out = Path(tiny_run["report"]).parent
+    df = R.read_metrics(out / "metrics.parquet")
+    eff = df[df["metric"] == "part_effect"]
+    assert set(eff["method"]) == {"CNN"} and set(eff["split"]) == {"test"}
+    hp = eff["hparams"].map(json.loads)
+    assert sorted(zip(eff["category"], hp.map(lambda h: h["part"]))) == sorted(
+        (c, p) for c in (0, 1) for p in sb.SLOTS)
+    assert all(h["count"] == 4 for h in hp)  # causal.max_images test positives each
+    cache = Path(tiny_run["config"]["cache_dir"])
+    effects = read_effects([str(p) for p in sorted((cache / "causal").glob("*.parquet"))])
+    for c in (0, 1):  # the rows' verdicts are the rule applied to the stored drops
+        mine = effects[effects["category"] == c]
+        used = used_parts({p: mine.loc[mine["part"] == p, "drop"].to_numpy() for p in sb.SLOTS})
+        rows = hp[eff["category"] == c]
+        assert sorted(h["part"] for h in rows if h["used"]) == sorted(used)
+        value = eff.loc[(eff["category"] == c) & (hp.map(lambda h: h["part"]) == "wing"), "value"].iloc[0]
+        assert value == pytest.approx(mine.loc[mine["part"] == "wing", "drop"].mean())
+        cov = df[(df["metric"] == "concept_coverage") & (df["category"] == c)]
+        if not used:
+            assert cov.empty
+            continue
+        assert {"SRAE", "ExcitationBP"} <= set(cov["method"])
+        ebp = [f for f in (cache / "heatmaps").glob("**/*.scores.parquet")
+               if pd.read_parquet(f)["method"].iloc[0] == "ExcitationBP" and pd.read_parquet(f)["category"].iloc[0] == c]
+        hist = pd.read_parquet(histogram_of(ebp[0]))
+        want = concept_scores(hist.to_numpy(), list(hist.columns), {k: list(v) for k, v in sb.SLOTS.items()}, used, [1.0])
+        got = cov.loc[cov["method"] == "ExcitationBP", "value"].iloc[0]
+        assert got == pytest.approx(want["concept_coverage"]) and got <= 1.0 / len(used) + 1e-12
+    for metric in ("top_share", "n_eff"):
+        sub = df[(df["metric"] == metric) & (df["method"] == "SRAE")]
+        assert sorted(sub["category"]) == [0, 1] and sub["value"].between(0, 3 + 1e-9).all()
 
 
 def test_a_failing_grad_cam_leaves_the_c_mwp_maps_of_its_category_drawn(tiny_run, monkeypatch):

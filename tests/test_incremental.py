@@ -57,7 +57,7 @@ def test_adding_a_category_computes_only_it_on_a_given_dask_cluster(tiny_run):
         new = _run(tiny_run, "added", categories=[1, 2, 3], **{"scoring.dask_address": cluster.scheduler_address})
         assert "score_chunk" in cluster.scheduler.task_prefixes  # scoring ran on this cluster
     assert new, "the new category must be computed"
-    assert {r["stage"] for r in new} <= {"explainers", "heatmaps", "scoring", "masking"}
+    assert {r["stage"] for r in new} <= {"causal", "explainers", "heatmaps", "scoring", "masking"}
     assert {r["category"] for r in new} == {2}
     # every method was trained for it (Lasso: headline + the two sweep alphas)
     trained = Counter(r["method"] for r in new if r["stage"] == "explainers")

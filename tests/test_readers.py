@@ -292,7 +292,7 @@ def test_synthrooms_manifest_includes_the_generator_stamp(tmp_path):
     from srae.datasets.common import _synth_stamp
     from srae.datasets.synthetic import make_synthrooms
 
-    ade = make_synthrooms(tmp_path, classes=2, per_class=3, size=40, seed=1)
+    ade = make_synthrooms(tmp_path, classes=2, per_class=3, size=40, seed=1, design="unique")
     idx = read_places_ade20k(tmp_path, places_root=tmp_path / "places365")
     assert _synth_stamp(Path(idx.root)) == json.loads((ade / "synth.json").read_text())
     before = idx.manifest_fingerprint()

@@ -169,7 +169,8 @@ def test_absent_evidence_object_is_missed_and_unknown_drops_only_concepts(tmp_pa
     q = mean[:, [names.index("bed"), names.index("lamp")]]
     bed = q[:, 0] / q.sum(axis=1)
     assert value(res.metrics, "SRAE", "concept_recovery") == pytest.approx(bed.mean(), abs=1e-12)
-    assert value(res.metrics, "SRAE", "concept_coverage") <= 0.5  # pillow is never found
+    # coverage is scored against the parts the CNN uses, at report time: not here
+    assert "concept_coverage" not in set(res.metrics["metric"])
     assert {"locality", "O1", "O2"} <= set(res.metrics["metric"]) and res.notes == []
     # a typo in the ground truth: locality and orthogonality are still scored, concepts dropped + noted
     bad = score_serial([job], _rooms(tmp_path, rng, ["bed", "pilow"]))

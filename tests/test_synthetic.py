@@ -58,14 +58,16 @@ def test_synthbirds_reads_back_with_the_cub_reader(tmp_path):
         assert np.all((vis[:, 0] >= x) & (vis[:, 0] <= x + w) & (vis[:, 1] >= y) & (vis[:, 1] <= y + h))
 
 
-def test_design_classes_are_distinct_and_use_distinct_colour_pairs():
-    pairs = sb.design_classes(15, 0)
+def test_unique_design_classes_are_distinct_and_use_distinct_colour_pairs():
+    pairs = sb.design_classes(15, 0, "unique")
     assert len(set(pairs)) == 15
     colour_pairs = [frozenset((a.colour, b.colour)) for a, b in pairs]
     assert len(set(colour_pairs)) == 15  # up to C(6, 2) classes are told apart by colours alone
     assert all(a.slot != b.slot for a, b in pairs)
     with pytest.raises(InputError, match="at most"):
-        sb.design_classes(10_000, 0)
+        sb.design_classes(10_000, 0, "unique")
+    with pytest.raises(InputError, match="unknown class design"):
+        sb.design_classes(4, 0, "latin")
 
 
 def _plain_look(rng: np.random.Generator, pair: tuple[sb.Trait, sb.Trait]) -> sb.BirdLook:
@@ -199,7 +201,7 @@ def test_bad_sizes_are_input_errors(tmp_path, kwargs, message):
 
 
 def test_synthrooms_reads_back_with_ade_and_places_readers(tmp_path):
-    root = make_synthrooms(tmp_path, classes=3, per_class=5, size=48, seed=2)
+    root = make_synthrooms(tmp_path, classes=3, per_class=5, size=48, seed=2, design="unique")
     assert root == tmp_path / "ADE20K_2021_17_01"
     cats = read_places_categories(tmp_path / "places365" / "categories_places365.txt")
     assert cats == ["/b/bathroom", "/b/bedroom", "/c/conference_room"]
@@ -224,8 +226,8 @@ def test_synthrooms_reads_back_with_ade_and_places_readers(tmp_path):
 
 
 def test_synthrooms_deterministic_and_limited_to_ten_rooms(tmp_path):
-    a = _tree(make_synthrooms(tmp_path / "a", classes=2, per_class=3, size=40, seed=1))
-    b = _tree(make_synthrooms(tmp_path / "b", classes=2, per_class=3, size=40, seed=1))
+    a = _tree(make_synthrooms(tmp_path / "a", classes=2, per_class=3, size=40, seed=1, design="unique"))
+    b = _tree(make_synthrooms(tmp_path / "b", classes=2, per_class=3, size=40, seed=1, design="unique"))
     assert a == b
     with pytest.raises(InputError, match="at most 10 room classes"):
         make_synthrooms(tmp_path / "c", classes=11, per_class=3, size=40)
@@ -272,7 +274,7 @@ def test_a_failed_synthrooms_generation_removes_its_temporary_directory(tmp_path
 
     monkeypatch.setattr(synthrooms, "draw_room", broken)
     with pytest.raises(RuntimeError, match="no paint"):
-        make_synthrooms(tmp_path, classes=2, per_class=2, size=32)
+        make_synthrooms(tmp_path, classes=2, per_class=2, size=32, design="unique")
     assert _hidden(tmp_path) == []
 
 

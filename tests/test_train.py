@@ -508,6 +508,36 @@ def test_cv_rules_pick_the_lowest_mean_or_the_most_regularised_within_one_se():
         select_config(rows, "mean")
 
 
+def test_the_spread_rule_takes_the_widest_spread_among_the_nearly_best():
+    from srae.cv import select_config
+
+    def row(beta, mean, se, spread):
+        return {"hparams": {"beta": beta}, "val_criterion": mean, "val_se": se, "val_n_eff": spread}
+
+    # best 1.00; tolerance max(SE 0.02, 10% of 1.00) = 0.10: rows 0-2 are within, row 3 is not
+    rows = [row(0.1, 1.00, 0.02, 1.2), row(1.0, 1.08, 0.02, 2.5), row(2.0, 1.10, 0.3, float("nan")),
+            row(5.0, 1.11, 0.01, 4.0)]
+    assert select_config(rows, "spread") is rows[1]
+    rows[0]["val_se"] = 0.2  # a wider band (1 SE = 0.2) now admits row 3
+    assert select_config(rows, "spread") is rows[3]
+    tie = [row(0.1, 1.00, 0.0, 2.0), row(1.0, 1.05, 0.0, 2.0)]
+    assert select_config(tie, "spread") is tie[0]  # equal spread: the lower mean
+
+
+def test_train_explainers_with_the_spread_rule_records_each_configs_spread():
+    from dataclasses import replace
+
+    from srae.cv import select_config
+
+    z, logits, labels = _toy()
+    s = replace(SMALL, grid={"beta": [0.1, 1.0], "eta": [0.01], "q": [1.0], "lr": [1e-2], "weight_decay": [0.0]},
+                cv_rule="spread")
+    e = train_explainers(z, logits, labels, [0], "SRAE", s).explainers[0]
+    assert e.meta["cv_rule"] == "spread" and len(e.meta["cv"]) == 2
+    assert all(1.0 <= r["val_n_eff"] <= s.n for r in e.meta["cv"])
+    assert e.meta["hparams"] == select_config(e.meta["cv"], "spread")["hparams"]
+
+
 def test_train_explainers_records_the_rule_and_its_choice():
     z, logits, labels = _toy()
     from dataclasses import replace

@@ -82,7 +82,7 @@ def test_parts_match_algorithm_1_per_image_and_stored_maps(tmp_path, rng) -> Non
     assert value(rows, "locality") == pytest.approx(loc.mean(), rel=1e-6)
     ev = evidence_columns(PARTS + ["context"], ["beak", "wing"])
     assert value(rows, "concept_recovery") == pytest.approx(concept_recovery(hist, ev), rel=1e-6)
-    assert list(rows["metric"]) == ["locality", "concept_recovery", "concept_coverage"]  # no locality_x rows
+    assert list(rows["metric"]) == ["locality", "concept_recovery"]  # no locality_x rows
     assert rows["n_features"].unique().tolist() == [9]
     np.testing.assert_allclose(res.histograms[0][1], hist, rtol=1e-6, atol=1e-12)
 

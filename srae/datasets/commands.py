@@ -17,7 +17,8 @@ def _synth(args: argparse.Namespace) -> int:
     from srae.datasets.synthetic import make_synthbirds, make_synthrooms
 
     make = make_synthbirds if args.kind == "birds" else make_synthrooms
-    out = make(Path(args.out), classes=args.classes, per_class=args.per_class, size=args.size, seed=args.seed)
+    out = make(Path(args.out), classes=args.classes, per_class=args.per_class, size=args.size, seed=args.seed,
+               design=args.design)
     print(out)
     return 0
 
@@ -53,6 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--per-class", type=int, default=48, help="images per class (default 48)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--seed", type=T.count(0), default=0, help="generator seed, >= 0 (default 0)")
+    p.add_argument("--design", choices=("factorial", "unique"), default="factorial",
+                   help="class design (default factorial): factorial shares every trait (rooms: object) between "
+                        "two classes, so only a class's combination of traits tells it apart (rooms need 3 or "
+                        "more classes); unique gives each class traits of its own when there are few classes")
     p.set_defaults(func=_synth)
 
     d = subparsers.add_parser(

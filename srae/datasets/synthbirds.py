@@ -16,8 +16,9 @@ pixels and the bounding box is the tight box of the bird's pixels.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,9 @@ PATTERNS: tuple[str, ...] = ("solid", "barred", "spotted")
 HEAD = (0.38, 0.31)
 HEAD_R = 0.19
 ANCHORS = ((0.36, 0.42), (0.0, 0.14), (-0.07, 0.04), (0.26, 0.01), (-0.55, -0.22), (0.05, -0.30))
+# Tail length and half-width at the tip (body lengths), drawn per bird.
+TAIL_LEN = (0.34, 0.46)
+TAIL_SPREAD = (0.08, 0.12)
 _ADJ = {"crown": "crowned", "wing": "winged", "breast": "breasted", "tail": "tailed"}
 # Dull bird tones (saturation <= 0.4): nuisance colours shared by every class.
 DULL: tuple[tuple[int, int, int], ...] = (
@@ -64,10 +68,115 @@ class Trait:
         return f"{self.colour.capitalize()}{pat}_{_ADJ[self.slot]}"
 
 
-def design_classes(k: int, seed: int) -> list[tuple[Trait, Trait]]:
-    """``k`` distinct trait pairs, spreading (slot, colour) use as evenly as possible."""
+DESIGNS: tuple[str, ...] = ("factorial", "unique")
+# Evidence slots of the factorial design, in the order they are used: the two largest evidence
+# areas first, so a class's two traits carry comparable weight (see :func:`factorial_classes`).
+FACTORIAL_SLOTS: tuple[str, ...] = ("wing", "tail", "breast", "crown")
+# Where each slot starts in the seeded colour order: the first traits of different slots get
+# different colours, so a colour alone never says which slot it is on in small designs.
+_COLOUR_OFFSET = {"wing": 0, "tail": 3, "breast": 5, "crown": 2}
+
+
+def design_classes(k: int, seed: int, design: str = "factorial") -> list[tuple[Trait, Trait]]:
+    """``k`` distinct trait pairs, one per class, by the named ``design``.
+
+    ``factorial`` (the default, :func:`factorial_classes`): every trait is shared by at least
+    two classes (from 3 classes on), so only the combination of a class's two traits tells it
+    apart and its negatives include the classes that share one of them. ``unique``
+    (:func:`unique_classes`): traits spread as evenly as possible, so with few classes each
+    class has a trait no other class has and one part suffices to recognise it.
+    """
+    if design == "factorial":
+        return factorial_classes(k, seed)
+    if design == "unique":
+        return unique_classes(k, seed)
+    raise InputError(f"synthbirds: unknown class design {design!r} (one of {', '.join(DESIGNS)})")
+
+
+def _all_pairs() -> list[tuple[Trait, Trait]]:
     traits = [Trait(s, c, p) for s in SLOTS for c in VIVID for p in (PATTERNS if s == "wing" else ("solid",))]
-    pairs = [(a, b) for a, b in itertools.combinations(traits, 2) if a.slot != b.slot]
+    return [(a, b) for a, b in itertools.combinations(traits, 2) if a.slot != b.slot]
+
+
+def _cycle_slots(t: int) -> list[str]:
+    """Slots of ``t`` traits laid on a cycle, neighbours (and first/last) in different slots.
+
+    Up to 12 traits use the first two factorial slots alternately (an odd count ends on the
+    third), beyond that all four slots in turn."""
+    if t <= 2 * len(VIVID):
+        seq = [FACTORIAL_SLOTS[i % 2] for i in range(t)]
+    else:
+        seq = [FACTORIAL_SLOTS[i % len(FACTORIAL_SLOTS)] for i in range(t)]
+    if t > 2 and seq[-1] == seq[0]:
+        seq[-1] = next(s for s in FACTORIAL_SLOTS if s not in (seq[0], seq[-2]))
+    return seq
+
+
+def _cycle_traits(t: int, seed: int) -> list[Trait]:
+    """``t`` distinct traits on a cycle: per slot the colours in a seeded order, each slot's
+    order offset so that neighbours on the cycle differ in colour as well as slot."""
+    colours = [list(VIVID)[i] for i in np.random.default_rng([seed, 7927]).permutation(len(VIVID))]
+    slots = _cycle_slots(t)
+    used: dict[str, int] = {}
+    out: list[Trait] = []
+    for s in slots:
+        n = used.get(s, 0)
+        used[s] = n + 1
+        offset = _COLOUR_OFFSET[s]
+        colour = colours[(n + offset) % len(colours)]
+        rounds = n // len(VIVID)
+        if s == "wing":
+            pattern = PATTERNS[rounds % len(PATTERNS)]
+        elif rounds:
+            raise InputError(f"synthbirds: the factorial design has no more distinct {s} traits ({t} asked)")
+        else:
+            pattern = "solid"
+        out.append(Trait(s, colour, pattern))
+    return out
+
+
+def factorial_classes(k: int, seed: int) -> list[tuple[Trait, Trait]]:
+    """Classes whose traits are all shared: a cycle of traits, class ``i`` = traits ``i, i+1``.
+
+    With ``k >= 3`` classes ``min(k, T)`` traits (``T`` distinct ones available) are laid on a
+    cycle and class ``i`` takes neighbours ``i`` and ``i + 1``, so every trait belongs to exactly
+    two classes (4 classes on two slots: the 2 x 2 factorial wing {A, B} x tail {C, D}); classes
+    beyond the cycle (more than 24) are further cross-slot pairs of the cycle's traits that raise
+    the fewest trait counts (up to 216 classes; beyond, new wing patterns join). With 2
+    classes the closest design shares one trait (each class keeps one trait of its own).
+    """
+    pairs = _all_pairs()
+    if k > len(pairs):
+        raise InputError(f"synthbirds: at most {len(pairs)} classes can be told apart, asked for {k}")
+    if k == 2:
+        a, b, c = _cycle_traits(3, seed)
+        return [_ordered(a, b), _ordered(a, c)]
+    ring = _cycle_traits(min(k, 24), seed)
+    chosen = [_ordered(ring[i], ring[(i + 1) % len(ring)]) for i in range(len(ring))]
+    degree = {t: 2 for t in ring}
+    taken = {frozenset(p) for p in chosen}
+    order = np.random.default_rng([seed, 7933]).permutation(len(pairs))
+    while len(chosen) < k:
+        best = min((i for i in order if frozenset(pairs[i]) not in taken),
+                   key=lambda i: ((pairs[i][0] not in degree) + (pairs[i][1] not in degree),
+                                  degree.get(pairs[i][0], 0) + degree.get(pairs[i][1], 0)))
+        a, b = pairs[best]
+        taken.add(frozenset((a, b)))
+        for t in (a, b):
+            degree[t] = degree.get(t, 0) + 1
+        chosen.append((a, b))
+    return chosen
+
+
+def _ordered(a: Trait, b: Trait) -> tuple[Trait, Trait]:
+    """A pair in slot order (crown, wing, breast, tail), as class names list them."""
+    order = list(SLOTS)
+    return (a, b) if order.index(a.slot) <= order.index(b.slot) else (b, a)
+
+
+def unique_classes(k: int, seed: int) -> list[tuple[Trait, Trait]]:
+    """``k`` distinct trait pairs, spreading (slot, colour) use as evenly as possible."""
+    pairs = _all_pairs()
     if k > len(pairs):
         raise InputError(f"synthbirds: at most {len(pairs)} classes can be told apart, asked for {k}")
     rng = np.random.default_rng([seed, 7919])
@@ -181,7 +290,7 @@ def sample_look(rng: np.random.Generator, pair: tuple[Trait, Trait], occlusion: 
                     breast=_dull(rng), wing=_dull(rng), tail=_dull(rng), beak=_dull(rng) * 0.6,
                     legs=_dull(rng), wing_pattern=str(rng.choice(PATTERNS)), pattern_shade=rng.uniform(0.72, 0.85),
                     far_wing=bool(rng.random() < 0.6), beak_len=rng.uniform(0.10, 0.17),
-                    tail_len=rng.uniform(0.34, 0.46), tail_spread=rng.uniform(0.08, 0.12),
+                    tail_len=rng.uniform(*TAIL_LEN), tail_spread=rng.uniform(*TAIL_SPREAD),
                     branch=dr.muted_colour(rng, hue=(0.05, 0.12), sat=(0.2, 0.4), val=(0.25, 0.5)))
     if rng.random() < 0.5:
         look.head = look.body.copy()
@@ -391,13 +500,56 @@ def background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(img, 0, 255)
 
 
-def draw_sample(rng: np.random.Generator, pair: tuple[Trait, Trait], size: int, occlusion: float
+def draw_sample(rng: np.random.Generator, pair: tuple[Trait, Trait], size: int, occlusion: float,
+                swap: Mapping[str, np.random.Generator] | None = None
                 ) -> tuple[np.ndarray, tuple[float, float, float, float], np.ndarray]:
-    """One finished image (uint8 ``size x size x 3``) with its bbox and part array."""
+    """One finished image (uint8 ``size x size x 3``) with its bbox and part array.
+
+    ``swap`` maps slots to generators: each such slot is repainted in a nuisance colour (and
+    a nuisance wing pattern) drawn from its generator, after everything else was drawn from
+    ``rng``, so the scene (pose, background, the other colours, noise) stays the same.
+    """
     bg = background(rng, size)
     pose = sample_pose(rng, size)
     look = sample_look(rng, pair, occlusion)
+    for slot, g in (swap or {}).items():
+        if slot not in SLOTS:
+            raise InputError(f"synthbirds: cannot swap {slot!r}, not one of the slots {list(SLOTS)}")
+        setattr(look, slot, _dull(g))
+        if slot == "wing":
+            look.wing_pattern, look.pattern_shade = str(g.choice(PATTERNS)), g.uniform(0.72, 0.85)
     render = render_bird(size, pose, look, bg)
     bbox, parts = annotate(render)
     img = render.image * rng.uniform(0.9, 1.08) + rng.normal(0.0, 3.0, render.image.shape)
     return np.clip(img, 0, 255).round().astype(np.uint8), bbox, parts
+
+
+def class_pairs(params: Mapping[str, Any]) -> list[tuple[Trait, Trait]]:
+    """The class traits of the dataset whose ``synth.json`` parameters are ``params``."""
+    return design_classes(int(params["classes"]), int(params["seed"]), str(params.get("design", "unique")))
+
+
+def bird_counterfactuals(params: Mapping[str, Any], c: int, j: int,
+                         parts: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Image ``j`` of class ``c`` as the generator drew it, and the same scene per slot swapped.
+
+    Returns ``{"original": image, slot: image with that slot in a nuisance colour, ...}``
+    (uint8, before JPEG encoding) for ``parts`` (default: all four slots, the class's two
+    evidence slots and two non-evidence controls). Each swap draws its nuisance colour from
+    its own stream ``(seed, c, j, slot number, 15485863)``, so it is the same on every call.
+    """
+    pairs = class_pairs(params)
+    if not 0 <= c < len(pairs) or not 0 <= j < int(params["per_class"]):
+        raise InputError(f"synthbirds: no image {j} of class {c} in a dataset of {len(pairs)} classes x "
+                         f"{params['per_class']}")
+    seed, size, occ = int(params["seed"]), int(params["size"]), float(params.get("occlusion", 0.25))
+    out = {"original": draw_sample(np.random.default_rng([seed, c, j]), pairs[c], size, occ)[0]}
+    for slot in (list(SLOTS) if parts is None else parts):
+        g = np.random.default_rng([seed, c, j, list(SLOTS).index(slot) if slot in SLOTS else 99, 15485863])
+        out[slot] = draw_sample(np.random.default_rng([seed, c, j]), pairs[c], size, occ, {slot: g})[0]
+    return out
+
+
+def class_slots(pair: tuple[Trait, Trait]) -> list[str]:
+    """The evidence slots of a class, in slot order."""
+    return [s for s in SLOTS if s in {t.slot for t in pair}]

@@ -110,8 +110,12 @@ def save_jpeg(path: Path, pixels: np.ndarray) -> None:
 
 
 def make_synthbirds(out: Path, classes: int = 4, per_class: int = 48, size: int = 64, seed: int = 0, *,
-                    train_fraction: float = 0.5, occlusion: float = 0.25) -> Path:
+                    train_fraction: float = 0.5, occlusion: float = 0.25, design: str = "factorial") -> Path:
     """Generate ``synthbirds`` under ``out`` in the CUB layout; return ``out/CUB_200_2011``.
+
+    ``design`` names the class design (:func:`srae.datasets.synthbirds.design_classes`):
+    ``factorial`` shares every trait between classes, ``unique`` is the earlier design in
+    which few classes each have a trait of their own.
 
     Writes ``classes.txt``, ``images.txt``, ``image_class_labels.txt``,
     ``train_test_split.txt``, ``bounding_boxes.txt``, ``parts/parts.txt``,
@@ -119,12 +123,15 @@ def make_synthbirds(out: Path, classes: int = 4, per_class: int = 48, size: int 
     """
     _check_sizes("synthbirds", classes, per_class, size, train_fraction)
     params = {"generator": "synthbirds", "version": GENERATOR_VERSION, "classes": classes, "per_class": per_class,
-              "size": size, "seed": seed, "train_fraction": train_fraction, "occlusion": occlusion}
+              "size": size, "seed": seed, "train_fraction": train_fraction, "occlusion": occlusion,
+              "design": design}
+    if design not in sb.DESIGNS:
+        raise InputError(f"synthbirds: unknown class design {design!r} (one of {', '.join(sb.DESIGNS)})")
     final = Path(out) / CUB_DIRNAME
     with staged(final, params) as tmp:
         if tmp is None:
             return final
-        pairs = sb.design_classes(classes, seed)
+        pairs = sb.design_classes(classes, seed, design)
         names = [sb.class_name(c, p) for c, p in enumerate(pairs)]
         n_train = min(per_class - 1, max(1, round(train_fraction * per_class)))
         images, labels, splits, boxes, locs = [], [], [], [], []
@@ -161,9 +168,10 @@ def make_synthbirds(out: Path, classes: int = 4, per_class: int = 48, size: int 
 
 
 def make_synthrooms(out: Path, classes: int = 4, per_class: int = 48, size: int = 64, seed: int = 0, *,
-                    train_fraction: float = 0.5) -> Path:
-    """Generate ``synthrooms`` under ``out`` in the ADE20K layout; return ``out/ADE20K_2021_17_01``."""
+                    train_fraction: float = 0.5, design: str = "factorial") -> Path:
+    """Generate ``synthrooms`` under ``out`` in the ADE20K layout; return ``out/ADE20K_2021_17_01``
+    (``design``: see :func:`srae.datasets.synthrooms.design_rooms`)."""
     from srae.datasets.synthrooms import write_synthrooms
 
     _check_sizes("synthrooms", classes, per_class, size, train_fraction)
-    return write_synthrooms(Path(out), classes, per_class, size, seed, train_fraction)
+    return write_synthrooms(Path(out), classes, per_class, size, seed, train_fraction, design=design)

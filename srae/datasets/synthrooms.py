@@ -1,18 +1,28 @@
 """``synthrooms``: room scenes written in the ADE20K full format (plus a Places365 categories file).
 
 Each image is a room (wall, ceiling, floor) with a few shared furniture objects drawn in
-muted colours (nuisance common to all classes) and the class's two characteristic objects
-(e.g. kitchen: stove + refrigerator), each with its own saturated colour and shape. Masks
-use the ADE20K ``*_seg.png`` encoding (class ``(R // 10) * 256 + G``, instance in B), the
-index is an ``index_ade20k.pkl`` like the official one, and ``evidence.json`` names each
-scene's characteristic objects.
+muted colours (nuisance common to all classes) and the class's two evidence objects, each
+with its own saturated colour and shape. The *design* (:func:`design_rooms`) picks them:
+``unique`` gives each room its own two objects (kitchen: stove + refrigerator; one object
+alone identifies the room; each is present with probability 0.85, at least one);
+``factorial`` (3 or more rooms) shares every object between two rooms, so only the pair
+identifies a room, and draws both always. Masks use the ADE20K ``*_seg.png`` encoding
+(class ``(R // 10) * 256 + G``, instance in B), the index is an ``index_ade20k.pkl`` like
+the official one, and ``evidence.json`` names each room's evidence objects.
+
+A scene is sampled (:func:`sample_room`) then painted (:func:`paint_room`), so
+:func:`room_counterfactuals` can repaint one object in a nuisance colour and leave
+everything else (shapes, other colours, noise) as it was.
 """
 
 from __future__ import annotations
 
 import colorsys
+import hashlib
 import json
 import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +51,7 @@ KIND = {
     "fireplace": "door", "swivel chair": "chair", "filing cabinet": "floor_tall", "bench": "table",
     "clock": "wall_disc",
 }
+ROOM_DESIGNS = ("factorial", "unique")  # see design_rooms
 _GROUP = {"conference room": "work_place", "office": "work_place", "waiting room": "work_place"}
 
 
@@ -93,34 +104,176 @@ def _shape(kind: str, rng: np.random.Generator, x: np.ndarray, y: np.ndarray, si
     return rect(x0, bottom - h, x0 + w, bottom), bottom
 
 
-def draw_room(rng: np.random.Generator, room: str, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One room: uint8 image, object class map (0 = unlabeled) and instance map."""
+@dataclass(frozen=True)
+class SceneObject:
+    """One painted object of a sampled room: coverage ``alpha`` (H x W in [0, 1]), depth key
+    (painting order: smaller first) and RGB ``colour`` (0-255 floats)."""
+
+    name: str
+    alpha: np.ndarray
+    depth: float
+    colour: np.ndarray
+
+
+@dataclass(frozen=True)
+class RoomScene:
+    """A sampled room before painting: objects in painting order (walls first, then far-to-near
+    floor objects, hanging ones last), the image noise, and the design's evidence pair."""
+
+    size: int
+    objects: tuple[SceneObject, ...]
+    noise: np.ndarray
+    evidence: tuple[str, str]
+
+    @property
+    def names(self) -> list[str]:
+        return [o.name for o in self.objects]
+
+    def control(self) -> str:
+        """The control object: the first shared furniture object (not wall/floor/ceiling, not
+        evidence) in painting order. Every room has 2 or 3 of them."""
+        return next(o.name for o in self.objects if o.name in SHARED[3:] and o.name not in self.evidence)
+
+    def swap_rng(self, name: str) -> np.random.Generator:
+        """A generator for the nuisance colour of swapped object ``name``, derived from this
+        scene's own draw (its noise and colours), independent of the scene's generator."""
+        h = hashlib.sha256(np.ascontiguousarray(self.noise).tobytes())
+        for o in self.objects:
+            h.update(np.asarray(o.colour, dtype=np.float64).tobytes())
+        words = np.frombuffer(h.digest()[:16], dtype=np.uint32).tolist()
+        return np.random.default_rng([*words, OBJECT_ID[name], 7919])
+
+
+def sample_room(rng: np.random.Generator, room: str, size: int, *,
+                evidence: tuple[str, str] | None = None) -> RoomScene:
+    """Sample one room scene (shapes, colours, noise) without painting it.
+
+    ``evidence=None`` is the ``unique`` design: the room's own :data:`ROOM_OBJECTS`, each
+    present with probability 0.85 (at least one). A pair (from :func:`design_rooms`) draws
+    both objects, always.
+    """
+    if room not in ROOM_OBJECTS:
+        raise InputError(f"synthrooms: unknown room {room!r}; known: {', '.join(ROOM_OBJECTS)}")
     x, y = dr.pixel_grid(size)
-    img = np.zeros((size, size, 3))
-    cls = np.zeros((size, size), dtype=np.int32)
-    inst = np.zeros((size, size), dtype=np.int32)
     horizon, ceil = size * rng.uniform(0.55, 0.7), size * rng.uniform(0.06, 0.12)
-    objects: list[tuple[float, str, np.ndarray, np.ndarray]] = []
+    objects: list[SceneObject] = []
     for name, alpha in (("wall", np.ones((size, size))), ("ceiling", dr.halfplane(x, y, (0, ceil), (0, -1), 1.0)),
                         ("floor", dr.halfplane(x, y, (0, horizon), (0, 1), 1.0))):
         tone = {"wall": (0.55, 0.9), "ceiling": (0.8, 0.95), "floor": (0.3, 0.6)}[name]
-        objects.append((-1.0, name, alpha, dr.muted_colour(rng, sat=(0.05, 0.3), val=tone)))
+        objects.append(SceneObject(name, alpha, -1.0, dr.muted_colour(rng, sat=(0.05, 0.3), val=tone)))
     for name in rng.choice(SHARED[3:], size=int(rng.integers(2, 4)), replace=False):
         alpha, depth = _shape(KIND[str(name)], rng, x, y, size, horizon, ceil)
-        objects.append((depth, str(name), alpha, dr.muted_colour(rng, sat=(0.05, 0.35), val=(0.25, 0.8))))
-    a, b = ROOM_OBJECTS[room]
-    present = [o for o in (a, b) if rng.random() < 0.85] or [a if rng.random() < 0.5 else b]
+        objects.append(SceneObject(str(name), alpha, depth,
+                                   dr.muted_colour(rng, sat=(0.05, 0.35), val=(0.25, 0.8))))
+    if evidence is None:
+        a, b = pair = ROOM_OBJECTS[room]
+        present = [o for o in (a, b) if rng.random() < 0.85] or [a if rng.random() < 0.5 else b]
+    else:
+        pair = (str(evidence[0]), str(evidence[1]))
+        unknown = [o for o in pair if o not in OBJECT_NAMES[len(SHARED):]]
+        if unknown or pair[0] == pair[1]:
+            raise InputError(f"synthrooms: evidence must be two different room objects, got {list(pair)}")
+        present = list(pair)
     for name in present:
         alpha, depth = _shape(KIND[name], rng, x, y, size, horizon, ceil)
         colour = _evidence_colour(OBJECT_NAMES.index(name) - len(SHARED)) * rng.uniform(0.9, 1.05)
-        objects.append((depth, name, alpha, colour))
-    objects.sort(key=lambda o: o[0])  # walls first, then far-to-near floor objects, hanging ones last
-    for instance, (_, name, alpha, colour) in enumerate(objects, start=1):
-        dr.paint(img, alpha, colour)
-        hit = alpha > 0.5
-        cls[hit], inst[hit] = OBJECT_ID[name], instance
-    img += 6.0 * dr.smooth_noise(rng, (size, size), 5)[..., None] + rng.normal(0, 3.0, img.shape)
+        objects.append(SceneObject(name, alpha, depth, colour))
+    objects.sort(key=lambda o: o.depth)  # walls first, then far-to-near floor objects, hanging ones last
+    noise = 6.0 * dr.smooth_noise(rng, (size, size), 5)[..., None] + rng.normal(0, 3.0, (size, size, 3))
+    return RoomScene(size, tuple(objects), noise, pair)
+
+
+def paint_room(scene: RoomScene, swap: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Paint ``scene``: uint8 image, object class map (0 = unlabeled) and instance map.
+
+    ``swap`` (an object name, or ``"control"`` for :meth:`RoomScene.control`) repaints that
+    object in a muted nuisance colour from :meth:`RoomScene.swap_rng`; everything else (shapes,
+    other colours, noise, the maps) is unchanged. An object absent from the scene (an
+    evidence object the unique design left out) changes nothing.
+    """
+    if swap is not None and swap != "control" and swap not in OBJECT_ID:
+        raise InputError(f"synthrooms: cannot swap {swap!r}: not an object name or 'control'")
+    target = scene.control() if swap == "control" else swap
+    size = scene.size
+    img = np.zeros((size, size, 3))
+    cls = np.zeros((size, size), dtype=np.int32)
+    inst = np.zeros((size, size), dtype=np.int32)
+    for instance, o in enumerate(scene.objects, start=1):
+        colour = o.colour
+        if target is not None and o.name == target:
+            colour = dr.muted_colour(scene.swap_rng(o.name), sat=(0.05, 0.35), val=(0.25, 0.8))
+        dr.paint(img, o.alpha, colour)
+        hit = o.alpha > 0.5
+        cls[hit], inst[hit] = OBJECT_ID[o.name], instance
+    img += scene.noise
     return np.clip(img, 0, 255).round().astype(np.uint8), cls, inst
+
+
+def draw_room(rng: np.random.Generator, room: str, size: int, *, evidence: tuple[str, str] | None = None,
+              swap: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One room (:func:`sample_room` then :func:`paint_room`): uint8 image, object class map
+    (0 = unlabeled) and instance map. ``evidence=None`` is the unique design's drawing."""
+    return paint_room(sample_room(rng, room, size, evidence=evidence), swap)
+
+
+def design_rooms(rooms: list[str], design: str = "factorial") -> list[tuple[str, str]]:
+    """The two evidence objects of each room in ``rooms`` under ``design``.
+
+    ``unique``: each room's own :data:`ROOM_OBJECTS` (one object alone identifies the room).
+    ``factorial`` (3 or more rooms): with ``A_c`` the first own object of room c, room c gets
+    ``(A_c, A_{(c+1) mod k})``: every object is shared by exactly two rooms, only the pair
+    identifies a room.
+    """
+    if design not in ROOM_DESIGNS:
+        raise InputError(f"synthrooms: unknown design {design!r}; valid designs: {', '.join(ROOM_DESIGNS)}")
+    rooms = [str(r) for r in rooms]
+    unknown = [r for r in rooms if r not in ROOM_OBJECTS]
+    if unknown:
+        raise InputError(f"synthrooms: unknown rooms {unknown}; known: {', '.join(ROOM_OBJECTS)}")
+    if len(set(rooms)) != len(rooms):
+        raise InputError(f"synthrooms: rooms repeat: {rooms}")
+    if design == "unique":
+        return [ROOM_OBJECTS[r] for r in rooms]
+    k = len(rooms)
+    if k < 3:
+        raise InputError(f"synthrooms: design factorial needs at least 3 room classes, got {k} (with 2, each "
+                         "room would be identified by its one unshared object); use design: unique")
+    first = [ROOM_OBJECTS[r][0] for r in rooms]
+    return [(first[c], first[(c + 1) % k]) for c in range(k)]
+
+
+def _params_rooms(params: dict) -> tuple[list[str], str]:
+    if params.get("generator") != "synthrooms":
+        raise InputError(f"synthrooms: params are not a synthrooms stamp: {params.get('generator')!r}")
+    # stamps written before designs existed were drawn with the unique design
+    return list(PAPER_ROOMS[: int(params["classes"])]), str(params.get("design", "unique"))
+
+
+def room_evidence(params: dict, c: int) -> list[str]:
+    """Room ``c``'s two evidence objects in the dataset ``params`` (``synth.json``'s ``params``) describe."""
+    rooms, design = _params_rooms(params)
+    if not 0 <= c < len(rooms):
+        raise InputError(f"synthrooms: room class {c} out of range 0..{len(rooms) - 1}")
+    return list(design_rooms(rooms, design)[c])
+
+
+def room_counterfactuals(params: dict, c: int, j: int,
+                         parts: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Room ``c``'s draw ``j`` as :func:`write_synthrooms` drew it (before JPEG) under ``"original"``,
+    and for each name in ``parts`` (default: the room's evidence objects, then ``"control"``) the
+    same scene with that object repainted in a nuisance colour (see :func:`paint_room`)."""
+    rooms, design = _params_rooms(params)
+    evidence = room_evidence(params, c)
+    if not 0 <= j < int(params["per_class"]):
+        raise InputError(f"synthrooms: draw {j} out of range 0..{int(params['per_class']) - 1}")
+    parts = [*evidence, "control"] if parts is None else [str(p) for p in parts]
+    rng = np.random.default_rng([int(params["seed"]), c, j, 1])
+    scene = sample_room(rng, rooms[c], int(params["size"]),
+                        evidence=None if design == "unique" else (evidence[0], evidence[1]))
+    out = {"original": paint_room(scene)[0]}
+    for part in parts:
+        out[part] = paint_room(scene, part)[0]
+    return out
 
 
 def encode_seg(cls: np.ndarray, inst: np.ndarray) -> np.ndarray:
@@ -128,16 +281,22 @@ def encode_seg(cls: np.ndarray, inst: np.ndarray) -> np.ndarray:
     return np.stack([(cls // 256) * 10, cls % 256, inst % 256], axis=-1).astype(np.uint8)
 
 
-def write_synthrooms(out: Path, classes: int, per_class: int, size: int, seed: int, train_fraction: float) -> Path:
-    """Write ``synthrooms`` under ``out``; return ``out/ADE20K_2021_17_01`` (see module doc)."""
+def write_synthrooms(out: Path, classes: int, per_class: int, size: int, seed: int, train_fraction: float,
+                     design: str = "factorial") -> Path:
+    """Write ``synthrooms`` under ``out``; return ``out/ADE20K_2021_17_01`` (see module doc).
+
+    ``design`` picks each room's two evidence objects (:func:`design_rooms`); room c's draw j
+    uses ``np.random.default_rng([seed, c, j, 1])`` (:func:`room_counterfactuals` redraws it).
+    """
     from srae.datasets.synthetic import GENERATOR_VERSION, STAMP, publish, save_jpeg, staged
 
     if classes > len(PAPER_ROOMS):
         raise InputError(f"synthrooms: at most {len(PAPER_ROOMS)} room classes, asked for {classes}")
-    params = {"generator": "synthrooms", "version": GENERATOR_VERSION, "classes": classes, "per_class": per_class,
-              "size": size, "seed": seed, "train_fraction": train_fraction}
-    final = out / ADE_DIRNAME
     rooms = list(PAPER_ROOMS[:classes])
+    pairs = design_rooms(rooms, design)
+    params = {"generator": "synthrooms", "version": GENERATOR_VERSION, "classes": classes, "per_class": per_class,
+              "size": size, "seed": seed, "train_fraction": train_fraction, "design": design}
+    final = out / ADE_DIRNAME
     places = out / "places365"
     with staged(final, params) as tmp:
         if tmp is not None:
@@ -148,7 +307,8 @@ def write_synthrooms(out: Path, classes: int, per_class: int, size: int, seed: i
             for c, room in enumerate(rooms):
                 train = set(np.random.default_rng([seed, c, 104729]).permutation(per_class)[:n_train].tolist())
                 for j in range(per_class):
-                    pixels, cls, inst = draw_room(np.random.default_rng([seed, c, j, 1]), room, size)
+                    pixels, cls, inst = draw_room(np.random.default_rng([seed, c, j, 1]), room, size,
+                                                  evidence=None if design == "unique" else pairs[c])
                     split = "train" if j in train else "val"
                     counters[split] += 1
                     folder = (f"{ADE_DIRNAME}/images/ADE/{'training' if split == 'train' else 'validation'}/"
@@ -169,9 +329,9 @@ def write_synthrooms(out: Path, classes: int, per_class: int, size: int, seed: i
                                     "objectnames": "class k of *_seg.png is objectnames[k-1]"}
             with open(tmp / ADE_INDEX_FILE, "wb") as fh:
                 pickle.dump(index, fh, protocol=4)
-            evidence = {room: list(ROOM_OBJECTS[room]) for room in rooms}
+            evidence = {room: list(pair) for room, pair in zip(rooms, pairs)}
             (tmp / EVIDENCE_FILE).write_text(json.dumps(evidence, indent=1))
-            publish(tmp, final, params, {})
+            publish(tmp, final, params, {"traits": evidence})
     places.mkdir(parents=True, exist_ok=True)
     cat = places / PLACES_CATEGORIES
     if cat.exists() and not (places / STAMP).exists():
