@@ -58,6 +58,12 @@ POINTS: dict[str, dict[str, Any]] = {
     "n 8": {"grid": BASE_GRID, "n": 8},
     "refit seeds 1": {"grid": BASE_GRID, "refit_seeds": 1},
     "refit seeds 5": {"grid": BASE_GRID, "refit_seeds": 5},
+    "lambda3 0.1": {"grid": {**BASE_GRID, "lambda3": [0.1]}},
+    "lambda3 1": {"grid": {**BASE_GRID, "lambda3": [1.0]}},
+    "wide grid, cv best": {"grid": {**BASE_GRID, "beta": [0.1, 1.0, 10.0], "eta": [0.1, 1.0, 10.0]},
+                           "cv_rule": "best"},
+    "wide grid, cv spread": {"grid": {**BASE_GRID, "beta": [0.1, 1.0, 10.0], "eta": [0.1, 1.0, 10.0]},
+                             "cv_rule": "spread"},
 }
 
 
@@ -88,6 +94,11 @@ def summarise(metrics: pd.DataFrame) -> dict[str, Any]:
     if {"SRAE", "ExcitationBP"} <= set(cov.columns):
         both = cov[["SRAE", "ExcitationBP"]].dropna()
         out["srae_beats_ebp"] = [int((both["SRAE"] > both["ExcitationBP"]).sum()), int(len(both))]
+    from srae import report as R
+
+    findings = R.qualitative_findings(R.table_main(metrics), metrics)
+    out["findings"] = [{"claim": f.claim, "holds": f.holds, "k_of_n": list(f.k_of_n) if f.k_of_n else None}
+                       for f in findings]
     eff = df[(df["metric"] == "part_effect")]
     if len(eff):
         hp = eff["hparams"].map(json.loads)
@@ -146,6 +157,16 @@ def render(results: list[dict[str, Any]]) -> str:
             k = r.get("srae_beats_ebp", [None, None])
             b = r.get("classes_both_parts_20pct", [None, None])
             lines.append(f"| {r['classes']} | {r['seed']} | {k[0]} of {k[1]} | {b[0]} of {b[1]} |")
+        lines += ["", "Findings (verdict, categories where the rule holds):", "",
+                  "| classes | seed | " + " | ".join(f"F{i + 1}" for i in range(5)) + " |",
+                  "| ---: | ---: |" + " :-: |" * 5]
+        for r in sorted(methods, key=lambda r: (r["classes"], r["seed"])):
+            cells = [(({True: "holds", False: "no", None: "n/a"}[f["holds"]])
+                      + (f" ({f['k_of_n'][0]}/{f['k_of_n'][1]})" if f.get("k_of_n") else ""))
+                     for f in r.get("findings", [])]
+            lines.append(f"| {r['classes']} | {r['seed']} | " + " | ".join(cells) + " |")
+        claims = next((r["findings"] for r in methods if r.get("findings")), [])
+        lines += [""] + [f"F{i + 1}: {f['claim']}." for i, f in enumerate(claims)]
         lines.append("")
     sweep = [r for r in results if r["mode"] == "sweep"]
     if sweep:

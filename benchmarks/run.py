@@ -32,7 +32,7 @@ def discover() -> list[str]:
 
 
 def render_markdown(results: dict) -> str:
-    lines = [f"# Benchmark results", "", f"- when: {results['when']}", f"- device: {results['device']}",
+    lines = ["# Benchmark results", "", f"- when: {results['when']}", f"- device: {results['device']}",
              f"- machine: {results['machine']}", ""]
     for name, res in results["benchmarks"].items():
         lines += [f"## {res.get('title', name)}", ""]
@@ -52,6 +52,10 @@ def render_markdown(results: dict) -> str:
             lines.append("")
         if res.get("notes"):
             lines += [res["notes"], ""]
+    concepts = HERE / "concept_sweep.md"
+    if concepts.is_file():  # a measurement of its own (minutes per run), kept beside the speed ratios
+        text = concepts.read_text().lstrip("# ")  # its title and sections one level down
+        lines += ["## " + text.replace("\n## ", "\n### "), ""]
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""The whole experiment as one Prefect flow (DESIGN §4).
+"""The whole experiment as one Prefect flow (docs/design.md, "Layering").
 
 dataset -> backbone -> features -> explainers (every method, mapped over category groups)
 -> heatmaps (mapped over category groups) -> Dask scoring -> masking test -> report.

@@ -80,7 +80,7 @@ def select_config(rows: list[dict], rule: str = "best") -> dict:
     """The CV row to refit: ``rows`` have ``hparams``, ``val_criterion`` (mean over folds) and
     ``val_se`` (its standard error).
 
-    "best" (the default, DESIGN's criterion) takes the lowest mean. Faithfulness alone always
+    "best" (the default) takes the lowest mean. Faithfulness alone always
     favours the weakest regularisation, so "one_se" takes, among the configs whose mean is
     within one standard error of the best, the most regularised one (largest eta, then beta,
     then the L2 weights; the lower mean breaks ties): the usual one-standard-error rule.

@@ -1,4 +1,5 @@
-"""(Contrastive) Excitation Backprop: MWP and c-MWP heatmaps (Zhang et al. 2016; DESIGN §3).
+"""(Contrastive) Excitation Backprop: MWP and c-MWP heatmaps (Zhang et al. 2016; see
+docs/design.md, "Math contracts").
 
 The top-down rule for a layer with non-negative weights ``W+`` (bias excluded) and input
 activations ``a`` is ``z = W+ a``, ``r = P_out / z`` (0 where ``z == 0`` or subnormal),

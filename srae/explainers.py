@@ -180,5 +180,6 @@ def hparams_key(hparams: dict) -> str:
 
 
 def explainer_dir(root: Path, feature_fingerprint: str, method: str, hparams: dict, category: int) -> Path:
-    """DESIGN §2: one directory per (feature fingerprint, method, hyperparameters, category)."""
+    """One directory per (feature fingerprint, method, hyperparameters, category): see
+    docs/design.md, "Data contracts"."""
     return Path(root) / feature_fingerprint[:16] / method / hparams_key(hparams) / f"cat{int(category):04d}"

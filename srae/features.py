@@ -1,4 +1,5 @@
-"""Feature extraction into the Zarr v3 feature store (DESIGN §2) and reading it back.
+"""Feature extraction into the Zarr v3 feature store (docs/design.md, "Data contracts") and
+reading it back.
 
 One store per fingerprint: ``<store_root>/<fingerprint>.zarr`` with arrays ``z`` (N, D)
 float32, ``logits`` (N, C) float32, ``labels`` (N,) int64, ``image_id`` (N,) int64, plus
@@ -71,7 +72,7 @@ class FeatureSet:
 
 def feature_fingerprint(dataset_fingerprint: str, checkpoint_sha256: str, layer: str,
                         preprocessing: dict, package_version: str = __version__) -> str:
-    """sha256 of exactly the inputs the stored features depend on (DESIGN §2)."""
+    """sha256 of exactly the inputs the stored features depend on (docs/design.md, "Data contracts")."""
     payload = {"dataset_fingerprint": dataset_fingerprint, "checkpoint_sha256": checkpoint_sha256,
                "layer": layer, "preprocessing": preprocessing, "package_version": package_version}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

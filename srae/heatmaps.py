@@ -1,4 +1,4 @@
-"""The heatmap store (DESIGN §2): one Zarr v3 group per (explainer, split).
+"""The heatmap store (docs/design.md, "Data contracts"): one Zarr v3 group per (explainer, split).
 
 Arrays: ``maps`` (M, n, H, W) float32, the c-MWP maps ``max(0, channel sum)`` before any
 normalisation; ``image_id`` (M,) int64, the planned images in order; ``done`` (M,) bool, which

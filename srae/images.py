@@ -1,7 +1,7 @@
 """Image loading and the backbone preprocessing: resize to S x S without cropping, normalise.
 
 Resizing without a crop keeps every annotation inside the frame, so part locations, boxes
-and masks map onto heatmaps by scaling alone (DESIGN §2, Coordinates). The same code is
+and masks map onto heatmaps by scaling alone (docs/design.md, "Data contracts"). The same code is
 used for training, feature extraction and heatmaps, so the three always agree.
 """
 

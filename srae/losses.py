@@ -1,4 +1,4 @@
-"""The SRAE objective (paper eq. 5) and its terms (DESIGN §3).
+"""The SRAE objective (paper eq. 5) and its terms (docs/design.md, "Math contracts").
 
 All functions take torch tensors and allow leading batch dims, so one call scores many
 independently trained explainers stacked on a leading "member" dimension.

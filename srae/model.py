@@ -5,7 +5,7 @@ x-features ``E >= 0``), an optional decoder ``n -> 100 -> 800 -> in`` (ReLU hidd
 output) and a linear predictor ``y_bar = v^T E`` (bias off by default). Parameters are
 stacked on a leading member dim so one ``bmm`` runs all members; ``B = 1`` is a single model.
 
-The baselines are the same family with other loss terms (DESIGN §3):
+The baselines are the same family with other loss terms (docs/design.md, "Math contracts"):
 SRAE (sparse log reconstruction + pull-away), NN (no decoder), SAE (plain reconstruction),
 CAE (reconstruction only; ``v`` fitted afterwards by least squares).
 """

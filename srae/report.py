@@ -1,6 +1,6 @@
 """Reports: the long metrics table and the paper-style tables derived from it.
 
-Everything here starts from one long frame (DESIGN §2) with the columns
+Everything here starts from one long frame (docs/design.md, "Data contracts") with the columns
 ``experiment, category, method, metric, split, value, n_features, hparams``. The wide
 tables are *derived* from it, never computed separately:
 
@@ -98,7 +98,7 @@ def validate_metrics(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_metrics(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write the long table as Parquet with the fixed schema of DESIGN §2."""
+    """Write the long table as Parquet with the fixed schema of docs/design.md, "Data contracts"."""
     df = validate_metrics(df)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,10 +5,12 @@ A :class:`ScoreJob` names one heatmap Zarr group (``maps`` (M, n, H, W) float32,
 images, runs :func:`score_chunk` on a ``dask.distributed`` client (a LocalCluster by default,
 or an existing scheduler at ``address``) - each task reads its heatmaps straight from Zarr -
 and reduces the per-chunk statistics on the client, in chunk order, into rows of the long
-metrics table (DESIGN §2). :func:`score_serial` runs the very same chunks in-process; both give
-identical results.
+metrics table (docs/design.md, "Data contracts"). :func:`score_serial` runs the very same
+chunks in-process; both give identical results. Each job's mean histogram is returned too, so
+concept scores against the parts the CNN uses can be computed later (:mod:`srae.causal`).
 
-Annotations are scaled to the map grid by DESIGN §2 Coordinates (``x' = x * W / width``).
+Annotations are scaled to the map grid by scaling alone (``x' = x * W / width``; see
+docs/design.md, "Data contracts").
 CUB-style data (parts + bbox) use :func:`part_probabilities`; ADE20K-style data (object masks)
 use :func:`object_probabilities`, with the unlabeled label 0 left out of locality and of the
 concept statistics.
@@ -131,7 +133,7 @@ def load_ade_labels(path: str) -> np.ndarray:
 
 def spec_part_geometry(spec: ChunkSpec, k: int, height: int, width: int) -> PartGeometry:
     """Algorithm-1 geometry of image ``k`` of a "parts" spec on a ``height x width`` map grid
-    (parts and bbox scaled from the image's original size, DESIGN §2 Coordinates)."""
+    (parts and bbox scaled from the image's original size, docs/design.md, "Data contracts")."""
     scale = np.array([width, height], dtype=np.float64) / spec.sizes[k]
     parts = spec.parts[k].copy()
     parts[:, :2] *= scale

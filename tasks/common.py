@@ -1,6 +1,6 @@
 """Shared machinery of the Prefect tasks: cache policy, work log, artifacts, small helpers.
 
-Caching (DESIGN §4): every stage task is cached with ``INPUTS + TASK_SOURCE`` and persisted
+Caching (docs/design.md, "Layering"): every stage task is cached with ``INPUTS + TASK_SOURCE`` and persisted
 (JSON) results, **plus** :class:`StoreMarkers`, which looks at the stores the task is meant
 to produce: while any of them lacks its completion marker the key is unique (never a cache
 hit), so a deleted or half-written store is recomputed, never trusted from the cache. The

@@ -1,4 +1,4 @@
-"""Locality metrics against a brute-force per-pixel reading of Algorithm 1 (DESIGN §3)."""
+"""Locality metrics against a brute-force per-pixel reading of Algorithm 1 (docs/design.md, "Math contracts")."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from srae.metrics.locality import entropy, object_probabilities, part_probabilit
 
 
 def brute_part_probabilities(maps: np.ndarray, parts: np.ndarray, bbox) -> np.ndarray:
-    """Algorithm 1 pixel by pixel in float64, straight from DESIGN §2/§3 conventions."""
+    """Algorithm 1 pixel by pixel in float64, straight from docs/design.md, "Data contracts"/§3 conventions."""
     n, h, w = maps.shape
     num_parts = parts.shape[0]
     bx, by, bw, bh = (0.0, 0.0, float(w), float(h)) if bbox is None else bbox

@@ -1,4 +1,4 @@
-"""SRAE losses against float64 loop references (DESIGN §3), with leading batch dims."""
+"""SRAE losses against float64 loop references (docs/design.md, "Math contracts"), with leading batch dims."""
 
 import itertools
 import math

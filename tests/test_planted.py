@@ -84,7 +84,7 @@ def test_lasso_sweep_selects_fewer_dims_as_alpha_grows(planted, trained):
 
 
 def test_loading_an_explainer_imports_no_training_code(trained, tmp_path):
-    """DESIGN §2 / issue 2: a saved explainer loads and predicts without the trainer, CV or
+    """docs/design.md, "Data contracts" / issue 2: a saved explainer loads and predicts without the trainer, CV or
     loss modules (and without Prefect): checked in a fresh interpreter."""
     import subprocess
     import sys

@@ -1,4 +1,4 @@
-"""The in-memory dataset index shared by every reader (DESIGN §2).
+"""The in-memory dataset index shared by every reader (docs/design.md, "Data contracts").
 
 Every dataset (CUB-200-2011, ADE20K/Places365, the synthetic ones) is read into one
 :class:`DatasetIndex`. Its ``images`` frame has one row per image with the columns

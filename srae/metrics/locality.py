@@ -1,4 +1,5 @@
-"""Locality: how much of each x-feature's heatmap mass falls on each part / object (DESIGN §3).
+"""Locality: how much of each x-feature's heatmap mass falls on each part / object (see
+docs/design.md, "Math contracts").
 
 ``part_probabilities`` is the paper's Algorithm 1 (CUB parts, Voronoi cells with an
 inverse-distance weight, a "context" column for mass outside the bounding box);
@@ -7,7 +8,7 @@ histogram into the locality score. All work is vectorised numpy: the per-image g
 (Voronoi cell and weight of every pixel) is computed once with one array pass per part, and is
 then applied to any number of maps with one ``bincount``.
 
-Conventions (DESIGN §2 Coordinates): on an ``H x W`` map pixel (row i, col j) has its centre at
+Conventions (docs/design.md, "Data contracts"): on an ``H x W`` map pixel (row i, col j) has its centre at
 ``(x = j + 0.5, y = i + 0.5)``; a bbox ``(x, y, w, h)`` is the closed box ``[x, x+w] x [y, y+h]``
 and a pixel is inside iff its centre is.
 """

@@ -1,4 +1,4 @@
-"""Orthogonality of x-feature heatmaps: O1 and O2 (paper §4, DESIGN §3).
+"""Orthogonality of x-feature heatmaps: O1 and O2 (paper §4, docs/design.md, "Math contracts").
 
 Each map is normalised to sum 1; x-feature ``l``'s vector is its maps concatenated over
 images; ``P`` is their correlation matrix; ``O1 = ||P||_F - sqrt(n)``, ``O2 = -log det P``.
@@ -130,7 +130,7 @@ class OrthogonalityStats:
 
 
 def orthogonality(maps: Any) -> tuple[float, float]:
-    """``(O1, O2)`` of x-feature heatmaps ``maps`` ``(M, n, H, W)`` (DESIGN §3)."""
+    """``(O1, O2)`` of x-feature heatmaps ``maps`` ``(M, n, H, W)`` (docs/design.md, "Math contracts")."""
     arr = check_maps(maps, 4)
     _, n, h, w = arr.shape
     return OrthogonalityStats(n=n, pixels=h * w).add(arr).result()
