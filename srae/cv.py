@@ -87,7 +87,8 @@ def select_config(rows: list[dict], rule: str = "best") -> dict:
     "spread" (against collapse onto one x-feature) takes, among the configs within
     ``max(1 SE, 10%)`` of the best mean, the one with the largest ``val_n_eff``: the effective
     number of x-features the validation positives' contributions spread over
-    (:func:`srae.metrics.degeneracy.n_eff`). It uses no labels beyond the class's own."""
+    (:func:`srae.metrics.degeneracy.n_eff`); the refit from several inits is kept by the same
+    rule. It uses no labels beyond the class's own."""
     if rule not in CV_RULES:
         raise InputError(f"cv_rule {rule!r}: expected one of {', '.join(CV_RULES)}")
     finite = [r for r in rows if math.isfinite(r["val_criterion"])]
@@ -189,6 +190,19 @@ def _fit_chunked(z, y, members: list[Member], method: str, arch: Architecture, s
             done += len(group)
             progress.update(done)
     return out  # type: ignore[return-value]
+
+
+def pick_refit(candidates: list[tuple[float, Explainer]], rule: str, z_pos: np.ndarray) -> tuple[float, Explainer]:
+    """The refit to keep: the best training fit; under ``cv_rule: spread`` the same rule as
+    the CV choice, among the fits within 10% of the best one the widest spread of
+    contributions on the training positives (so one collapsed init does not undo the choice)."""
+    best = min(candidates, key=lambda t: t[0])
+    if rule != "spread" or len(candidates) == 1:
+        return best
+    near = [t for t in candidates if t[0] <= best[0] + SPREAD_TOLERANCE * abs(best[0])]
+    with np.errstate(all="ignore"):
+        spread = [_finite_or(n_eff(e.contributions(z_pos)), -math.inf) for _, e in near]
+    return near[int(np.argmax(spread))]
 
 
 def _val_n_eff(res: FitResult, b: int, method: str, member: Member, z: np.ndarray) -> float:
@@ -407,7 +421,7 @@ def train_explainers(
                 raise InputError(msg)
             failed[c] = msg
             continue
-        mse, expl = min(candidates, key=lambda t: t[0])
+        mse, expl = pick_refit(candidates, s.cv_rule, z[d.train_idx[d.train_pos]])
         dead = expl.dead_features(z[d.train_idx])
         if dead:
             log.warning("%s: %s x-feature(s) %s fire on no training image (dead); they add nothing to "

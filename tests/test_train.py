@@ -524,6 +524,25 @@ def test_the_spread_rule_takes_the_widest_spread_among_the_nearly_best():
     assert select_config(tie, "spread") is tie[0]  # equal spread: the lower mean
 
 
+def test_the_refit_kept_under_the_spread_rule_is_the_widest_among_the_nearly_best():
+    import torch
+
+    from srae.cv import pick_refit
+    from srae.explainers import Explainer
+
+    def expl(v):  # two x-features E = relu(Z) on 2-d Z, weights v
+        return Explainer("SRAE", 0, [torch.eye(2, dtype=torch.float64)], [torch.zeros(2, dtype=torch.float64)],
+                         torch.tensor(v, dtype=torch.float64))
+
+    z = np.array([[1.0, 1.0], [2.0, 1.0]])
+    collapsed, spread, far = expl([1.0, 0.0]), expl([1.0, 1.0]), expl([1.0, 1.0])
+    cands = [(1.00, collapsed), (1.05, spread), (1.50, far)]  # far: outside 10% of the best fit
+    assert pick_refit(cands, "best", z)[1] is collapsed
+    assert pick_refit(cands, "one_se", z)[1] is collapsed
+    assert pick_refit(cands, "spread", z)[1] is spread
+    assert pick_refit([(1.0, collapsed), (1.2, spread)], "spread", z)[1] is collapsed
+
+
 def test_train_explainers_with_the_spread_rule_records_each_configs_spread():
     from dataclasses import replace
 
