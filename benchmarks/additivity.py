@@ -8,7 +8,7 @@ the sum of the single drops; the interaction ``drop(a+b) - drop(a) - drop(b)`` s
 it is from that. A near-additive logit means an explanation with one x-feature per part
 could be faithful: failing to separate the parts is then the explainer's doing.
 
-    python -m benchmarks.additivity --root /tmp/cs --classes 4 --seeds 0 1 2
+    python -m benchmarks.additivity --root /tmp/cs --classes 4 12 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -74,15 +74,15 @@ def interactions(root: Path, cache: Path, max_images: int = 16) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="How far is each class logit from a sum over its two evidence parts?")
     ap.add_argument("--root", type=Path, required=True, help="the --root of a concept_sweep run")
-    ap.add_argument("--classes", type=int, default=4)
+    ap.add_argument("--classes", type=int, nargs="+", default=[4])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = ap.parse_args(argv)
     lines = ["| classes | seed | class | parts | drop a | drop b | drop both | interaction (% of both) |",
              "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
-    for seed in args.seeds:
-        for r in interactions(args.root / f"data-{args.classes}-{seed}", args.root / "cache"):
+    for classes, seed in ((k, s) for k in args.classes for s in args.seeds):
+        for r in interactions(args.root / f"data-{classes}-{seed}", args.root / "cache"):
             share = r["interaction"] / r["drop_both"] if r["drop_both"] > 0 else float("nan")
-            lines.append(f"| {args.classes} | {seed} | {r['class'] + 1} | {'+'.join(r['parts'])} | {r['drop_a']:.2f} | "
+            lines.append(f"| {classes} | {seed} | {r['class'] + 1} | {'+'.join(r['parts'])} | {r['drop_a']:.2f} | "
                          f"{r['drop_b']:.2f} | {r['drop_both']:.2f} | {r['interaction']:+.2f} ({share:+.0%}) |")
     text = "\n".join(lines)
     (HERE / "additivity.md").write_text("# Additivity of the class logit over its evidence parts "

@@ -52,10 +52,10 @@ def render_markdown(results: dict) -> str:
             lines.append("")
         if res.get("notes"):
             lines += [res["notes"], ""]
-    concepts = HERE / "concept_sweep.md"
-    if concepts.is_file():  # a measurement of its own (minutes per run), kept beside the speed ratios
-        text = concepts.read_text().lstrip("# ")  # its title and sections one level down
-        lines += ["## " + text.replace("\n## ", "\n### "), ""]
+    for name in ("concept_sweep.md", "additivity.md"):  # measurements of their own (minutes per run)
+        if (HERE / name).is_file():
+            text = (HERE / name).read_text().lstrip("# ")  # its title and sections one level down
+            lines += ["## " + text.replace("\n## ", "\n### "), ""]
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -70,40 +71,50 @@ def lasso_explainer(model: Lasso, category: int, meta: dict) -> Explainer:
                      torch.as_tensor(coef[sel]), float(model.intercept_), dict(meta, selected_dims=sel.tolist()))
 
 
-def _checked(z, logits, design: SampleDesign, alphas) -> tuple[np.ndarray, np.ndarray]:
-    """Z and logits as float arrays that fit ``design``, and alphas > 0; else one InputError
-    (scikit-learn would fail on these deep inside with its own messages)."""
-    from srae.train import check_finite
-
+def _checked(z, logits, design: SampleDesign, alphas) -> tuple[np.ndarray, np.ndarray, SampleDesign]:
+    """The design's rows of Z and logits as float64 arrays, the design re-indexed onto them,
+    and alphas > 0; else one InputError (scikit-learn would fail on these deep inside with its
+    own messages). Only the rows the design uses are converted: Z of a large dataset is not
+    copied whole for each category."""
     try:
-        z, logits = np.asarray(z, dtype=np.float64), np.asarray(logits, dtype=np.float64)
+        z_all, logits_all = np.asarray(z), np.asarray(logits)
     except (TypeError, ValueError) as exc:
         raise InputError(f"Lasso: Z and logits must be numeric arrays ({exc})") from None
-    if z.ndim != 2 or logits.ndim != 2 or len(z) != len(logits):
-        raise InputError(f"Lasso: Z {z.shape} and logits {logits.shape} must be 2-D with the same rows")
-    rows = np.concatenate([design.train_idx, design.test_idx])
-    if rows.size and rows.max() >= len(z) or not 0 <= design.category < logits.shape[1]:
-        raise InputError(f"Lasso: the sample design (category {design.category}) does not fit Z {z.shape} "
-                         f"and logits {logits.shape}")
-    check_finite("Z", z)
-    check_finite("logits", logits)
+    kinds = {a.dtype.kind for a in (z_all, logits_all)}
+    if not kinds <= set("biuf"):
+        raise InputError(f"Lasso: Z and logits must be numeric arrays (got dtypes {z_all.dtype}, {logits_all.dtype})")
+    if z_all.ndim != 2 or logits_all.ndim != 2 or len(z_all) != len(logits_all):
+        raise InputError(f"Lasso: Z {z_all.shape} and logits {logits_all.shape} must be 2-D with the same rows")
+    rows = np.concatenate([design.train_idx, design.test_idx]).astype(np.int64)
+    if rows.size and (rows.max() >= len(z_all) or rows.min() < 0) or not 0 <= design.category < logits_all.shape[1]:
+        raise InputError(f"Lasso: the sample design (category {design.category}) does not fit Z {z_all.shape} "
+                         f"and logits {logits_all.shape}")
+    used, inverse = np.unique(rows, return_inverse=True)
+    z, logits = z_all[used].astype(np.float64), logits_all[used].astype(np.float64)
+    for name, arr in (("Z", z), ("logits", logits)):
+        bad = ~np.isfinite(arr)
+        if bad.any():  # rows named as in the caller's array
+            first = int(used[np.argwhere(bad)[0][0]])
+            raise InputError(f"{name} has {int(bad.sum())} NaN/inf values (first in row {first})")
     if z.size and z.min() < 0:
         # The explainer reads each selected dim through a ReLU (Z is post-ReLU fc6), so with
         # negative values it would not be the model that was fitted.
         raise InputError(f"Lasso: Z has negative values (min {z.min():.4g}); Lasso's x-features are Z dims "
                          "after the fc6 ReLU, so Z must be >= 0")
     alphas = list(np.ravel(alphas)) if isinstance(alphas, np.ndarray) else list(alphas)
-    bad = [a for a in alphas if not (isinstance(a, (int, float, np.number)) and math.isfinite(a) and a > 0)]
-    if bad:
-        raise InputError(f"Lasso: alpha {bad[0]!r} must be a finite number > 0")
-    return z, logits
+    bad_alphas = [a for a in alphas if not (isinstance(a, (int, float, np.number)) and math.isfinite(a) and a > 0)]
+    if bad_alphas:
+        raise InputError(f"Lasso: alpha {bad_alphas[0]!r} must be a finite number > 0")
+    n_train = len(design.train_idx)
+    local = replace(design, train_idx=inverse[:n_train], test_idx=inverse[n_train:])
+    return z, logits, local
 
 
 def lasso_sweep(z: np.ndarray, logits: np.ndarray, design: SampleDesign, alphas: list[float], *,
                 positive_factor: float = 1.0) -> list[dict]:
     """Table 2a/5: per alpha, the number of selected dims and F_reg/F_cls on train and test
     (positives weighted like :func:`train_lasso`)."""
-    z, logits = _checked(z, logits, design, alphas)
+    z, logits, design = _checked(z, logits, design, alphas)
     rows = []
     c = design.category
     for alpha in alphas:
@@ -131,7 +142,7 @@ def train_lasso(
     ``max_features`` dims on the full training set, refit, and return the explainer."""
     if len(alphas) == 0:  # also a numpy array (np.logspace is the natural notebook input)
         raise InputError("Lasso needs at least one alpha")
-    z, logits = _checked(z, logits, design, alphas)
+    z, logits, design = _checked(z, logits, design, alphas)
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 1:
         raise InputError(f"Lasso: folds {folds!r} must be an int >= 1 (1: no cross-validation)")
     if folds > len(design.train_idx):

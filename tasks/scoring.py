@@ -133,7 +133,7 @@ def _score_each(specs, index, scoring, failed, logger, notes: list[str]) -> list
         try:
             res = score(specs, index, client=client)
             notes.extend(res.notes)
-            return [(_rows_of(res.metrics, s), _rows_of(res.concepts, s), h) for s, h in zip(specs, res.histograms)]
+            return list(zip(rows_by_job(res.metrics, specs), rows_by_job(res.concepts, specs), res.histograms))
         except Exception as exc:
             logger.warning("scoring all groups together failed (%s); scoring one by one", exc)
         out: list[tuple | None] = []
@@ -149,10 +149,11 @@ def _score_each(specs, index, scoring, failed, logger, notes: list[str]) -> list
         return out
 
 
-def _rows_of(metrics: pd.DataFrame, spec) -> pd.DataFrame:
-    """The rows of one job (jobs differ in method, category or split)."""
-    if metrics.empty:
-        return metrics
-    sel = (metrics["method"] == spec.method) & (metrics["category"] == spec.category) & \
-          (metrics["split"] == spec.split)
-    return metrics[sel.astype(bool)].reset_index(drop=True)
+def rows_by_job(frame: pd.DataFrame, specs) -> list[pd.DataFrame]:
+    """The rows of each job (jobs differ in method, category or split), in ``specs`` order:
+    one grouping pass, so the bookkeeping stays linear in the number of jobs."""
+    if frame.empty:
+        return [frame] * len(specs)
+    groups = {key: g.reset_index(drop=True) for key, g in frame.groupby(["method", "category", "split"], sort=False)}
+    empty = frame.iloc[0:0].reset_index(drop=True)
+    return [groups.get((s.method, s.category, s.split), empty) for s in specs]

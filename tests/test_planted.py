@@ -201,7 +201,7 @@ def test_lasso_inputs_are_checked_before_scikit_learn(planted, trained):
     z, logits, _ = planted
     d = trained["SRAE"].designs[0]
     nan_z = z.copy()
-    nan_z[0, 0] = np.nan
+    nan_z[d.train_idx[0], 0] = np.nan  # a row the design uses (other rows are never read)
     for args, what in (((z, logits, d, [-0.1]), "alpha -0.1"), ((nan_z, logits, d, [0.1]), "Z has 1 NaN"),
                        ((z, logits[:10], d, [0.1]), "same rows"), (([[1, "a"]], logits, d, [0.1]), "numeric")):
         with pytest.raises(InputError, match=what):

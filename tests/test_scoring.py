@@ -252,3 +252,21 @@ def test_scoring_reports_progress_and_a_stop_cancels_the_rest(tmp_path, rng, cli
             score(jobs, index, client=client, chunk_size=2)
     finally:
         cancel.reset()
+
+
+def test_rows_by_job_equals_filtering_the_frame_per_job() -> None:
+    from types import SimpleNamespace
+
+    from tasks.scoring import rows_by_job
+
+    frame = pd.DataFrame({"method": ["SRAE", "NN", "SRAE", "SRAE", "Z"], "category": [0, 0, 1, 0, 1],
+                          "split": ["test"] * 4 + ["train"], "value": [1.0, 2.0, 3.0, 4.0, 5.0]})
+    specs = [SimpleNamespace(method=m, category=c, split=s) for m, c, s in
+             [("SRAE", 0, "test"), ("Z", 1, "train"), ("NN", 1, "test"), ("SRAE", 1, "test")]]
+    got = rows_by_job(frame, specs)
+    for spec, rows in zip(specs, got):
+        want = frame[(frame["method"] == spec.method) & (frame["category"] == spec.category)
+                     & (frame["split"] == spec.split)].reset_index(drop=True)
+        pd.testing.assert_frame_equal(rows, want)
+    assert got[0]["value"].tolist() == [1.0, 4.0] and got[2].empty
+    assert all(r.empty for r in rows_by_job(frame.iloc[0:0], specs))
