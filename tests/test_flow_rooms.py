@@ -23,3 +23,13 @@ def test_rooms_pipeline_scores_locality_on_object_masks(prefect_api, tmp_path):
     # synthetic rooms carry ground-truth evidence objects: concept recovery is scored in [0, 1]
     rec = m[m["metric"] == "concept_recovery"]["value"]
     assert len(rec) and rec.between(0, 1).all()
+    # the causal stage swaps each evidence object and a control object in counterfactual rooms
+    import json
+
+    from srae.datasets.synthrooms import ROOM_OBJECTS
+
+    eff = m[m["metric"] == "part_effect"]
+    parts = {(int(c), json.loads(h)["part"]) for c, h in zip(eff["category"], eff["hparams"])}
+    rooms = ["bathroom", "bedroom"]
+    assert parts == {(c, p) for c in (0, 1) for p in [*ROOM_OBJECTS[rooms[c]], "control"]}
+    assert set(eff["method"]) == {"CNN"}
