@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from srae.backbones import load_backbone
-from srae.causal import draw_numbers
+from srae.causal import draw_numbers, model_input
 from srae.datasets import synthbirds as sb
-from srae.datasets.counterfactual import jpeg_roundtrip, synth_params
+from srae.datasets.counterfactual import counterfactuals, synth_params
 from srae.datasets.cub import read_cub
 from srae.fit_cache import MODEL_FILE, SUMMARY_FILE
 from srae.masking import backbone_classifier
@@ -38,32 +38,25 @@ def _fitted(cache: Path, fingerprint: str) -> Path:
     raise SystemExit(f"no fitted backbone for dataset {fingerprint[:12]} under {cache}")
 
 
-def _input(pixels: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(jpeg_roundtrip(pixels)).resize((size, size), Image.BILINEAR))
-
-
 def interactions(root: Path, cache: Path, max_images: int = 16) -> list[dict]:
     """Per class: mean drops with a, b and both swapped, and the interaction."""
-    base = next(p.parent for p in sorted(root.rglob("synth.json")))
+    stamps = sorted(root.rglob("synth.json"))
+    if not stamps:
+        raise SystemExit(f"no generated dataset under {root}")
+    base = stamps[0].parent
     params, index = synth_params(base), read_cub(base.parent)
     bb = load_backbone(_fitted(cache, index.manifest_fingerprint()))
     classify = backbone_classifier(bb.model, bb.mean, bb.std)
-    j = draw_numbers(index.images)
-    seed, size, occ = int(params["seed"]), int(params["size"]), float(params["occlusion"])
+    j = draw_numbers(index.images, int(params["per_class"]))
     out = []
     for c, pair in enumerate(sb.class_pairs(params)):
         a, b = sb.class_slots(pair)
         test = index.images[(index.images["split"] == "test") & (index.images["label"] == c)].sort_values("image_id")
         ys = []
         for i in test["image_id"].head(max_images):
-            jj = int(j[int(i)])
-            gen = {s: (lambda s=s: np.random.default_rng([seed, c, jj, list(sb.SLOTS).index(s), 15485863]))
-                   for s in (a, b)}
-            swaps = (None, {a: gen[a]()}, {b: gen[b]()}, {a: gen[a](), b: gen[b]()})
-            imgs = [sb.draw_sample(np.random.default_rng([seed, c, jj]), pair, size, occ, sw)[0] for sw in swaps]
-            ys.append(classify(np.stack([_input(x, bb.input_size) for x in imgs]))[:, c])
+            r = counterfactuals(params, c, int(j[int(i)]), [a, b, f"{a}+{b}"])
+            imgs = [r["original"], r[a], r[b], r[f"{a}+{b}"]]
+            ys.append(classify(np.stack([model_input(x, bb.input_size) for x in imgs]))[:, c])
         y = np.array(ys)
         da, db, dab = (y[:, 0] - y[:, k] for k in (1, 2, 3))
         out.append({"class": c, "parts": [a, b], "drop_a": float(da.mean()), "drop_b": float(db.mean()),

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from srae.errors import InputError
-from srae.figures import _signed
+from srae.figures import as_maps, map_scales, overlay, signed
 
 __all__ = ["top_images", "atlas_labels", "concept_atlas"]
 
@@ -76,7 +76,7 @@ def atlas_labels(activations: np.ndarray, contributions: np.ndarray, dead: Seque
         if fires == 0:
             labels.append(f"x{i + 1}: dead\nfires on 0/{m}{train}")
         else:
-            labels.append(f"x{i + 1}: mean v_i E_i = {_signed(c[:, i].mean())}\nfires on {fires}/{m}{train}")
+            labels.append(f"x{i + 1}: mean v_i E_i = {signed(c[:, i].mean())}\nfires on {fires}/{m}{train}")
     return labels
 
 
@@ -103,8 +103,6 @@ def concept_atlas(images: Any, maps: Any, activations: np.ndarray, contributions
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from srae.figures import _as_maps, _overlay, map_scales
 
     e = _activations(activations)
     c = _contributions(e, contributions)
@@ -141,8 +139,8 @@ def concept_atlas(images: Any, maps: Any, activations: np.ndarray, contributions
             mk = _item(maps, k, "maps")
             if mk.ndim != 3 or mk.shape[0] != n:
                 raise InputError(f"maps: row {k} should be ({n}, h, w), got {mk.shape}")
-            heat = _as_maps(mk[None, i:i + 1].astype(np.float32), img.shape[:2], "maps")[0, 0]
-            ax.imshow(_overlay(img, heat / map_scales(heat), cmap))
+            heat = as_maps(mk[None, i:i + 1].astype(np.float32), img.shape[:2], "maps")[0, 0]
+            ax.imshow(overlay(img, heat / map_scales(heat), cmap))
             ax.set_title(f"#{names[k]}  E={e[k, i]:.2f}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])

@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from srae.datasets.counterfactual import counterfactuals, evidence_of, jpeg_roundtrip
+from srae.datasets.counterfactual import JPEG_SETTINGS, counterfactuals, evidence_of, jpeg_roundtrip
 from srae.errors import InputError
+from srae.images import RESIZE_METHOD
 from srae.metrics.concepts import concept_recovery
 from srae.metrics.degeneracy import causal_coverage, concept_purity, group_mass, part_effect_summary
 
@@ -27,18 +28,33 @@ Classifier = Callable[[np.ndarray], np.ndarray]  # uint8 (B, H, W, 3) -> logits 
 EFFECT_COLUMNS = ["image_id", "category", "part", "evidence", "y", "y_swapped", "drop"]
 
 
-def draw_numbers(images: pd.DataFrame) -> pd.Series:
-    """Per image id, its draw number ``j`` within its class: the generators write class ``c``'s
-    draws in order, so ``j`` is the image's rank among its class's images by ``image_id``."""
-    ordered = images.sort_values("image_id")
-    j = ordered.groupby("label").cumcount()
-    return pd.Series(j.to_numpy(), index=ordered["image_id"].to_numpy(), name="j")
+def draw_numbers(images: pd.DataFrame, per_class: int) -> pd.Series:
+    """Per image id, its draw number ``j`` within its class.
+
+    Both generators write class ``c``'s draws ``j = 0 .. per_class - 1`` in order and number
+    images from 1 in that order (CUB's ``images.txt``; the position in ADE20K's index), so
+    ``j = image_id - 1 - c * per_class``. Computed from the id, not from the image's rank, so
+    an image the reader skipped (unreadable) shifts nothing. An id outside its class's range
+    (not a generated image) is an InputError."""
+    ids = images["image_id"].to_numpy(np.int64)
+    j = ids - 1 - images["label"].to_numpy(np.int64) * int(per_class)
+    bad = (j < 0) | (j >= int(per_class))
+    if bad.any():
+        raise InputError(f"image {int(ids[bad][0])}: not a draw of its class in a generated dataset of "
+                         f"{per_class} images per class")
+    return pd.Series(j, index=ids, name="j")
 
 
-def _model_input(pixels: np.ndarray, size: int) -> np.ndarray:
-    """As the pipeline feeds an image: JPEG as saved, then PIL bilinear to ``size``."""
+def model_input(pixels: np.ndarray, size: int) -> np.ndarray:
+    """As the pipeline feeds an image: JPEG as the generators save it, then resized to ``size``
+    as :func:`srae.images.resize_uint8` does (PIL bilinear, no crop)."""
     img = Image.fromarray(jpeg_roundtrip(pixels))
     return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def model_input_settings() -> dict[str, Any]:
+    """What :func:`model_input` does, for cache keys of results computed from its images."""
+    return {"jpeg": JPEG_SETTINGS, "resize": RESIZE_METHOD}
 
 
 def measure_part_effects(classify: Classifier, params: Mapping[str, Any],
@@ -58,7 +74,7 @@ def measure_part_effects(classify: Classifier, params: Mapping[str, Any],
         for image_id, c, j in chunk:
             renders = counterfactuals(params, int(c), int(j), parts)
             for name, pixels in renders.items():
-                images.append(_model_input(pixels, input_size))
+                images.append(model_input(pixels, input_size))
                 keys.append((int(image_id), int(c), name))
         logits = np.asarray(classify(np.stack(images)), dtype=np.float64)
         if logits.ndim != 2 or logits.shape[0] != len(keys):
@@ -93,7 +109,8 @@ def summarise_effects(effects: pd.DataFrame) -> pd.DataFrame:
 
 
 def concept_scores(hist: np.ndarray, column_names: Sequence[str], groups: Mapping[str, Sequence[str]],
-                   used: Sequence[str], shares: Sequence[float], min_share: float = 0.1) -> dict[str, float]:
+                   used: Sequence[str], shares: Sequence[float], min_share: float = 0.1,
+                   ignore: Sequence[str] = ()) -> dict[str, float]:
     """``concept_coverage``, ``concept_purity`` and ``concept_recovery`` of one explanation
     against the parts the CNN uses (recovery: the mean share of each map's located mass on
     those parts' columns, :func:`srae.metrics.concepts.concept_recovery`).
@@ -101,8 +118,12 @@ def concept_scores(hist: np.ndarray, column_names: Sequence[str], groups: Mappin
     ``hist`` (n, K) is each map's mean located mass over ``column_names``; ``groups`` maps
     each swappable part to its annotation columns (a bird's wing to its left and right wing);
     ``shares`` is each map's mean share of y-hat (1 for a single map of y-hat). Used parts
-    that have no annotation column (a room's "control" object) are left out. NaN entries
-    mean "not defined" (no used part, or no qualifying map for purity)."""
+    that have no annotation column (a room's "control" object) are left out, and so are the
+    ``ignore`` columns (e.g. unlabeled pixels of object masks, as in locality). NaN entries
+    mean "not defined" (no used part, no known share, or no qualifying map for purity)."""
+    keep = [k for k, name in enumerate(column_names) if name not in set(ignore)]
+    hist = np.asarray(hist, dtype=np.float64)[:, keep]
+    column_names = [column_names[k] for k in keep]
     known = [m for members in groups.values() for m in members]
     mass, names = group_mass(hist, column_names, groups, known=known)
     scored = [u for u in used if u in groups]

@@ -50,7 +50,7 @@ def order_features(contributions: np.ndarray, sort: str = "row") -> np.ndarray:
 MINOR_SHARE = 0.01
 
 
-def _signed(v: float) -> str:
+def signed(v: float) -> str:
     """``v`` with 2 decimals; a value that rounds to zero reads "0.00", not "-0.00"."""
     s = f"{float(v):.2f}"
     return "0.00" if s == "-0.00" else s
@@ -99,7 +99,9 @@ def panel_values(xfeature_maps: np.ndarray, contributions: np.ndarray, scale: st
     return np.clip(v, 0.0, 1.0)
 
 
-def _as_maps(maps: np.ndarray | torch.Tensor, size: tuple[int, int], what: str) -> np.ndarray:
+def as_maps(maps: np.ndarray | torch.Tensor, size: tuple[int, int], what: str) -> np.ndarray:
+    """Heatmaps (a tensor or array, ``(M, H, W)`` or ``(M, n, H, W)``) as a float array of
+    ``(M, n) + size`` (``what`` names the argument in errors)."""
     m = maps.detach().cpu().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps)
     if m.ndim == 3:
         m = m[:, None]
@@ -112,7 +114,7 @@ def _as_maps(maps: np.ndarray | torch.Tensor, size: tuple[int, int], what: str) 
     return np.clip(m, 0, None)
 
 
-def _overlay(image: np.ndarray, values: np.ndarray, cmap) -> np.ndarray:
+def overlay(image: np.ndarray, values: np.ndarray, cmap) -> np.ndarray:
     """Dimmed greyscale image under a colour heatmap of ``values`` (in [0, 1]) whose opacity
     grows with the value."""
     grey = image.astype(np.float64).mean(axis=2, keepdims=True) / 255.0
@@ -158,8 +160,8 @@ def excitation_grid(images: np.ndarray, ebp_maps: np.ndarray | torch.Tensor,
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
         raise InputError(f"images: expected uint8 (R, H, W, 3) with R >= 1, got {images.dtype} {images.shape}")
     r_n, size = len(images), images.shape[1:3]
-    ebp = _as_maps(ebp_maps, size, "ebp_maps")[:, 0]
-    xm = _as_maps(xfeature_maps, size, "xfeature_maps")
+    ebp = as_maps(ebp_maps, size, "ebp_maps")[:, 0]
+    xm = as_maps(xfeature_maps, size, "xfeature_maps")
     contrib = np.asarray(contributions, dtype=np.float64)
     if ebp.shape[0] != r_n or xm.shape[0] != r_n or contrib.shape != xm.shape[:2]:
         raise InputError(f"figure inputs disagree: {r_n} images, ebp {ebp.shape}, x-features {xm.shape}, "
@@ -190,21 +192,21 @@ def excitation_grid(images: np.ndarray, ebp_maps: np.ndarray | torch.Tensor,
     for r in range(r_n):
         axes[r, 0].imshow(images[r])
         axes[r, 0].set_title(row_labels[r] if row_labels is not None else "image", fontsize=9)
-        axes[r, 1].imshow(_overlay(images[r], ebp_values[r], cmap))
+        axes[r, 1].imshow(overlay(images[r], ebp_values[r], cmap))
         pred = f" ŷ={float(predictions[r]):.2f}" if predictions is not None else ""
         axes[r, 1].set_title(f"ExcitationBP{pred}", fontsize=9)
         for j, i in enumerate(order[r]):
             ax = axes[r, j + 2]
-            ax.imshow(_muted(images[r]) if muted[r, i] else _overlay(images[r], x_values[r, i], cmap))
+            ax.imshow(_muted(images[r]) if muted[r, i] else overlay(images[r], x_values[r, i], cmap))
             if muted[r, i]:
                 for spine in ax.spines.values():
                     spine.set_edgecolor("0.75")
             if i in dead_set:
                 ax.set_title(f"x{i + 1}: dead (0 on training)", fontsize=8, color="0.45")
             elif minor[r, i]:
-                ax.set_title(f"x{i + 1}: {_signed(contrib[r, i])} (~0)", fontsize=9, color="0.45")
+                ax.set_title(f"x{i + 1}: {signed(contrib[r, i])} (~0)", fontsize=9, color="0.45")
             else:
-                ax.set_title(f"x{i + 1}: {_signed(contrib[r, i])}", fontsize=10, fontweight="bold")
+                ax.set_title(f"x{i + 1}: {signed(contrib[r, i])}", fontsize=10, fontweight="bold")
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])

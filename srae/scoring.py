@@ -41,6 +41,7 @@ from srae.progress import ProgressLog
 
 log = logging.getLogger(__name__)
 
+UNLABELED = "unlabeled"  # the histogram column of object label 0 (left out of locality and concepts)
 METRIC_COLUMNS = ["experiment", "category", "method", "metric", "split", "value", "n_features", "hparams"]
 DEFAULT_METRICS = ("locality", "O1", "O2", "concept_recovery")
 BLOCK_BYTES = 128 * 2**20  # heatmap bytes read per block inside a task
@@ -252,7 +253,7 @@ class _Annotations:
         if self.mode == "parts":
             names = list(self.index.part_names) or [f"part_{i}" for i in range(len(cols) - 1)]
             return names[: len(cols) - 1] + ["context"]
-        names = {0: "unlabeled", **self.index.object_names}
+        names = {0: UNLABELED, **self.index.object_names}
         return [names.get(int(c), f"object_{int(c)}") for c in cols]
 
 

@@ -19,10 +19,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from srae import report as R
+from srae.causal import concept_scores, summarise_effects
+from srae.datasets.counterfactual import part_columns, synth_params
 from srae.report_html import ReportInputs, build_report
-from tasks.common import artifact_key, run_logger
+from srae.scoring import UNLABELED
+from tasks.causal import read_effects, synth_dir
+from tasks.common import artifact_key, run_logger, short_error
 from tasks.explainers import row_hparams
-from tasks.scoring import concepts_of
+from tasks.scoring import concepts_of, histogram_of
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +107,6 @@ def _read_parquets(paths: list[str]) -> pd.DataFrame:
 def part_effect_rows(experiment: str, effects: pd.DataFrame) -> tuple[list[dict[str, Any]], dict[int, list[str]]]:
     """``part_effect`` rows (method CNN, split test, the part and its verdict in hparams) and
     the parts each category uses (:func:`srae.causal.summarise_effects`)."""
-    from srae.causal import summarise_effects
-
     rows, used = [], {}
     for r in summarise_effects(effects).itertuples(index=False):
         hp = {"part": r.part, "evidence": bool(r.evidence), "used": bool(r.used),
@@ -118,16 +120,17 @@ def part_effect_rows(experiment: str, effects: pd.DataFrame) -> tuple[list[dict[
 
 def concept_rows(experiment: str, score_files: list[str], used: dict[int, list[str]],
                  groups: dict[str, list[str]], shares: dict[tuple[int, str], list[float]]) -> list[dict[str, Any]]:
-    """``concept_coverage`` / ``concept_purity`` of every scored map group with a histogram,
-    against the parts its category uses: an explainer's x-features weighted by their share of
-    y-hat, ExcitationBP and Grad-CAM as one map of y-hat (share 1); the Z column is skipped."""
-    from srae.causal import concept_scores
-    from tasks.scoring import histogram_of
-
+    """``concept_coverage``, ``concept_purity`` and ``concept_recovery`` of every scored map
+    group with a histogram, against the parts its category uses (:func:`srae.causal.concept_scores`):
+    an explainer's x-features weighted by their share of y-hat, ExcitationBP and Grad-CAM as one
+    map of y-hat (share 1); the Z column is skipped."""
     rows = []
     for f in score_files:
         h = histogram_of(f)
-        if not (Path(f).is_file() and h.is_file()):
+        if not Path(f).is_file():
+            continue
+        if not h.is_file():
+            log.warning("%s: no histogram beside it (scored before histograms were kept); no concept scores", f)
             continue
         first = pd.read_parquet(f).head(1)
         if first.empty or first["method"].iloc[0] == "Z":
@@ -137,7 +140,8 @@ def concept_rows(experiment: str, score_files: list[str], used: dict[int, list[s
         share = [1.0] * len(hist) if method in ("ExcitationBP", "Grad-CAM") else shares.get((cat, method))
         if share is None or len(share) != len(hist) or cat not in used:
             continue
-        values = concept_scores(hist.to_numpy(float), list(hist.columns), groups, used[cat], share)
+        values = concept_scores(hist.to_numpy(float), list(hist.columns), groups, used[cat], share,
+                                ignore=[UNLABELED])
         rows += [R.metric_row(experiment, cat, method, m, str(first["split"].iloc[0]), v, len(hist),
                               json.loads(first["hparams"].iloc[0])) for m, v in values.items() if not np.isnan(v)]
     return rows
@@ -146,9 +150,6 @@ def concept_rows(experiment: str, score_files: list[str], used: dict[int, list[s
 def causal_metrics(experiment: str, causal_files: list[str], score_files: list[str], dataset: dict[str, Any] | None,
                    shares: dict[tuple[int, str], list[float]]) -> list[dict[str, Any]]:
     """The causal ground truth's rows: part effects, and concept coverage / purity against them."""
-    from srae.datasets.counterfactual import part_columns, synth_params
-    from tasks.causal import read_effects, synth_dir
-
     effects = read_effects(causal_files)
     if effects.empty or dataset is None or synth_dir(dataset) is None:
         return []
@@ -165,19 +166,22 @@ def assemble_metrics(experiment: str, explainer_results: list[dict[str, Any]], s
     ``causal_files`` and ``dataset``: the part effects of :mod:`tasks.causal` and the rows
     scored against them)."""
     shares: dict[tuple[int, str], list[float]] = {}
-    parts = [pd.DataFrame(faithfulness_rows(experiment, explainer_results, dead, notes, shares),
-                          columns=list(R.METRIC_COLUMNS)),
-             pd.DataFrame(causal_metrics(experiment, causal_files or [], score_files, dataset, shares),
-                          columns=list(R.METRIC_COLUMNS)),
+    faithful = faithfulness_rows(experiment, explainer_results, dead, notes, shares)
+    try:
+        causal = causal_metrics(experiment, causal_files or [], score_files, dataset, shares)
+    except Exception as exc:  # a damaged effects file must not cost the report
+        log.warning("part effects and concept scores left out: %s", exc)
+        causal = []
+        if notes is not None:
+            notes.append(f"part effects and concept scores left out ({short_error(exc)})")
+    parts = [pd.DataFrame(faithful, columns=list(R.METRIC_COLUMNS)),
+             pd.DataFrame(causal, columns=list(R.METRIC_COLUMNS)),
              _read_parquets(score_files), _read_parquets(masking_files)]
-    causal = parts[1]
-    if len(causal) and len(parts[2]):  # concept rows against the causal truth replace those against intent
-        judged = set(zip(causal.loc[causal["metric"].str.startswith("concept_"), "category"],
-                         causal.loc[causal["metric"].str.startswith("concept_"), "method"]))
+    if len(parts[1]) and len(parts[2]):
+        # with a causal truth, concept scores are against the parts the CNN uses, never against the
+        # generator's intent: one definition per column (a pair without a causal score has none)
         scored = parts[2]
-        stale = scored["metric"].isin(["concept_recovery", "concept_coverage"]) & pd.Series(
-            [(c, m) in judged for c, m in zip(scored["category"], scored["method"])], index=scored.index)
-        parts[2] = scored[~stale]
+        parts[2] = scored[~scored["metric"].isin(["concept_recovery", "concept_coverage"])]
     parts = [p for p in parts if len(p)]
     if not parts:
         return pd.DataFrame(columns=list(R.METRIC_COLUMNS))

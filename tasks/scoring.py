@@ -60,6 +60,13 @@ def _scores(j: dict[str, Any]) -> Path:
     return scores_path(j["heatmaps"], j.get("annotations"))
 
 
+def _scored(j: dict[str, Any]) -> bool:
+    """A group is scored when its scores exist, and (but for the Z column, whose streamed
+    scores have no store to read again) the histogram concept scores are computed from."""
+    hist = histogram_path(j["heatmaps"], j.get("annotations"))
+    return _scores(j).is_file() and (j["method"] == "Z" or hist.is_file())
+
+
 def unscored_failures(jobs: list[dict[str, Any]], exc: BaseException) -> list[dict[str, Any]]:
     """Failed-category rows for the ``jobs`` a crashed scoring task left without scores.
 
@@ -75,7 +82,7 @@ def unscored_failures(jobs: list[dict[str, Any]], exc: BaseException) -> list[di
 
 
 def _outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
-    return [(str(_scores(j)), _scores(j).is_file()) for j in inputs["jobs"]]
+    return [(str(_scores(j)), _scored(j)) for j in inputs["jobs"]]
 
 
 @task(name="scoring", cache_policy=stage_cache(_outputs), **TASK_DEFAULTS)
@@ -90,7 +97,7 @@ def score_heatmaps(jobs: list[dict[str, Any]], dataset: dict[str, Any], scoring:
     notes: list[str] = []
     # Another run scoring (or redrawing) the same groups is waited for and its scores reused:
     # scored twice before, and a redraw could drop scores computed from the old maps.
-    with claimed_groups(jobs, lambda j: _scores(j).is_file(), what="heatmaps to score") as todo:
+    with claimed_groups(jobs, _scored, what="heatmaps to score") as todo:
         if todo:
             _score_and_save(todo, jobs, dataset, scoring, experiment, cache_dir, failed, notes, logger)
     return {"scores": [str(_scores(j)) for j in jobs if _scores(j).is_file()],

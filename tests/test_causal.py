@@ -9,7 +9,8 @@ from PIL import Image
 
 from srae.causal import EFFECT_COLUMNS, draw_numbers, measure_part_effects
 from srae.datasets import synthbirds as sb
-from srae.datasets.counterfactual import jpeg_roundtrip, synth_params
+from srae.datasets.counterfactual import counterfactuals, jpeg_roundtrip, synth_params
+from srae.errors import InputError
 from srae.datasets.cub import read_cub
 from srae.datasets.synthetic import make_synthbirds
 from srae.metrics.degeneracy import used_parts
@@ -48,7 +49,7 @@ def test_part_effects_of_a_planted_model_are_its_known_effects(birds):
     root, params, idx = birds
     weights = {"wing": 1.0, "tail": 0.5, "crown": 0.7, "breast": 0.7}
     classify, pairs = _planted(params, weights)
-    j = draw_numbers(idx.images)
+    j = draw_numbers(idx.images, params["per_class"])
     test = idx.images[idx.images["split"] == "test"]
     draws = [(int(i), int(c), int(j[i])) for i, c in zip(test["image_id"], test["label"])]
     df = measure_part_effects(classify, params, draws, SIZE, batch=5)
@@ -70,7 +71,7 @@ def test_part_effects_of_a_planted_model_are_its_known_effects(birds):
 def test_a_part_the_model_ignores_is_not_used(birds):
     root, params, idx = birds
     classify, pairs = _planted(params, {"wing": 1.0, "tail": 0.0, "crown": 0.0, "breast": 0.0})
-    j = draw_numbers(idx.images)
+    j = draw_numbers(idx.images, params["per_class"])
     draws = [(int(i), int(c), int(j[i])) for i, c in zip(idx.images["image_id"], idx.images["label"])]
     df = measure_part_effects(classify, params, draws, SIZE)
     for c, g in df.groupby("category"):
@@ -79,10 +80,34 @@ def test_a_part_the_model_ignores_is_not_used(birds):
         assert np.abs(drops["tail"]).max() < 0.35
 
 
-def test_draw_numbers_follow_each_class_in_id_order():
-    images = pd.DataFrame({"image_id": [5, 1, 2, 7, 3, 4], "label": [1, 0, 0, 1, 1, 0]})
-    j = draw_numbers(images)
-    assert j.to_dict() == {1: 0, 2: 1, 4: 2, 3: 0, 5: 1, 7: 2}
+def test_draw_numbers_come_from_the_ids_so_a_skipped_image_shifts_nothing():
+    # 3 draws per class: ids 1-3 are class 0, 4-6 class 1; id 2 was unreadable (not in the index)
+    images = pd.DataFrame({"image_id": [5, 1, 3, 6, 4], "label": [1, 0, 0, 1, 1]})
+    j = draw_numbers(images, 3)
+    assert j.to_dict() == {5: 1, 1: 0, 3: 2, 6: 2, 4: 0}
+    with pytest.raises(InputError, match="image 7: not a draw of its class"):
+        draw_numbers(pd.DataFrame({"image_id": [7], "label": [1]}), 3)
+
+
+def test_every_saved_image_is_its_draw_even_with_one_unreadable(birds, tmp_path):
+    root, params, idx = birds
+    images = idx.images[idx.images["image_id"] != 2]  # as if the reader had skipped image 2
+    j = draw_numbers(images, params["per_class"])
+    for _, row in images.iterrows():
+        c, jj = int(row["label"]), int(j[int(row["image_id"])])
+        saved = np.asarray(Image.open(idx.abspath(row["path"])).convert("RGB"))
+        assert np.array_equal(jpeg_roundtrip(counterfactuals(params, c, jj, [])["original"]), saved)
+
+
+def test_slots_swapped_together_combine_the_single_swaps(birds):
+    root, params, idx = birds
+    r = counterfactuals(params, 1, 2, ["wing", "tail", "wing+tail"])
+    wing = np.any(r["wing"] != r["original"], axis=2)
+    tail = np.any(r["tail"] != r["original"], axis=2)
+    both = r["wing+tail"]
+    assert np.array_equal(both[wing & ~tail], r["wing"][wing & ~tail])
+    assert np.array_equal(both[tail & ~wing], r["tail"][tail & ~wing])
+    assert np.array_equal(both[~wing & ~tail], r["original"][~wing & ~tail])
 
 
 def test_model_inputs_go_through_the_saved_jpeg(birds):
@@ -94,7 +119,7 @@ def test_model_inputs_go_through_the_saved_jpeg(birds):
         return np.zeros((len(images), 4))
 
     row = idx.images.iloc[0]
-    c, j = int(row["label"]), int(draw_numbers(idx.images)[int(row["image_id"])])
+    c, j = int(row["label"]), int(draw_numbers(idx.images, params["per_class"])[int(row["image_id"])])
     measure_part_effects(classify, params, [(int(row["image_id"]), c, j)], 32, parts=["tail"])
     saved = Image.open(idx.abspath(row["path"])).convert("RGB").resize((32, 32), Image.BILINEAR)
     assert seen[0].shape == (2, 32, 32, 3) and np.array_equal(seen[0][0], np.asarray(saved))

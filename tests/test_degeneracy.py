@@ -322,3 +322,10 @@ def test_coverage_errors() -> None:
         concept_purity([[0.5, -0.5]], ["a", "b"], [1.0], ["a"])
     with pytest.raises(InputError, match="wings"):
         causal_coverage(MASS, GROUPS, SHARES, ["wings"])
+
+
+def test_coverage_is_undefined_without_any_known_share():
+    mass = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert np.isnan(causal_coverage(mass, ["wing", "tail"], [np.nan, np.nan], ["wing", "tail"]))
+    assert np.isnan(concept_purity(mass, ["wing", "tail"], [np.nan, np.nan], ["wing", "tail"]))
+    assert causal_coverage(mass, ["wing", "tail"], [0.05, np.nan], ["wing", "tail"]) == 0.0  # known, too small

@@ -23,7 +23,7 @@ def test_the_demo_cnn_uses_both_evidence_parts_of_every_class(tmp_path):
     res = fit(index, tmp_path / "fit", backbone=cfg.backbone.name, epochs=f.epochs, lr=f.lr, batch_size=f.batch_size,
               weight_decay=f.weight_decay, seed=f.seed, augment=f.augment, device="cpu", num_workers=0,
               progress=False)
-    j = draw_numbers(index.images)
+    j = draw_numbers(index.images, d.per_class)
     test = index.images[index.images["split"] == "test"].sort_values("image_id")
     draws = [(int(i), int(c), int(j[int(i)])) for c, g in test.groupby("label")
              for i in g["image_id"].head(cfg.causal.max_images)]

@@ -82,7 +82,7 @@ def test_a_panel_is_as_bright_as_its_x_feature_contributes() -> None:
     colour, "(~0)"); x3 peaks at 5% of the scale. (The old row scale drew all three alike.)"""
     from matplotlib import colormaps
 
-    from srae.figures import _overlay, muted_panels, panel_intensity, panel_values
+    from srae.figures import overlay, muted_panels, panel_intensity, panel_values
 
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (1, 24, 24, 3), dtype=np.uint8)
@@ -102,9 +102,9 @@ def test_a_panel_is_as_bright_as_its_x_feature_contributes() -> None:
     assert titles["x2: 0.01 (~0)"] == "0.45" and "x1: 10.00" in titles and "x3: 0.50" in titles
     shown = _panels(fig)
     cmap = colormaps["jet"]
-    np.testing.assert_allclose(shown["x1"], _overlay(images[0], values[0, 0], cmap), atol=1e-12)
-    np.testing.assert_allclose(shown["x3"], _overlay(images[0], values[0, 2], cmap), atol=1e-12)
-    np.testing.assert_allclose(shown["ExcitationBP"], _overlay(images[0], ebp[0] / ebp[0].max(), cmap), atol=1e-12)
+    np.testing.assert_allclose(shown["x1"], overlay(images[0], values[0, 0], cmap), atol=1e-12)
+    np.testing.assert_allclose(shown["x3"], overlay(images[0], values[0, 2], cmap), atol=1e-12)
+    np.testing.assert_allclose(shown["ExcitationBP"], overlay(images[0], ebp[0] / ebp[0].max(), cmap), atol=1e-12)
 
     def heat(p):  # colour drawn over the grey image: spread between the RGB channels
         return float((p.max(axis=-1) - p.min(axis=-1)).max())
@@ -126,7 +126,7 @@ def test_the_grid_draws_what_panel_values_returns(monkeypatch) -> None:
     monkeypatch.setattr(F, "panel_values", lambda maps, c, scale="row": planted)
     shown = _panels(F.excitation_grid(images, ebp, xm, contrib))
     for k in ("x1", "x2", "x3"):
-        np.testing.assert_allclose(shown[k], F._overlay(images[0], planted[0, 0], colormaps["jet"]), atol=1e-12)
+        np.testing.assert_allclose(shown[k], F.overlay(images[0], planted[0, 0], colormaps["jet"]), atol=1e-12)
 
 
 def test_row_scale_edge_cases() -> None:

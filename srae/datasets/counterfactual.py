@@ -24,9 +24,14 @@ from PIL import Image
 
 from srae.datasets import synthbirds as sb
 from srae.datasets import synthrooms as sr
+from srae.datasets.synthetic import JPEG_SETTINGS, STAMP
 from srae.errors import InputError
 
-STAMP = "synth.json"
+# Bump when a renderer's swaps change (nuisance colour streams, which object is the control):
+# part effects computed from earlier renders are then measured again.
+RENDER_VERSION = 1
+__all__ = ["GENERATORS", "JPEG_SETTINGS", "RENDER_VERSION", "counterfactuals", "evidence_of", "jpeg_roundtrip",
+           "part_columns", "synth_params"]
 
 
 @dataclass(frozen=True)
@@ -99,11 +104,12 @@ def part_columns(params: Mapping[str, Any]) -> dict[str, list[str]]:
     return generator(params).columns(params)
 
 
-def jpeg_roundtrip(pixels: np.ndarray, quality: int = 92) -> np.ndarray:
-    """``pixels`` encoded and decoded as the generators save their images (no chroma
-    subsampling), so a counterfactual reaches the model as its original did."""
+def jpeg_roundtrip(pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` encoded and decoded as the generators save their images
+    (:data:`srae.datasets.synthetic.JPEG_SETTINGS`), so a counterfactual reaches the model as
+    its original did."""
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality, subsampling=0)
+    Image.fromarray(pixels).save(buf, format="JPEG", **JPEG_SETTINGS)
     buf.seek(0)
     with Image.open(buf) as img:
         return np.asarray(img.convert("RGB")).copy()

@@ -535,8 +535,9 @@ def bird_counterfactuals(params: Mapping[str, Any], c: int, j: int,
 
     Returns ``{"original": image, slot: image with that slot in a nuisance colour, ...}``
     (uint8, before JPEG encoding) for ``parts`` (default: all four slots, the class's two
-    evidence slots and two non-evidence controls). Each swap draws its nuisance colour from
-    its own stream ``(seed, c, j, slot number, 15485863)``, so it is the same on every call.
+    evidence slots and two non-evidence controls); a name joining slots with ``+`` (``"wing+tail"``)
+    swaps them together. Each slot's nuisance colour comes from its own stream ``(seed, c, j,
+    slot number, 15485863)``, so it is the same on every call and in every combination.
     """
     pairs = class_pairs(params)
     if not 0 <= c < len(pairs) or not 0 <= j < int(params["per_class"]):
@@ -544,9 +545,10 @@ def bird_counterfactuals(params: Mapping[str, Any], c: int, j: int,
                          f"{params['per_class']}")
     seed, size, occ = int(params["seed"]), int(params["size"]), float(params.get("occlusion", 0.25))
     out = {"original": draw_sample(np.random.default_rng([seed, c, j]), pairs[c], size, occ)[0]}
-    for slot in (list(SLOTS) if parts is None else parts):
-        g = np.random.default_rng([seed, c, j, list(SLOTS).index(slot) if slot in SLOTS else 99, 15485863])
-        out[slot] = draw_sample(np.random.default_rng([seed, c, j]), pairs[c], size, occ, {slot: g})[0]
+    for name in (list(SLOTS) if parts is None else parts):
+        swap = {slot: np.random.default_rng([seed, c, j, list(SLOTS).index(slot) if slot in SLOTS else 99, 15485863])
+                for slot in name.split("+")}
+        out[name] = draw_sample(np.random.default_rng([seed, c, j]), pairs[c], size, occ, swap)[0]
     return out
 
 

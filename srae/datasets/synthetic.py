@@ -103,10 +103,14 @@ def publish(tmp: Path, final: Path, params: dict, extra: dict) -> Path:
     return final
 
 
+# How generated images are saved: no chroma subsampling, so small vivid patches keep their colour.
+JPEG_SETTINGS: dict[str, int] = {"quality": 92, "subsampling": 0}
+
+
 def save_jpeg(path: Path, pixels: np.ndarray) -> None:
-    """JPEG without chroma subsampling, so small vivid patches keep their colour."""
+    """JPEG with :data:`JPEG_SETTINGS`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path, quality=92, subsampling=0)
+    Image.fromarray(pixels).save(path, **JPEG_SETTINGS)
 
 
 def make_synthbirds(out: Path, classes: int = 4, per_class: int = 48, size: int = 64, seed: int = 0, *,

@@ -297,11 +297,12 @@ def causal_coverage(mass: Any, group_names: Sequence[str], shares: Any, used: Se
     qualifies with a share ``>= min_share`` (NaN never does) and a mass row that is not NaN
     (nor all zero); its top group is the argmax of its row (ties: the first). Each qualifying
     x-feature covers at most one part, so two x-features on the same part count once. NaN when
-    ``used`` is empty. A single map of ``y-hat`` is scored with ``shares=[1.0]``.
+    ``used`` is empty or no share is finite (e.g. ``y-hat`` not positive on average, where
+    shares are undefined). A single map of ``y-hat`` is scored with ``shares=[1.0]``.
     """
     top, _, cols = _qualifying(mass, group_names, shares, used, min_share)
-    if not cols:
-        return float("nan")
+    if not cols or not np.isfinite(_numeric(shares, "shares")).any():
+        return float("nan")  # nothing to judge by: no used part, or no x-feature share is known
     tops = set(top.tolist())
     return float(np.mean([c in tops for c in cols]))
 
