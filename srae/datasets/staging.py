@@ -59,16 +59,53 @@ def remove_stale(parent: Path, prefix: str) -> list[Path]:
 
 def merge_into(src: Path, dst: Path) -> None:
     """Move every entry of directory ``src`` into ``dst``, merging directories that exist
-    on both sides and replacing files; ``src`` is removed afterwards."""
+    on both sides and replacing files; ``src`` is removed afterwards.
+
+    A symlink inside ``dst`` is never followed (``dst`` itself may be one: that is the
+    caller's choice). Where ``src`` has a directory and ``dst`` a symlink (to a directory or
+    not), merging would write wherever the link points, so this is refused with a one-line
+    :class:`~srae.errors.InputError` naming the link; refusing is safer than replacing, which
+    would silently delete a link the user may have placed on purpose. The whole tree is
+    checked before anything moves, so a refusal leaves ``dst`` untouched. A file or a link
+    in ``src`` replaces a symlink in ``dst`` (the link is removed, not written through).
+    """
+    src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
+    _check_merge(src, dst)
+    _merge(src, dst)
+
+
+def _check_merge(src: Path, dst: Path) -> None:
+    """Refuse (InputError) a directory of ``src`` that would be merged through a symlink in ``dst``."""
+    from srae.errors import InputError
+
+    for entry in src.iterdir():
+        if not entry.is_dir() or entry.is_symlink():
+            continue
+        out = dst / entry.name
+        if out.is_symlink():
+            raise InputError(f"cannot merge {entry.name!r} into {dst}: {out} is a symlink, which is not followed "
+                             "(remove it or move what it points to into its place, then retry)")
+        if out.is_dir():
+            _check_merge(entry, out)
+
+
+def _merge(src: Path, dst: Path) -> None:
     for entry in src.iterdir():
         out = dst / entry.name
-        if entry.is_dir() and not entry.is_symlink() and out.is_dir():
-            merge_into(entry, out)
+        if entry.is_dir() and not entry.is_symlink() and out.is_dir() and not out.is_symlink():
+            _merge(entry, out)
             continue
-        if out.is_dir() and not out.is_symlink():
+        if out.is_symlink():
+            if entry.is_dir() and not entry.is_symlink():  # checked above; the tree changed since
+                from srae.errors import InputError
+
+                raise InputError(f"cannot merge {entry.name!r} into {dst}: {out} is a symlink, which is not "
+                                 "followed")
+            out.unlink()
+        elif out.is_dir():
             shutil.rmtree(out)
-        elif out.exists() or out.is_symlink():
+        elif out.exists():
             out.unlink()
         shutil.move(str(entry), str(out))
     src.rmdir()
