@@ -107,3 +107,21 @@ def ade_like(root, rng: np.random.Generator, m: int, size: tuple[int, int], *, s
     index = DatasetIndex("ade", root, ["kitchen"], pd.DataFrame(rows),
                          object_names={3: "bed", 7: "lamp", 300: "pillow"}, evidence={0: ["bed", "pillow"]})
     return index, fine
+
+
+def tar_bytes(members: list, mode: str = "w:gz") -> bytes:
+    """A tar archive in memory: each member a ``tarfile.TarInfo`` (links, folders) or a
+    ``(name, bytes)`` file."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tar:
+        for m in members:
+            if isinstance(m, tarfile.TarInfo):
+                tar.addfile(m)
+            else:
+                info = tarfile.TarInfo(m[0])
+                info.size = len(m[1])
+                tar.addfile(info, io.BytesIO(m[1]))
+    return buf.getvalue()

@@ -7,7 +7,6 @@ stands in for /etc/hostname. No network.
 
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 import zipfile
@@ -17,17 +16,12 @@ import pytest
 from srae.datasets.archives import UnsafeArchiveError, safe_extract
 from srae.datasets.staging import merge_into
 from srae.errors import InputError
+from tests.conftest import tar_bytes
 
 
 def _tar(path, members, mode="w"):
-    with tarfile.open(path, mode) as tar:
-        for m in members:
-            if isinstance(m, tarfile.TarInfo):
-                tar.addfile(m)
-            else:
-                info = tarfile.TarInfo(m[0])
-                info.size = len(m[1])
-                tar.addfile(info, io.BytesIO(m[1]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(tar_bytes(members, mode))
     return path
 
 

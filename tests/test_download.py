@@ -7,7 +7,6 @@ itself (fixture teardown, plus a watchdog timer). Nothing here touches the inter
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 import socket
 import tarfile
@@ -22,6 +21,7 @@ from srae.datasets import download as dl
 from srae.datasets.archives import UnsafeArchiveError, safe_extract
 from srae.datasets.download import ChecksumError, DownloadError, extract_once, fetch
 from srae.errors import SraeError
+from tests.conftest import tar_bytes
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -212,16 +212,7 @@ def test_hand_placed_bad_file_is_removed(payload, tmp_path):
 
 # ---------------------------------------------------------------------------- archives
 def _tar(members: list[tarfile.TarInfo | tuple[str, bytes]], mode: str = "w:gz") -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode=mode) as tar:
-        for m in members:
-            if isinstance(m, tarfile.TarInfo):
-                tar.addfile(m)
-            else:
-                info = tarfile.TarInfo(m[0])
-                info.size = len(m[1])
-                tar.addfile(info, io.BytesIO(m[1]))
-    return buf.getvalue()
+    return tar_bytes(members, mode)
 
 
 def _link(name: str, target: str, hard: bool = False) -> tarfile.TarInfo:
