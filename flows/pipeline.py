@@ -6,7 +6,9 @@ dataset -> backbone -> features -> explainers (every method, mapped over categor
 Every stage task is cached on its inputs + source and checks its stores' completion markers
 before doing work, so a rerun of an unchanged config does no heavy work, added categories
 are the only ones computed, and a changed hyperparameter recomputes only what depends on it.
-A category that fails in any stage is listed in the report; the others go on.
+A category that fails in any stage is listed in the report; the others go on. Such a run
+still ends **Failed** (after its report is written; see :func:`pipeline`), so that schedules
+and monitoring see it.
 
 Run it with ``srae run CONFIG`` (no server needed) or through the deployments of
 ``prefect.yaml``.
@@ -23,7 +25,9 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from srae.config import ExperimentConfig, apply_overrides, config_from_dict, dump_config, load_config, parse_categories
+from srae.config import (ExperimentConfig, apply_overrides, config_from_dict, dump_config, load_config,
+                         normalize_categories)
+from srae.errors import SraeError
 from tasks.backbone import prepare_backbone
 from tasks.causal import part_effects_task
 from tasks.common import Progress, artifact_key, run_logger, short_error
@@ -37,19 +41,22 @@ from tasks.scoring import score_heatmaps, unscored_failures
 
 log = logging.getLogger(__name__)
 
-STAGES = ("dataset", "backbone", "features", "explainers", "heatmaps", "scoring", "masking", "report")
+STAGES = ("dataset", "backbone", "features", "causal", "explainers", "heatmaps", "scoring", "masking", "report")
 
 
-def resolve_config(config: str | Path | dict[str, Any] | ExperimentConfig, categories: str | list[int] | None = None,
+def resolve_config(config: str | Path | dict[str, Any] | ExperimentConfig,
+                   categories: int | str | list[int] | None = None,
                    dask_address: str | None = None, device: str | None = None) -> ExperimentConfig:
-    """A validated config from a YAML path, a dict or a model, with the run's overrides applied."""
+    """A validated config from a YAML path, a dict or a model, with the run's overrides applied.
+
+    ``categories``: one 1-based id (``3``), a string (``"1-20,35"``) or a list of ids."""
     if isinstance(config, ExperimentConfig):
         cfg = config
     elif isinstance(config, dict):
         cfg = config_from_dict(config, "config")
     else:
         cfg = load_config(config)
-    cats = parse_categories(categories) if isinstance(categories, str) else categories
+    cats = normalize_categories(categories, "categories")
     return apply_overrides(cfg, categories=cats, dask_address=dask_address, device=device)
 
 
@@ -95,12 +102,21 @@ def _collect(futures: list[tuple[Any, Any]], on_failure: Callable[[Any, BaseExce
 
 
 @flow(name="srae-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False)
-def pipeline(config: str | dict[str, Any] = "configs/demo.yaml", categories: str | list[int] | None = None,
+def pipeline(config: str | dict[str, Any] = "configs/demo.yaml", categories: int | str | list[int] | None = None,
              dask_address: str | None = None, device: str | None = None) -> str:
     """Run the experiment in ``config`` end to end; return the path of report.html.
 
-    ``categories`` ("1-20,35" or a list of 1-based class ids), ``dask_address`` and ``device``
-    override the config."""
+    ``categories`` (one 1-based class id, "1-20,35" or a list of ids), ``dask_address`` and
+    ``device`` override the config.
+
+    A category that fails in any stage does not stop the others, and the report is always
+    written, listing the failures. But such a run is not a success: once the report is
+    written the flow raises :class:`RunFailures` (the flow run ends **Failed**, ``srae run``
+    exits with status 1 and names the report), so a scheduler or nightly monitor sees it.
+    The report directory keeps the last clean run's report (report.html, report.md,
+    metrics.parquet, tables) in ``<report.out_dir>/previous/`` while the latest run has
+    failures (:func:`srae.report_html.build_report`); ``status.json`` beside report.html
+    says how many failures the latest report has."""
     logger = run_logger()
     cfg = resolve_config(config, categories, dask_address, device)
     cache = str(cfg.cache_dir)
@@ -243,13 +259,38 @@ def pipeline(config: str | dict[str, Any] = "configs/demo.yaml", categories: str
         failed=failed, bad_inputs=ds["bad_inputs"] + ft.get("bad_inputs", []), timings=dict(st.times),
         config_yaml=dump_config(cfg, applicable_only=True) if cfg.report.include_config else None, figures=figures, notes=notes, title=cfg.report.title)
     st.done()
-    if failed:  # the run still completes (failure isolation); say so where a scheduler looks
-        cats = sorted({f["category"] for f in failed if isinstance(f.get("category"), int)})
-        stages = sorted({str(f.get("stage")) for f in failed})
-        logger.warning("%d failure(s) in categories %s (stages: %s); see the report's Failed categories",
-                       len(failed), [c + 1 for c in cats], ", ".join(stages))
     logger.info("report: %s", path)
+    if failed:  # every category ran as far as it could and the report lists them: now fail the run
+        cats = sorted({f["category"] for f in failed if isinstance(f.get("category"), int)})
+        logger.warning("%d failure(s) in categories %s (stages: %s); see the report's Failed categories",
+                       len(failed), [c + 1 for c in cats], ", ".join(sorted({str(f.get("stage")) for f in failed})))
+        raise run_failures(failed, path)
     return path
+
+
+class RunFailures(SraeError):
+    """The run finished and wrote its report, but categories failed (the flow run ends Failed).
+
+    ``report``: the path of report.html (it lists the failures); ``failures``: how many
+    failed-category rows; ``exit_status``: what ``srae run`` exits with (1: the run ran and
+    reported; 2 is kept for a config or input that stopped it)."""
+
+    exit_status = 1
+
+    def __init__(self, message: str, report: str | None = None, failures: int = 0) -> None:
+        super().__init__(message)
+        self.report = report
+        self.failures = failures
+
+
+def run_failures(failed: list[dict[str, Any]], report: str) -> RunFailures:
+    """The exception that fails a run whose ``failed`` rows (0-based categories) are listed in
+    ``report``: one line naming the 1-based categories, the stages and the report."""
+    cats = sorted({f["category"] for f in failed if isinstance(f.get("category"), int)})
+    stages = sorted({str(f.get("stage")) for f in failed})
+    where = f"categor{'y' if len(cats) == 1 else 'ies'} {', '.join(str(c + 1) for c in cats)}" if cats else "the run"
+    return RunFailures(f"{len(failed)} category failure(s) in {where} (stages: {', '.join(stages)}); "
+                       f"report: {report}", report=report, failures=len(failed))
 
 
 def _figure_specs(done_jobs: list[dict[str, Any]], ds: dict[str, Any], ft: dict[str, Any],

@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # cannot be read or written), reported the same way. `srae -v` shows the traceback.
         log.debug("srae %s failed", args.command, exc_info=True)
         print(f"srae {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+        return _exit_status(exc)
     except Terminated as exc:
         word = "hung up" if exc.signum == getattr(signal, "SIGHUP", None) else "terminated"
         print(f"srae {args.command}: {word}", file=sys.stderr)
@@ -165,6 +165,14 @@ def _flush(stream) -> None:
         stream.flush()
     except (OSError, ValueError):  # a pipe whose reader is gone, a closed stream
         pass
+
+
+def _exit_status(exc: BaseException) -> int:
+    """2 for a user error (bad config, option or input: nothing or little ran); an error may
+    carry its own ``exit_status`` in 1..125, e.g. 1 for a run that finished and wrote its report
+    but had failed categories (``flows.pipeline.RunFailures``)."""
+    code = getattr(exc, "exit_status", 2)
+    return code if isinstance(code, int) and not isinstance(code, bool) and 1 <= code <= 125 else 2
 
 
 def _one_line(exc: BaseException) -> str:

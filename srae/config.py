@@ -494,11 +494,16 @@ def format_validation_error(exc: ValidationError, source: str | None = None) -> 
 
 
 def config_from_dict(data: dict[str, Any] | None, source: str | None = None) -> ExperimentConfig:
-    """Validate a plain dict; errors become one-line :class:`SraeError`."""
+    """Validate a plain dict; errors become one-line :class:`SraeError`.
+
+    ``categories`` may be given as a list of 1-based ids, one id (``3``) or a string
+    (``"1-20,35"``, :func:`parse_categories`); it is stored as the sorted list."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise SraeError(f"{source or 'config'}: top level must be a mapping, got {type(data).__name__}")
+    if "categories" in data:
+        data = {**data, "categories": normalize_categories(data["categories"], f"{source or 'config'}: categories")}
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
@@ -526,6 +531,9 @@ def load_config(path: str | Path) -> ExperimentConfig:
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
         reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SraeError(f"{where}: YAML syntax error: {reason}") from None
+    if data is None:  # empty, blank or only comments: not "every default" (that would run the demo)
+        raise SraeError(f"{p}: the config file is empty; write at least one setting, e.g. `name: myrun` "
+                        "(every other field has the demo's default)")
     return config_from_dict(data, str(p))
 
 
@@ -567,8 +575,9 @@ def default_config() -> ExperimentConfig:
     return ExperimentConfig()
 
 
-def parse_categories(spec: str) -> list[int]:
-    """Parse ``"1-20,35"`` into sorted unique 1-based ids; bad syntax -> one-line error."""
+def parse_categories(spec: str, what: str = "--categories") -> list[int]:
+    """Parse ``"1-20,35"`` into sorted unique 1-based ids; bad syntax -> one-line error
+    starting with ``what`` (the option or field the spec came from)."""
     out: set[int] = set()
     for raw in spec.split(","):
         part = raw.strip()
@@ -576,17 +585,29 @@ def parse_categories(spec: str) -> list[int]:
             continue
         m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
         if not m:
-            raise SraeError(f"--categories: cannot read {part!r} (expected e.g. 1-20,35)")
+            raise SraeError(f"{what}: cannot read {part!r} (expected e.g. 1-20,35)")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) else lo
         if lo < 1 or hi < lo:
-            raise SraeError(f"--categories: bad range {part!r} (ids count from 1, low-high)")
+            raise SraeError(f"{what}: bad range {part!r} (ids count from 1, low-high)")
         if hi > MAX_CATEGORY_ID:
-            raise SraeError(f"--categories: {part!r} goes beyond class id {MAX_CATEGORY_ID}")
+            raise SraeError(f"{what}: {part!r} goes beyond class id {MAX_CATEGORY_ID}")
         out.update(range(lo, hi + 1))
     if not out:
-        raise SraeError("--categories: no category given")
+        raise SraeError(f"{what}: no category given")
     return sorted(out)
+
+
+def normalize_categories(value: Any, what: str = "categories") -> Any:
+    """``categories`` as a config file, a flow parameter or a deployment's ``-p`` may give it:
+    one id (``3``, as ``-p categories=3`` arrives) -> ``[3]``, a string (``"1-3,5"``, also
+    ``"3"``) -> its ids, a list or None unchanged. Anything else (a bool, a float) is left for
+    the config's validation to reject in one line."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, str):
+        return parse_categories(value, what)
+    return value
 
 
 def apply_overrides(

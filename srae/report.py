@@ -98,12 +98,24 @@ def validate_metrics(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_metrics(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write the long table as Parquet with the fixed schema of docs/design.md, "Data contracts"."""
+    """Write the long table as Parquet with the fixed schema of docs/design.md, "Data contracts".
+
+    Atomically: to a temporary file beside ``path``, then ``os.replace``; a write that fails
+    leaves the previous ``path`` as it was and removes the temporary file."""
+    import os
+
+    from srae.stores import temp_beside
+
     df = validate_metrics(df)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(df, schema=METRICS_SCHEMA, preserve_index=False)
-    pq.write_table(table, path)
+    tmp = temp_beside(path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # nothing there after the replace
     return path
 
 

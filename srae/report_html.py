@@ -9,11 +9,16 @@ categories, bad inputs, and a footer with the wall time of each pipeline stage.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import html
+import json
 import logging
 import math
+import os
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,7 @@ import pandas as pd
 from srae import __version__
 from srae import report as R
 from srae import report_figures as F
+from srae.stores import temp_beside
 
 log = logging.getLogger(__name__)
 
@@ -339,34 +345,183 @@ def derive_tables(inp: ReportInputs) -> dict[str, pd.DataFrame]:
 
 
 def build_report(inp: ReportInputs) -> Path:
-    """Write metrics.parquet, tables (Parquet + Markdown), report.md and report.html.
+    """Write metrics.parquet, tables (Parquet + Markdown), report.md, report.html and
+    status.json into ``inp.out_dir``. Returns the path of ``report.html``.
 
-    Returns the path of ``report.html``."""
+    **Atomic.** Every file is first written in full to a temporary file in the same folder;
+    only when all of them are written are they moved into place (``os.replace``), report.html
+    and then status.json last. A report that fails to render or write (a full disk, a crash)
+    leaves the previous files as they were and no temporary files behind.
+
+    **The last clean report is kept.** A report with failed categories (``inp.failed``) still
+    replaces the one in ``out_dir`` (it is the truth about the latest run, and it names the
+    failures), but when the report it replaces had no failures, that one is first copied to
+    ``out_dir/previous/`` (report.html, report.md, metrics.parquet, tables, status.json), and
+    the new page says where it is. Further failing runs leave ``previous/`` alone; the next
+    report without failures removes it (``out_dir`` then holds the last clean report again).
+    ``status.json`` says how many failures the report in its folder has (``failures``, the
+    1-based ``failed_categories``) and where the kept clean report is (``previous``)."""
     out = Path(inp.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = inp.metrics if len(inp.metrics.columns) else pd.DataFrame(columns=list(R.METRIC_COLUMNS))
     # a copy: the caller's inputs (metrics, notes) stay as they were
     inp = dataclasses.replace(inp, metrics=R.validate_metrics(metrics), notes=list(inp.notes))
-    R.write_metrics(inp.metrics, out / "metrics.parquet")
+    keep = bool(inp.failed) and (_is_clean_report(out) or (out / PREVIOUS_DIR / "report.html").is_file())
+    if keep:
+        inp.notes.insert(0, f"This run had {len(inp.failed)} failure(s) (see Failed categories). The last report "
+                            f"without failures is kept in {PREVIOUS_DIR}/report.html beside this page.")
     tables = derive_tables(inp)
     names = {"main": "table_main", "lasso": "table_lasso_sweep", "masking": "table_masking",
              "concepts": "table_concepts", "per_category": "table_per_category", "top_parts": "table_top_parts",
              "part_effects": "table_part_effects", "degeneracy": "table_degeneracy"}
-    for key, df in tables.items():
-        _flat_for_parquet(df).to_parquet(out / f"{names[key]}.parquet", index=False)
-        (out / f"{names[key]}.md").write_text(to_markdown(_readable(key, df)))
-    findings = R.qualitative_findings(tables["main"], inp.metrics, lasso_alpha=inp.lasso_alpha)
-    figures = list(inp.figures)
-    try:
-        if tables["main"].notna().any().any():
-            figures.insert(0, ("Metrics per method", F.metric_charts(tables["main"])))
-        if not tables["lasso"].empty:
-            figures.insert(1, ("Lasso alpha sweep", F.lasso_chart(tables["lasso"])))
-    except Exception as exc:  # a figure must never sink the report
-        log.warning("report figures failed: %s", exc)
-        inp.notes.append(f"metric figures failed: {exc}")
-    (out / "report.md").write_text(render_markdown(inp, tables, findings))
     path = out / "report.html"
-    path.write_text(render_html(inp, tables, findings, figures))
+    with staged_files() as stage:
+        R.write_metrics(inp.metrics, stage.path(out / "metrics.parquet"))
+        for key, df in tables.items():
+            stage.parquet(_flat_for_parquet(df), out / f"{names[key]}.parquet")
+            stage.text(out / f"{names[key]}.md", to_markdown(_readable(key, df)))
+        findings = R.qualitative_findings(tables["main"], inp.metrics, lasso_alpha=inp.lasso_alpha)
+        figures = list(inp.figures)
+        try:
+            if tables["main"].notna().any().any():
+                figures.insert(0, ("Metrics per method", F.metric_charts(tables["main"])))
+            if not tables["lasso"].empty:
+                figures.insert(1, ("Lasso alpha sweep", F.lasso_chart(tables["lasso"])))
+        except Exception as exc:  # a figure must never sink the report
+            log.warning("report figures failed: %s", exc)
+            inp.notes.append(f"metric figures failed: {exc}")
+        stage.text(out / "report.md", render_markdown(inp, tables, findings))
+        stage.text(path, render_html(inp, tables, findings, figures))
+        stage.text(out / STATUS_FILE, json.dumps(_status(inp, keep), indent=2) + "\n")
+        if keep and _is_clean_report(out):  # all written: only now set the clean one aside
+            _copy_report(out, out / PREVIOUS_DIR)
+    if not inp.failed:
+        _remove_previous(out)
     log.info("report written to %s", path)
     return path
+
+
+# ---------------------------------------------------------------------- writing files
+STATUS_FILE = "status.json"
+PREVIOUS_DIR = "previous"
+_CLEAN_MARK = "None: every category completed."  # the Failed-categories section of a clean page
+
+
+class _Stage:
+    """Files written to temporaries beside their final paths, moved into place together."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Path, Path]] = []  # (temporary, final)
+
+    def path(self, final: str | Path) -> Path:
+        """A fresh temporary path for ``final`` (write it yourself)."""
+        tmp = temp_beside(final)
+        self.items.append((tmp, Path(final)))
+        return tmp
+
+    def text(self, final: str | Path, text: str) -> None:
+        self.path(final).write_text(text, encoding="utf-8")
+
+    def parquet(self, df: pd.DataFrame, final: str | Path) -> None:
+        df.to_parquet(self.path(final), index=False)
+
+    def commit(self) -> None:
+        for tmp, final in self.items:
+            os.replace(tmp, final)
+
+    def discard(self) -> None:
+        for tmp, _ in self.items:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_files() -> Iterator[_Stage]:
+    """``with staged_files() as st: st.text(p, ...); st.parquet(df, q)``: every file goes to a
+    temporary beside its final path; at the end of the block all are moved into place (in the
+    order written, each with ``os.replace``, atomic on one file system). If the block raises
+    (anything, Ctrl-C too) no final file is touched and the temporaries are removed."""
+    stage = _Stage()
+    try:
+        yield stage
+        stage.commit()
+    finally:
+        stage.discard()  # after a commit: nothing left to remove
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file beside it + ``os.replace``:
+    ``path`` is either its old content or the new one, never part of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with staged_files() as stage:
+        stage.text(path, text)
+    return path
+
+
+def write_parquet_atomic(df: pd.DataFrame, path: str | Path) -> Path:
+    """``df.to_parquet(path, index=False)`` through a temporary file beside it + ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with staged_files() as stage:
+        stage.parquet(df, path)
+    return path
+
+
+def _status(inp: ReportInputs, kept: bool) -> dict[str, Any]:
+    cats = sorted({int(f["category"]) + 1 for f in inp.failed
+                   if isinstance(f.get("category"), (int, np.integer)) and not isinstance(f.get("category"), bool)})
+    return {"experiment": inp.experiment, "failures": len(inp.failed), "failed_categories": cats,
+            "previous": f"{PREVIOUS_DIR}/report.html" if kept else None,
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "srae": __version__}
+
+
+def _is_clean_report(out: Path) -> bool:
+    """Whether ``out`` holds a report without failed categories: its status.json says so, or
+    (a report from before status.json) its page says "None: every category completed."."""
+    status = out / STATUS_FILE
+    if status.is_file():
+        try:
+            return json.loads(status.read_text(encoding="utf-8")).get("failures") == 0
+        except (OSError, ValueError, AttributeError):
+            return False
+    page = out / "report.html"
+    try:
+        return page.is_file() and _CLEAN_MARK in page.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
+def _report_files(out: Path) -> list[Path]:
+    fixed = [out / n for n in ("metrics.parquet", "report.md", "report.html", STATUS_FILE)]
+    tables = sorted(p for p in out.glob("table_*") if p.suffix in (".parquet", ".md"))
+    return [p for p in tables + fixed if p.is_file()]
+
+
+def _copy_report(out: Path, dest: Path) -> None:
+    """Copy the report in ``out`` to ``dest``, replacing what ``dest`` held as one step (a new
+    folder is filled beside it, then swapped in)."""
+    tmp = temp_beside(dest)
+    old = temp_beside(dest)
+    try:
+        tmp.mkdir()
+        for f in _report_files(out):
+            shutil.copy2(f, tmp / f.name)
+        if dest.is_dir():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_previous(out: Path) -> None:
+    prev = out / PREVIOUS_DIR
+    if prev.is_dir() and not prev.is_symlink():
+        gone = temp_beside(prev)
+        try:
+            os.replace(prev, gone)
+        except OSError as exc:
+            log.warning("could not remove %s: %s", prev, exc)
+            return
+        shutil.rmtree(gone, ignore_errors=True)

@@ -43,6 +43,11 @@ def quiet_third_party_logs() -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    """Validate, run the flow, print the report's path; 0 when every category completed.
+
+    A run in which categories failed still writes its report, then fails (the flow run ends
+    Failed): one line ``srae run: error: N category failure(s) in categories ...; report: PATH``
+    and exit status 1. A bad config or option is exit status 2, before anything runs."""
     if args.config is None and not DEMO_CONFIG.is_file():
         # outside the project checkout: the built-in demo (configs/demo.yaml's contents), with
         # its relative paths (data/, reports/) under the current directory
@@ -78,8 +83,8 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         with server_mod.run_api():
             report = pipeline_mod.pipeline(cfg.model_dump(mode="json"))
-    except SraeError:
-        raise
+    except SraeError:  # incl. the flow's RunFailures: categories failed, the report names them
+        raise           # (its message ends with the report's path; exit status 1)
     except Exception as exc:  # one readable line; `srae run -v` shows the tracebacks
         raise SraeError(f"{type(exc).__name__}: {exc} (rerun with -v for details)") from None
     print(report)

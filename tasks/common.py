@@ -133,17 +133,26 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``; a
+    failed write leaves ``path`` as it was and no temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(path)
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # nothing there after the rename
 
 
 def atomic_write_parquet(df: Any, path: Path) -> None:
+    """``df.to_parquet(path, index=False)`` the same way as :func:`atomic_write_text`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(path)
-    df.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    try:
+        df.to_parquet(tmp, index=False)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def resolve_device(device: str) -> str:

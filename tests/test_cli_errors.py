@@ -176,6 +176,47 @@ def test_categories_range_is_capped(tmp_path, capsys):
     assert "goes beyond class id 100000" in line
 
 
+@pytest.mark.parametrize("text", ["", "\n   \n", "# only a comment\n\n# and another\n", "---\n",
+                                  "---\n# nothing yet\n...\n"])
+def test_an_empty_config_file_is_one_line_naming_it(tmp_path, capsys, monkeypatch, text):
+    """An empty config file loaded as all defaults: `srae run empty.yaml` silently ran the
+    built-in demo and overwrote reports/demo."""
+    monkeypatch.chdir(tmp_path)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(text)
+    for argv in (["run", str(empty), "--check"], ["run", str(empty)], ["features", str(empty)]):
+        line = _fails_in_one_line(capsys, argv)
+        assert line.startswith(f"srae {argv[0]}: error: {empty}: the config file is empty"), line
+    assert list(tmp_path.iterdir()) == [empty]  # no reports/, no data/: nothing ran
+
+
+@pytest.mark.parametrize(("value", "ids"), [(2, [2]), ("2", [2]), ("1-2", [1, 2]), (" 2, 1 ", [1, 2]),
+                                            ([2, 1], [1, 2])])
+def test_config_categories_may_be_one_id_a_range_string_or_a_list(tmp_path, capsys, value, ids):
+    from srae.config import config_from_dict, load_config
+
+    path = _config(tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["categories"] = value
+    path.write_text(yaml.safe_dump(cfg))
+    assert load_config(path).categories == ids
+    assert main(["run", str(path), "--check"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["categories"] == ids
+    assert config_from_dict(cfg).categories == ids
+
+
+@pytest.mark.parametrize(("value", "word"), [("x", "categories: cannot read 'x'"), (0, "class ids count from 1"),
+                                             (True, "categories"), ("", "categories: no category given"),
+                                             (3, "class id 3 exceeds dataset.classes=2")])
+def test_bad_config_categories_are_one_line_naming_file_and_field(tmp_path, capsys, value, word):
+    path = _config(tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["categories"] = value
+    path.write_text(yaml.safe_dump(cfg))
+    line = _fails_in_one_line(capsys, ["run", str(path), "--check"])
+    assert line.startswith(f"srae run: error: {path}: ") and word in line, line
+
+
 # ----------------------------------------------------------------------------- srae synth
 def test_synth_out_is_a_file(tmp_path, capsys):
     afile = tmp_path / "afile"

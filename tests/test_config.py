@@ -107,7 +107,8 @@ def test_load_config_file_errors(tmp_path):
         load_config(top)
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    assert load_config(empty) == ExperimentConfig()
+    with pytest.raises(SraeError, match=r"empty\.yaml: the config file is empty"):
+        load_config(empty)
 
 
 def test_parse_categories():

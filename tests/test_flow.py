@@ -112,7 +112,7 @@ def test_failed_category_is_reported_and_the_others_complete(tiny_run, monkeypat
     import srae.cv
     import srae.sampling
     import tasks.explainers
-    from flows.pipeline import pipeline
+    from flows.pipeline import RunFailures, pipeline
 
     real_design = srae.sampling.design_samples
 
@@ -136,8 +136,9 @@ def test_failed_category_is_reported_and_the_others_complete(tiny_run, monkeypat
     # it), and this run's stores must not show up in theirs. The tiny backbone refits in seconds.
     cfg = tiny_pipeline_config(base, categories=[1, 2, 3], **{"report.out_dir": str(base / "report-failed"),
                                                               "cache_dir": str(base / "cache-failed")})
-    with caplog.at_level("WARNING"):
-        report = Path(pipeline(cfg))
+    with caplog.at_level("WARNING"), pytest.raises(RunFailures) as failure:  # the flow run ends Failed
+        pipeline(cfg)
+    report = Path(failure.value.report)  # written all the same
     assert any("failure(s) in categories [3]" in r.getMessage() for r in caplog.records), \
         [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     df = R.read_metrics(report.parent / "metrics.parquet")
@@ -199,7 +200,7 @@ def test_a_failing_grad_cam_leaves_the_c_mwp_maps_of_its_category_drawn(tiny_run
     """Grad-CAM is a second method: when it fails (here: planted), the category's c-MWP stores
     (x-features, ExcitationBP, Z) are still drawn and scored, and the report names the failure."""
     import srae.heatmaps
-    from flows.pipeline import pipeline
+    from flows.pipeline import RunFailures, pipeline
 
     def broken(*args, **kwargs):
         raise RuntimeError("planted Grad-CAM failure")
@@ -208,7 +209,9 @@ def test_a_failing_grad_cam_leaves_the_c_mwp_maps_of_its_category_drawn(tiny_run
     base = tiny_run["base"]
     cfg = tiny_pipeline_config(base, **{"report.out_dir": str(base / "report-nocam"), "report.figures": False,
                                         "heatmaps.max_images": 3})  # new stores for every method
-    report = Path(pipeline(cfg))
+    with pytest.raises(RunFailures) as failure:  # a failed method fails the run; the report is written
+        pipeline(cfg)
+    report = Path(failure.value.report)
     df = R.read_metrics(report.parent / "metrics.parquet")
     loc = df[df["metric"] == "locality"]
     assert FIVE | {"ExcitationBP", "Z"} <= set(loc["method"]) and "Grad-CAM" not in set(loc["method"])

@@ -56,7 +56,7 @@ def test_flow_trains_a_shared_lasso_alpha_once_and_lists_scoring_failures(tiny_r
     whose Dask client cannot start. Only the new Lasso explainers (and their heatmaps) are new."""
     import srae.baselines
     import srae.scoring
-    from flows.pipeline import pipeline
+    from flows.pipeline import RunFailures, pipeline
 
     calls: list[tuple[int, tuple[float, ...]]] = []
     real_lasso = srae.baselines.train_lasso
@@ -74,7 +74,9 @@ def test_flow_trains_a_shared_lasso_alpha_once_and_lists_scoring_failures(tiny_r
     before = len(read_work_log(cache))
     cfg = tiny_pipeline_config(base, **{"report.out_dir": str(base / "report-minor"), "report.figures": False,
                                         "explainer.lasso_alpha": 0.1, "explainer.lasso_alphas": [0.5, 0.1, 0.05]})
-    report = Path(pipeline(cfg))
+    with pytest.raises(RunFailures) as failure:  # planted scoring failures fail the run; the report is written
+        pipeline(cfg)
+    report = Path(failure.value.report)
     new = read_work_log(cache)[before:]
 
     # (c) trained once per category, reported both as headline and as sweep rows
