@@ -137,7 +137,7 @@ def _flat_for_parquet(df: pd.DataFrame) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------- the page
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px;
+table{border-collapse:collapse;margin:.5em 0 1.5em;display:block;overflow-x:auto;max-width:100%}th,td{border:1px solid #ccc;padding:3px 8px;
 text-align:right;font-size:13px}th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
 .ok{color:#176c2b}.bad{color:#a31515}.na{color:#777}img{max-width:100%}footer{margin-top:3em;
 font-size:12px;color:#555;border-top:1px solid #ccc}code{background:#f5f5f5}"""
@@ -240,7 +240,7 @@ def render_html(inp: ReportInputs, tables: dict[str, pd.DataFrame], findings: li
                 figures: list[tuple[str, bytes]]) -> str:
     title = inp.title or f"SRAE report: {inp.experiment}"
     cats = sorted(set(int(c) for c in inp.metrics["category"])) if not inp.metrics.empty else []
-    s = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+    s = [f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width, initial-scale=1'><title>{html.escape(title)}</title>",
          f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
          f"<p>{len(cats)} categories scored, {len(inp.failed)} failed, {len(inp.bad_inputs)} bad inputs.</p>",
          "<h2>Do the paper's qualitative findings hold here?</h2>",

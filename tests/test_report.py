@@ -197,6 +197,9 @@ def test_build_report_writes_everything(tmp_path, long_table):
         {"class": "1", "stage": "heatmaps", "error": "x"}]  # 1-based as in the CLI; empty columns dropped
     assert "10.2 s" in html and "11.8 s" in html  # stage time and total in the footer
     assert "qualitative findings hold on this data" in html and "data:image/png;base64," in html
+    # readable on a phone: the page sets its viewport, and wide tables scroll inside themselves
+    assert "<meta name='viewport' content='width=device-width, initial-scale=1'>" in html
+    assert "overflow-x:auto" in html
     schema = pq.read_schema(tmp_path / "rep" / "metrics.parquet")
     assert schema.names == list(R.METRIC_COLUMNS)
     assert str(schema.field("value").type) == "double" and str(schema.field("category").type) == "int64"
