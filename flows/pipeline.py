@@ -28,6 +28,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from srae.config import (ExperimentConfig, apply_overrides, config_from_dict, dump_config, load_config,
                          normalize_categories)
 from srae.errors import SraeError
+from srae.scoring import check_dask_address
 from tasks.backbone import prepare_backbone
 from tasks.causal import part_effects_task
 from tasks.common import Progress, artifact_key, run_logger, short_error
@@ -119,6 +120,8 @@ def pipeline(config: str | dict[str, Any] = "configs/demo.yaml", categories: int
     says how many failures the latest report has."""
     logger = run_logger()
     cfg = resolve_config(config, categories, dask_address, device)
+    if cfg.scoring.dask_address:  # before any work: scoring comes late, and on a warm cache last
+        check_dask_address(cfg.scoring.dask_address)
     cache = str(cfg.cache_dir)
     store = Path(cache) / "prefect-results"
 

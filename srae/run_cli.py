@@ -16,6 +16,7 @@ from pathlib import Path
 
 from srae.config import ExperimentConfig, apply_overrides, default_config, load_config, parse_categories
 from srae.errors import SraeError
+from srae.scoring import check_dask_address
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     check_devices(cfg)
     check_paths(cfg)
+    if cfg.scoring.dask_address:  # before Prefect starts; the flow checks again for deployment runs
+        check_dask_address(cfg.scoring.dask_address)
     quiet_third_party_logs()
     # The ephemeral API server needs no telemetry (and this machine may be offline).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import socket
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -384,6 +385,31 @@ def score_serial(jobs: Sequence[ScoreJob], index: DatasetIndex, chunk_size: int 
     ann = _Annotations(index)
     specs = _plan(jobs, ann, chunk_size)
     return reduce_results(jobs, index, [score_chunk(s) for s in specs], ann)
+
+
+def check_dask_address(address: str, timeout: float = 10.0) -> None:
+    """Fail early, in one line, when no scheduler answers at ``address`` (``tcp://host:port``).
+
+    Scoring comes after the expensive stages, so a wrong ``scoring.dask_address`` would
+    otherwise be noticed only once everything else ran (and never on a warm cache). A TCP
+    connection is enough to tell an address that answers from one that does not."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if parts.scheme in ("inproc", "ucx", "ws", "wss"):
+        return  # in-process or other transports: left to the Dask client
+    if parts.scheme not in ("tcp", "tls") or not host or port is None:
+        raise InputError(f"scoring.dask_address {address!r}: expected tcp://host:port")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise SraeError(f"scoring.dask_address {address}: no Dask scheduler answers within {timeout:g} s "
+                        f"({type(exc).__name__}: {exc})") from None
 
 
 @contextmanager

@@ -433,3 +433,16 @@ def test_a_failed_run_states_its_error_once_per_layer_not_three_times():
     assert [m for m in echo + kept if _drop_flow_failure_echo(record(m))] == kept
     rec = record("Task run failed", exc=True)
     assert _drop_tracebacks(rec) and rec.exc_info is None  # the line stays, its traceback goes
+
+
+def test_run_with_a_dead_dask_address_fails_before_anything_starts(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: x\ncache_dir: {tmp_path / 'cache'}\nreport: {{out_dir: {tmp_path / 'r'}}}\n")
+    line = _fails_in_one_line(capsys, ["run", str(cfg), "--dask-address", f"tcp://127.0.0.1:{port}"])
+    assert "no Dask scheduler answers" in line
+    assert not (tmp_path / "cache").exists()  # nothing ran

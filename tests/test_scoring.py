@@ -270,3 +270,24 @@ def test_rows_by_job_equals_filtering_the_frame_per_job() -> None:
         pd.testing.assert_frame_equal(rows, want)
     assert got[0]["value"].tolist() == [1.0, 4.0] and got[2].empty
     assert all(r.empty for r in rows_by_job(frame.iloc[0:0], specs))
+
+
+def test_a_dask_address_without_a_scheduler_fails_at_once_in_one_line() -> None:
+    import socket
+
+    from dask.distributed import LocalCluster
+
+    from srae.scoring import check_dask_address
+
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=":0",
+                      protocol="tcp://") as cluster:
+        assert cluster.scheduler_address.startswith("tcp://")
+        check_dask_address(cluster.scheduler_address)  # a live scheduler answers
+    with socket.socket() as s:  # a port nothing listens on (bound, then released)
+        s.bind(("127.0.0.1", 0))
+        dead = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(SraeError, match=r"no Dask scheduler answers within 2 s") as exc:
+        check_dask_address(dead, timeout=2)
+    assert "\n" not in str(exc.value)
+    with pytest.raises(InputError, match="expected tcp://host:port"):
+        check_dask_address("http://x")
