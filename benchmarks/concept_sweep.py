@@ -61,6 +61,7 @@ POINTS: dict[str, dict[str, Any]] = {
     "n 8": {"grid": BASE_GRID, "n": 8},
     "refit seeds 1": {"grid": BASE_GRID, "refit_seeds": 1},
     "refit seeds 5": {"grid": BASE_GRID, "refit_seeds": 5},
+    "no revival": {"grid": BASE_GRID, "revive": False},
     "lambda3 0.1": {"grid": {**BASE_GRID, "lambda3": [0.1]}},
     "lambda3 1": {"grid": {**BASE_GRID, "lambda3": [1.0]}},
     "wide grid, cv best": {"grid": {**BASE_GRID, "beta": [0.1, 1.0, 10.0], "eta": [0.1, 1.0, 10.0]},

@@ -236,6 +236,8 @@ class ExplainerConfig(_Model):
                             "standard error of it (faithfulness alone favours the weakest eta/beta); spread: "
                             "among configs within max(1 SE, 10%) of the best, the one whose validation "
                             "explanations spread over most x-features (largest n_eff; no labels used)")
+    revive: bool = Field(True, description="re-initialise an x-feature that fired on no training sample for a "
+                                           "whole epoch (false: leave it dead)")
     predictor_bias: bool = Field(False, description="give y-bar = v.E a bias term (off in the paper: then the "
                                                     "contributions v_i E_i sum to y-bar exactly)")
     group_size: int = Field(4, ge=1, description="categories per mapped task")

@@ -402,7 +402,8 @@ def train_explainers(
             "test_ids": ids[d.test_idx].tolist(),
             "settings": {k: v for k, v in asdict(s).items() if k not in ("train", "grid")}
             | {"batch_size": s.train.batch_size, "positive_factor": s.train.positive_factor,
-               "stack_categories": shared},  # as in effect (None: by device)
+               "stack_categories": shared}  # as in effect (None: by device)
+            | ({} if s.train.revive else {"revive": False}),  # recorded when off: default metas unchanged
         }
         candidates = []
         for res, b in fits[i * seeds : (i + 1) * seeds]:

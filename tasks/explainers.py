@@ -52,6 +52,8 @@ def method_settings(x: ExplainerConfig, method: str) -> list[dict[str, Any]]:
     rule = {} if x.cv_rule == "best" else {"cv_rule": x.cv_rule}
     if x.predictor_bias:  # likewise only when on
         rule["predictor_bias"] = True
+    if not x.revive:  # likewise only when off
+        rule["revive"] = False
     return [dict(common, n=x.n, hidden=list(x.hidden), folds=x.folds, grid=grid, max_epochs=x.max_epochs,
                  patience=x.patience, batch_size=x.batch_size, positive_factor=x.positive_factor,
                  refit_seeds=x.refit_seeds, **rule)]
@@ -146,7 +148,7 @@ def _train_neural(method, cats, settings, z, logits, labels, ids, splits, names,
         predictor_bias=bool(settings.get("predictor_bias", False)), stack_categories=stack_categories,
         train=TrainSettings(batch_size=settings["batch_size"], max_epochs=settings["max_epochs"],
                             patience=settings["patience"], positive_factor=settings["positive_factor"],
-                            device=device))
+                            revive=bool(settings.get("revive", True)), device=device))
     res = train_explainers(z, logits, labels, cats, method, s, image_ids=ids, splits=splits,
                            class_names=names, errors="collect")
     return res.explainers, dict(res.failed)

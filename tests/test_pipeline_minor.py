@@ -134,6 +134,12 @@ def test_cv_rule_keys_the_explainers_only_when_not_the_default():
     z, logits = g.uniform(0, 1, (80, 6)).astype(np.float32), g.normal(size=(80, 2)).astype(np.float32) + 9
     expl, failed = _train_neural("NN", [0], on, z, logits, logits.argmax(1), np.arange(80), None, None, "cpu")
     assert not failed and expl[0].meta["settings"]["predictor_bias"] is True and expl[0].bias != 0.0
+    # and revival of dead x-features can be switched off the same way (keyed only when off)
+    assert "revive" not in method_settings(ExplainerConfig(), "SRAE")[0] and "revive" not in expl[0].meta["settings"]
+    off = dict(on, revive=False)
+    assert method_settings(ExplainerConfig(revive=False), "SRAE")[0]["revive"] is False
+    expl, failed = _train_neural("NN", [0], off, z, logits, logits.argmax(1), np.arange(80), None, None, "cpu")
+    assert not failed and expl[0].meta["settings"]["revive"] is False and expl[0].meta["revivals"] == 0
 
 
 def test_a_null_faithfulness_value_becomes_a_nan_row(tmp_path):
