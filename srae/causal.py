@@ -20,7 +20,7 @@ from PIL import Image
 
 from srae.datasets.counterfactual import JPEG_SETTINGS, counterfactuals, evidence_of, jpeg_roundtrip
 from srae.errors import InputError
-from srae.images import RESIZE_METHOD
+from srae.images import RESIZE_METHOD, resize_uint8
 from srae.metrics.concepts import concept_recovery
 from srae.metrics.degeneracy import causal_coverage, concept_purity, group_mass, part_effect_summary
 
@@ -46,10 +46,9 @@ def draw_numbers(images: pd.DataFrame, per_class: int) -> pd.Series:
 
 
 def model_input(pixels: np.ndarray, size: int) -> np.ndarray:
-    """As the pipeline feeds an image: JPEG as the generators save it, then resized to ``size``
-    as :func:`srae.images.resize_uint8` does (PIL bilinear, no crop)."""
-    img = Image.fromarray(jpeg_roundtrip(pixels))
-    return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    """As the pipeline feeds an image: JPEG as the generators save it, then
+    :func:`srae.images.resize_uint8` to ``size`` (uint8 H x W x 3)."""
+    return resize_uint8(Image.fromarray(jpeg_roundtrip(pixels)), size).permute(1, 2, 0).numpy()
 
 
 def model_input_settings() -> dict[str, Any]:

@@ -24,18 +24,14 @@ from srae.causal import EFFECT_COLUMNS, draw_numbers, measure_part_effects, mode
 from srae.datasets.counterfactual import RENDER_VERSION, synth_params
 from srae.errors import SraeError
 from tasks.common import atomic_write_parquet, record_work, resolve_device, run_logger, short_error, timed
-from tasks.download import load_index
+from tasks.download import generated_root, load_index
 
 STAGE = "causal"
 
 
 def synth_dir(dataset: dict[str, Any]) -> Path | None:
     """The generated dataset's directory (the one holding ``synth.json``), or None on real data."""
-    root = Path(dataset["root"])
-    for stamp in [root / "synth.json", *sorted(root.glob("*/synth.json"))]:
-        if stamp.is_file():
-            return stamp.parent
-    return None
+    return generated_root(Path(dataset["root"]))
 
 
 def effects_path(cache_dir: str, dataset: dict[str, Any], backbone: dict[str, Any], category: int,

@@ -39,9 +39,12 @@ def _lib(module: str, name: str):
         raise SraeError(f"{module}.{name} is not available ({exc})") from None
 
 
-def _generated_root(path: Path) -> Path | None:
-    """The generated dataset directory under ``path`` if its ``synth.json`` stamp says complete."""
-    for stamp in sorted(path.glob("*/synth.json")):
+def generated_root(path: Path) -> Path | None:
+    """The generated dataset directory at or under ``path`` if its ``synth.json`` stamp says
+    complete (None on real data, or while generation is unfinished)."""
+    for stamp in [path / "synth.json", *sorted(path.glob("*/synth.json"))]:
+        if not stamp.is_file():
+            continue
         try:
             if json.loads(stamp.read_text()).get("complete"):
                 return stamp.parent
@@ -178,7 +181,7 @@ def _present(ds: DatasetConfig, path: Path) -> bool:
 def _dataset_outputs(inputs: dict[str, Any]) -> list[tuple[str, bool]]:
     ds = DatasetConfig.model_validate(inputs["dataset"])
     path = dataset_dir(ds)
-    found = _generated_root(path) if ds.kind.startswith("synth") else (path if _present(ds, path) else None)
+    found = generated_root(path) if ds.kind.startswith("synth") else (path if _present(ds, path) else None)
     if found is None:
         return [(str(path), False)]
     # the index files' stats: an edited annotation file changes the key, so the stage re-runs
@@ -195,11 +198,11 @@ def prepare_dataset(dataset: dict[str, Any], cache_dir: str) -> dict[str, Any]:
     path = dataset_dir(ds)
     with timed() as t:
         if ds.kind.startswith("synth"):
-            found = _generated_root(path)
+            found = generated_root(path)
             if found is None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with writer_lock(path, WAIT_FOR_OTHER_RUN_S, what="dataset"):  # another run may be generating it
-                    found = _generated_root(path)
+                    found = generated_root(path)
                     if found is None:
                         path.mkdir(parents=True, exist_ok=True)
                         found = _generate(ds, path)

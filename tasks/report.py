@@ -151,10 +151,11 @@ def causal_metrics(experiment: str, causal_files: list[str], score_files: list[s
                    shares: dict[tuple[int, str], list[float]]) -> list[dict[str, Any]]:
     """The causal ground truth's rows: part effects, and concept coverage / purity against them."""
     effects = read_effects(causal_files)
-    if effects.empty or dataset is None or synth_dir(dataset) is None:
+    found = synth_dir(dataset) if dataset is not None else None
+    if effects.empty or found is None:
         return []
     rows, used = part_effect_rows(experiment, effects)
-    groups = part_columns(synth_params(synth_dir(dataset)))
+    groups = part_columns(synth_params(found))
     return rows + concept_rows(experiment, score_files, used, groups, shares)
 
 
