@@ -1,7 +1,7 @@
 """Dataset download, readers (CUB-200-2011, ADE20K/Places365), synthetic generators and their
-counterfactual renders (the same scene with one part swapped; docs/design.md, "Causal ground truth")."""
+counterfactual renders (:mod:`srae.datasets.counterfactual`: the same scene with one part
+swapped; docs/design.md, "Causal ground truth")."""
 
 from srae.datasets.common import DatasetIndex
-from srae.datasets.counterfactual import counterfactuals
 
-__all__ = ["DatasetIndex", "counterfactuals"]
+__all__ = ["DatasetIndex"]
